@@ -1,0 +1,3 @@
+from matclust.cli import main
+
+main()

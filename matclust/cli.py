@@ -1,0 +1,316 @@
+"""The command line: a thin layer over the API, the store and the sources.
+
+Exit codes (CONTRACT.md): 0 success; 2 bad usage or bad input, as one ``error:`` line on stderr;
+1 anything else (and ``verify`` finding a cluster over eps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import click
+import numpy as np
+
+from matclust import __version__
+from matclust.errors import InputError
+
+METHOD_CHOICES = ["incremental", "residual", "weyl", "approximate", "residuals", "max_norm"]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def parse_size(text) -> int:
+    """'1GiB', '512M', '2e9' or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not match:
+        raise click.BadParameter(f"'{text}' is not a size like 1GiB or 512M")
+    number = float(match.group(1))
+    unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(number * unit)
+
+
+def _emit_json(document) -> None:
+    click.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# --config: an eager option that fills the command's defaults from a TOML file
+# ---------------------------------------------------------------------------------------------
+def _config_callback(ctx: click.Context, param, value):
+    if not value:
+        return value
+    from matclust.config import load_config
+
+    allowed = {}
+    for p in ctx.command.params:
+        if p.name in ("config",):
+            continue
+        allowed[p.name] = p.name
+        allowed[p.name.replace("_", "-")] = p.name
+    ctx.default_map = {**(ctx.default_map or {}), **load_config(value, allowed)}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
+    callback=_config_callback, help="TOML file supplying any option; flags override it.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="matclust")
+def cli():
+    """Cluster matrix collections so each cluster shares one truncated-SVD basis, with every
+    cluster's relative error guaranteed <= eps (Shamrai, arXiv:2601.11626)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("input", required=False)
+@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr.")
+@click.option("--rank", type=int, help="Target rank r of each cluster's shared basis.")
+@click.option("--eps", type=float, help="Relative Frobenius error bound per cluster, in (0, 1).")
+@click.option("--method", default="incremental", show_default=True,
+              help="Bound: incremental | residual | weyl (aliases approximate | residuals | max_norm).")
+@click.option("--order", default="residual", show_default=True, help="Candidate order: residual | norm.")
+@click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
+@click.option("--transpose/--no-transpose", default=False, help="Cluster the transposes (shared column space).")
+@click.option("--patience", type=int, default=10, show_default=True,
+              help="After N clusters in a row that did not grow past their seed, store the rest as singletons (0: never).")
+@click.option("--oversampling", type=int, default=5, show_default=True,
+              help="Extra directions tracked by the incremental estimator.")
+@click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at (e.g. 1GiB, 512M).")
+@config_option
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout and nothing else.")
+@click.option("--quiet", is_flag=True, help="No progress bars and no table.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+def cluster(input, output, rank, eps, method, order, dataset, transpose, patience, oversampling,
+            memory_limit, config, report_path, as_json, quiet, overwrite):
+    """Cluster the matrices in INPUT and write the result store OUTPUT."""
+    from matclust.api import MatrixClusterer
+    from matclust.progress import RichProgress
+    from matclust.report import render_table
+    from matclust.sources import open_source
+
+    for name, value in (("INPUT", input), ("-o/--output", output), ("--rank", rank), ("--eps", eps)):
+        if value is None:
+            raise click.UsageError(f"missing {name} (give it on the command line or in --config)")
+    if os.path.lexists(output) and not overwrite:
+        raise InputError(f"{output}: output exists; pass --overwrite to replace it")
+    clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
+                                oversampling=oversampling, memory_limit=parse_size(memory_limit))
+    clusterer._validated()  # bad parameters fail before the input is opened
+    with open_source(input, dataset, transpose) as source:
+        extra = {"config": os.path.abspath(config) if config else None}
+        with RichProgress(enabled=None if not quiet else False) as progress:
+            clusterer.fit(source, output, overwrite=overwrite, progress=progress, extra_params=extra)
+    report = clusterer.report_
+    if report_path:
+        with open(report_path, "w") as fh:
+            json.dump(report, fh, indent=2, allow_nan=False)
+    if as_json:
+        _emit_json(report)
+    elif not quiet:
+        render_table(report, _console())
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("output")
+@click.option("--input", "input_path", help="The input collection (default: as recorded in the store).")
+@click.option("--dataset", help="Dataset inside the input (default: as recorded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verification as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(output, input_path, dataset, as_json, quiet):
+    """Recompute every cluster's error from the input; exit 1 if one exceeds eps."""
+    from matclust.progress import RichProgress
+    from matclust.verify import verify_store
+
+    with RichProgress(enabled=None if not quiet else False) as progress:
+        result = verify_store(output, input_path, dataset, progress=progress)
+    if as_json:
+        _emit_json(result)
+    else:
+        console = _console()
+        status = "[green]OK[/green]" if result["ok"] else "[red]FAILED[/red]"
+        console.print(f"{status}: {result['clusters']} clusters, max error "
+                      f"{result['max_error']:.4g} (eps {result['eps']:g}), "
+                      f"{len(result['over_eps'])} over eps")
+        for c in result["over_eps"][:20]:
+            console.print(f"  cluster {c}: error {result['errors'][c]:.4g} > eps")
+        for problem in result["problems"]:
+            console.print(f"  {problem}")
+    sys.exit(0 if result["ok"] else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("output")
+@click.option("-o", "--dest", "dest", required=True, help="Collection to write (HDF5 or Zarr by name).")
+@click.option("--index", "indices", type=int, multiple=True, help="Input index to rebuild (repeatable; default all).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DEST.")
+def reconstruct(output, dest, indices, overwrite):
+    """Rebuild matrices from the result store OUTPUT into DEST (same layout as the input)."""
+    from matclust.collections_io import write_collection
+    from matclust.verify import reconstruct as rebuild
+
+    if os.path.lexists(dest) and not overwrite:
+        raise InputError(f"{dest}: exists; pass --overwrite to replace it")
+    pairs, names, params = rebuild(output, list(indices))
+    mats = [m for _, m in pairs]
+    dataset = params.get("dataset") or "matrices"
+    dataset = "matrices" if dataset in ("/", "") else dataset
+    same_width = len({m.shape for m in mats}) == 1
+    if names is None and same_width:
+        write_collection(dest, np.stack(mats), layout="stack", dataset=dataset, overwrite=overwrite)
+    else:
+        member_names = [names[i] for i, _ in pairs] if names is not None else None
+        write_collection(dest, mats, layout="group", dataset=dataset, names=member_names,
+                         overwrite=overwrite)
+    click.echo(f"wrote {len(mats)} matrices to {dest}", err=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("input")
+@click.option("--dataset", help="Describe only this dataset.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(input, dataset, as_json):
+    """Describe the candidate collections in INPUT (or summarise a result store)."""
+    from matclust.sources import list_candidates, open_source
+    from matclust.store import FORMAT
+
+    store_summary = _result_summary(input, FORMAT)
+    if store_summary is not None:
+        found = [store_summary]
+    elif dataset is not None:
+        with open_source(input, dataset) as src:
+            found = [src.summary()]
+    else:
+        found = list_candidates(input)
+    if as_json:
+        _emit_json(found)
+        return
+    from rich.table import Table
+
+    if store_summary is not None:
+        table = Table(title=f"{input}: matclust result store", show_header=False, title_justify="left")
+        for key, value in store_summary.items():
+            table.add_row(key, str(value))
+    else:
+        table = Table(title=f"{input}: {len(found)} candidate collection(s)", title_justify="left")
+        cols = ["dataset", "layout", "K", "m", "n_min", "n_max", "input_dtype", "dtype", "chunk_len"]
+        for col in cols:
+            table.add_column(col, justify="right")
+        for row in found:
+            table.add_row(*(str(row[c]) for c in cols))
+    _console().print(table)
+
+
+def _result_summary(path: str, fmt: str):
+    """A result store's headline numbers, or None when ``path`` is not a result store."""
+    from matclust.store import ResultStore
+
+    try:
+        store = ResultStore(path)
+    except InputError:
+        return None
+    with store:
+        r = store.report
+        return {"kind": "matclust result store", "input": store.params.get("input"),
+                "method": store.params.get("method"), "order": store.params.get("order"),
+                "rank": store.params.get("rank"), "eps": store.params.get("eps"),
+                "K": r["K"], "m": r["m"], "clusters": r["clusters"], "singletons": r["singletons"],
+                "compression_ratio": r["compression_ratio"], "max_error": r["max_error"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("dest")
+@click.option("-K", "--count", "K", type=int, default=1000, show_default=True, help="Number of matrices.")
+@click.option("-m", "--rows", "m", type=int, default=32, show_default=True, help="Rows per matrix.")
+@click.option("-n", "--cols", "n", type=int, default=8, show_default=True, help="Columns per matrix (minimum with --cols-max).")
+@click.option("--cols-max", "n_max", type=int, help="Draw widths uniformly in [n, cols-max] (group layout).")
+@click.option("--subspaces", type=int, default=8, show_default=True, help="Number of planted subspaces.")
+@click.option("--rank", type=int, default=4, show_default=True, help="Rank of each planted subspace.")
+@click.option("--noise", type=float, default=0.01, show_default=True, help="Relative noise level.")
+@click.option("--scale-spread", type=float, default=10.0, show_default=True, help="Spread of norms (max/min).")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "float64", "int32", "int64", "complex64", "complex128"]),
+              default="float32", show_default=True)
+@click.option("--layout", type=click.Choice(["stack", "group"]), default="stack", show_default=True,
+              help="A 3-D array, or a group of 2-D arrays.")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True,
+              help="Zarr store version (when DEST is not .h5/.hdf5).")
+@click.option("--dataset", default="matrices", show_default=True, help="Name of the collection in DEST.")
+@click.option("--chunk", "chunk_len", type=int, help="Matrices per storage chunk (stack layout).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing DEST.")
+def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, layout, zarr_format,
+           dataset, chunk_len, seed, overwrite):
+    """Write a planted collection: matrices from random low-rank subspaces plus noise.
+
+    The planted subspace of every matrix is written beside it as `planted_labels`."""
+    from matclust.collections_io import write_collection
+    from matclust.sample import planted_collection
+
+    for name, value in (("--count", K), ("--rows", m), ("--cols", n), ("--subspaces", subspaces), ("--rank", rank)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if n_max is not None and n_max < n:
+        raise InputError(f"--cols-max ({n_max}) must be >= --cols ({n})")
+    if noise < 0:
+        raise InputError(f"--noise must be >= 0, got {noise}")
+    if os.path.lexists(dest) and not overwrite:
+        raise InputError(f"{dest}: exists; pass --overwrite to replace it")
+    mats, labels = planted_collection(K, m, n, subspaces, rank, noise, dtype, n_max, seed, scale_spread)
+    if layout == "group" and isinstance(mats, np.ndarray):
+        mats = list(mats)
+    write_collection(dest, mats, layout=layout, dataset=dataset, zarr_format=int(zarr_format),
+                     extra={"planted_labels": labels}, overwrite=overwrite, chunk_len=chunk_len)
+    click.echo(f"wrote {K} matrices ({layout}, {dtype}) to {dest}:{dataset}", err=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    """Run the CLI, mapping errors onto exit codes and one-line messages."""
+    try:
+        cli.main(args=argv, prog_name="matclust", standalone_mode=False)
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(2)
+    except click.UsageError as exc:
+        where = f" ({exc.ctx.command_path})" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{where}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(0)

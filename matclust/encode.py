@@ -1,0 +1,65 @@
+"""Turn a formed cluster into what is stored: basis and coefficients, or the raw columns.
+
+The stored error is computed directly, sum_i ||A_i - U C_i||_F^2 with U and C as stored (in the
+output's precision), never as ||M||^2 - ||C||^2, whose cancellation destroys small errors. A
+factored cluster whose stored error would exceed eps (possible only when storage precision is
+coarser than eps) is stored raw instead, so every stored cluster honours eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from matclust.driver import FormedCluster
+from matclust.engine.exact import coefficients, residual_norm2
+from matclust.engine.linalg import as_compute, sqnorm
+from matclust.sources.cache import CachedReader
+
+
+@dataclass
+class EncodedCluster:
+    members: np.ndarray
+    columns: int
+    bound: float
+    error: float
+    basis: np.ndarray | None = None  # (m, r_c), storage dtype
+    coefficients: np.ndarray | None = None  # (r_c, N_c), storage dtype
+    raw: np.ndarray | None = None  # (m, N_c), storage dtype
+
+    @property
+    def stored(self) -> str:
+        return "factored" if self.basis is not None else "raw"
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[1]
+
+    @property
+    def numbers(self) -> int:
+        if self.basis is not None:
+            return self.basis.size + self.coefficients.size
+        return self.raw.size
+
+
+def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator) -> EncodedCluster:
+    """Compute what a cluster stores, and the exact error of exactly that."""
+    batch = reader.get(cluster.members)
+    dtype = reader.source.dtype
+    bound = cluster.bound
+    if bound is None:
+        bound = estimator.bound_of(batch.blocks())
+    if cluster.factored:
+        basis = np.ascontiguousarray(cluster.basis.astype(dtype))
+        coeffs = coefficients(as_compute(basis), as_compute(batch.data)).astype(dtype)
+        norm2 = sqnorm(as_compute(batch.data))
+        err2 = residual_norm2(basis, coeffs, batch.data)
+        error = float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
+        if error <= eps:
+            # The estimator bounds e_r(S); what is stored also carries rounding to the storage
+            # precision, so the reported bound is the larger of the two (both are <= eps).
+            return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
+                                  basis=basis, coefficients=np.ascontiguousarray(coeffs))
+    return EncodedCluster(cluster.members, cluster.columns, bound, 0.0,
+                          raw=np.ascontiguousarray(batch.data))

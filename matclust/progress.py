@@ -1,0 +1,45 @@
+"""Progress bars on stderr (rich), shown only on a terminal and never with --quiet."""
+
+from __future__ import annotations
+
+import sys
+
+
+class RichProgress:
+    """Implements the ``start(phase, total)`` / ``advance(n)`` protocol with a rich bar
+    showing done / total and an ETA."""
+
+    def __init__(self, enabled: bool | None = None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._progress = Progress(
+                TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start(self, phase: str, total: int) -> None:
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+            self._task = self._progress.add_task(phase, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)

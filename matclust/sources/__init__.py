@@ -1,0 +1,7 @@
+"""Sources: read matrix collections chunk-wise from HDF5, Zarr or memory."""
+
+from matclust.sources.base import Batch, MatrixSource, working_dtype
+from matclust.sources.formats import list_candidates, open_source
+from matclust.sources.memory import ArraySource
+
+__all__ = ["ArraySource", "Batch", "MatrixSource", "list_candidates", "open_source", "working_dtype"]

@@ -1,0 +1,317 @@
+"""The reading layer: a collection of matrices seen through chunk-aligned batches.
+
+A *source* knows the collection's shape (K matrices of m x n_i), its dtype and its on-disk
+chunking, and hands out :class:`Batch` objects. It never holds more than the batch it is
+reading; caching across batches is the caller's decision (see ``matclust.pool``).
+
+Two layouts are supported (CONTRACT.md):
+
+* a 3-D array (K, m, n): matrix i is ``array[i]``;
+* a group of 2-D arrays (m, n_i): matrix i is the i-th member in sorted name order.
+
+Both HDF5 datasets and Zarr arrays slice into numpy arrays, so one implementation serves both;
+the format modules only open files and list candidate datasets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from matclust.errors import InputError
+
+#: Bytes of matrix data aimed at per batch read: large enough to amortise per-call overhead,
+#: small enough that a handful of batches fit comfortably in memory.
+TARGET_BATCH_BYTES = 16 * 2**20
+
+
+def working_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype matrices are held and stored in, for an input dtype (CONTRACT.md 'dtypes').
+
+    float16 is widened to float32 (numpy has no fast float16 linear algebra) and integers are
+    read as float64; other accepted dtypes are kept.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.itemsize in (2, 4):
+        return np.dtype(np.float32)
+    if dtype.kind == "f" and dtype.itemsize == 8:
+        return np.dtype(np.float64)
+    if dtype.kind in "iu":
+        return np.dtype(np.float64)
+    if dtype.kind == "c" and dtype.itemsize in (8, 16):
+        return dtype
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def is_supported_dtype(dtype: np.dtype) -> bool:
+    try:
+        working_dtype(dtype)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass
+class Batch:
+    """Consecutive-in-memory view of several matrices: their columns side by side.
+
+    ``data[:, offsets[j]:offsets[j + 1]]`` is matrix ``indices[j]`` (m x n_j), in the working
+    dtype. One wide array (instead of a list) lets callers apply a basis to a whole batch in one
+    matrix product.
+    """
+
+    indices: np.ndarray
+    data: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def block(self, j: int) -> np.ndarray:
+        return self.data[:, self.offsets[j] : self.offsets[j + 1]]
+
+    def blocks(self) -> list[np.ndarray]:
+        return [self.block(j) for j in range(len(self))]
+
+    def column_owner(self) -> np.ndarray:
+        """For every column of ``data``, the batch position of the matrix it belongs to."""
+        return np.repeat(np.arange(len(self)), np.diff(self.offsets))
+
+    def reduce_columns(self, values: np.ndarray) -> np.ndarray:
+        """Sum a per-column quantity into a per-matrix one."""
+        out = np.zeros(len(self), dtype=values.dtype)
+        np.add.at(out, self.column_owner(), values)
+        return out
+
+    def take(self, positions: Sequence[int]) -> "Batch":
+        """A batch of the matrices at the given positions of this batch, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        widths = np.diff(self.offsets)[positions]
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        if len(positions) == 0:
+            return Batch(self.indices[:0], self.data[:, :0], offsets)
+        cols = np.concatenate(
+            [np.arange(self.offsets[p], self.offsets[p + 1]) for p in positions]
+        )
+        return Batch(self.indices[positions], self.data[:, cols], offsets)
+
+    @staticmethod
+    def concatenate(batches: Sequence["Batch"]) -> "Batch":
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            raise ValueError("no batches to concatenate")
+        widths = np.concatenate([np.diff(b.offsets) for b in batches])
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        return Batch(
+            np.concatenate([b.indices for b in batches]),
+            np.concatenate([b.data for b in batches], axis=1),
+            offsets,
+        )
+
+
+class MatrixSource:
+    """A matrix collection over array-likes that slice into numpy arrays.
+
+    Use :func:`matclust.sources.open_source` (files) or :class:`matclust.sources.ArraySource`
+    (numpy arrays) rather than this class directly.
+
+    Attributes
+    ----------
+    K, m : int
+        Number of matrices and their common row count (after ``transpose``).
+    widths : ndarray of int64, shape (K,)
+        Column count n_i of every matrix (after ``transpose``).
+    input_dtype, dtype : numpy dtype
+        The dtype on disk, and the working dtype matrices are returned (and stored) in.
+    names : list of str or None
+        Member names, for group inputs.
+    path, dataset : str
+        Where the collection lives, for messages and for the output's ``params``.
+    """
+
+    def __init__(self, path: str, dataset: str, transpose: bool, *, stack=None, members=None):
+        self.path = str(path)
+        self.dataset = dataset
+        self.transpose = bool(transpose)
+        self._stack = stack
+        self._members = members  # list of (name, array-like), sorted by name
+        if stack is not None:
+            self._init_stack(stack)
+        else:
+            self._init_group(members)
+        if self.K == 0:
+            raise InputError(f"{self.where}: the collection is empty (K = 0)")
+        if self.m == 0:
+            raise InputError(f"{self.where}: the matrices have no rows (m = 0)")
+        zero = np.flatnonzero(self.widths == 0)
+        if len(zero):
+            raise InputError(f"{self.where}: matrix {self.describe(int(zero[0]))} has no columns")
+        self.offsets = np.concatenate([[0], np.cumsum(self.widths)]).astype(np.int64)
+
+    # -- construction ---------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.dataset}" if self.dataset not in ("", "/") else self.path
+
+    def _check_dtype(self, dtype, what: str) -> None:
+        if not is_supported_dtype(dtype):
+            raise InputError(
+                f"{self.where}: {what} has dtype {np.dtype(dtype)}; expected float16/32/64, "
+                "an integer type or complex64/128"
+            )
+
+    def _init_stack(self, stack) -> None:
+        shape = tuple(stack.shape)
+        if len(shape) != 3:
+            raise InputError(
+                f"{self.where}: array is {len(shape)}-D with shape {shape}; expected a 3-D array "
+                "(K, m, n) or a group of 2-D arrays (m, n_i)"
+            )
+        self._check_dtype(stack.dtype, "the array")
+        self.input_dtype = np.dtype(stack.dtype)
+        self.dtype = working_dtype(self.input_dtype)
+        K, rows, cols = shape
+        self.K = K
+        self.m, n = (cols, rows) if self.transpose else (rows, cols)
+        self.widths = np.full(K, n, dtype=np.int64)
+        self.names = None
+        chunks = getattr(stack, "chunks", None)
+        self._chunk_len = int(chunks[0]) if chunks else 1
+
+    def _init_group(self, members) -> None:
+        if not members:
+            raise InputError(f"{self.where}: the group has no 2-D arrays (K = 0)")
+        for name, arr in members:
+            if len(arr.shape) != 2:
+                raise InputError(
+                    f"{self.where}: member '{name}' is {len(arr.shape)}-D with shape "
+                    f"{tuple(arr.shape)}; every member of a group must be a 2-D array (m, n_i)"
+                )
+            self._check_dtype(arr.dtype, f"member '{name}'")
+        dtypes = {np.dtype(arr.dtype) for _, arr in members}
+        self.input_dtype = np.result_type(*dtypes)
+        if not is_supported_dtype(self.input_dtype):
+            raise InputError(f"{self.where}: members mix dtypes {sorted(map(str, dtypes))}")
+        self.dtype = working_dtype(self.input_dtype)
+        axis = 1 if self.transpose else 0
+        first_name, first = members[0]
+        self.m = int(first.shape[axis])
+        for name, arr in members:
+            if arr.shape[axis] != self.m:
+                what = "column" if self.transpose else "row"
+                raise InputError(
+                    f"{self.where}: member '{name}' has {arr.shape[axis]} {what}s but "
+                    f"'{first_name}' has {self.m}; all members need the same {what} count"
+                    + (" (with --transpose, columns become rows)" if self.transpose else "")
+                )
+        self.K = len(members)
+        self.widths = np.array([arr.shape[1 - axis] for _, arr in members], dtype=np.int64)
+        self.names = [name for name, _ in members]
+        self._chunk_len = 1
+
+    # -- description ---------------------------------------------------------------------
+    def describe(self, i: int) -> str:
+        """Human name of matrix i for messages: its index, and its member name for groups."""
+        return f"{i} ('{self.names[i]}')" if self.names is not None else str(i)
+
+    @property
+    def matrix_bytes(self) -> int:
+        """Bytes of matrix data in the working dtype."""
+        return int(self.offsets[-1]) * self.m * self.dtype.itemsize
+
+    def summary(self) -> dict:
+        widths = self.widths
+        return {
+            "path": self.path,
+            "dataset": self.dataset,
+            "layout": "stack" if self._stack is not None else "group",
+            "K": int(self.K),
+            "m": int(self.m),
+            "n_min": int(widths.min()),
+            "n_max": int(widths.max()),
+            "columns": int(self.offsets[-1]),
+            "input_dtype": str(self.input_dtype),
+            "dtype": str(self.dtype),
+            "transpose": self.transpose,
+            "chunk_len": int(self._chunk_len),
+        }
+
+    # -- reading --------------------------------------------------------------------------
+    def chunk_ranges(self, target_bytes: int = TARGET_BATCH_BYTES) -> list[tuple[int, int]]:
+        """Index ranges [start, stop) covering 0..K, aligned to the storage chunks."""
+        per_matrix = max(1, int(self.widths.mean() * self.m * self.input_dtype.itemsize))
+        step = max(1, target_bytes // (per_matrix * self._chunk_len)) * self._chunk_len
+        return [(s, min(s + step, self.K)) for s in range(0, self.K, step)]
+
+    def iter_batches(self, target_bytes: int = TARGET_BATCH_BYTES) -> Iterator[Batch]:
+        for start, stop in self.chunk_ranges(target_bytes):
+            yield self.read_range(start, stop)
+
+    def read_range(self, start: int, stop: int) -> Batch:
+        """Matrices start..stop-1 as one batch (one slice per array on disk)."""
+        indices = np.arange(start, stop, dtype=np.int64)
+        if self._stack is not None:
+            slab = np.asarray(self._stack[start:stop])
+            if self.transpose:
+                slab = slab.transpose(0, 2, 1)
+            b, m, n = slab.shape
+            data = slab.transpose(1, 0, 2).reshape(m, b * n)
+            offsets = np.arange(0, b * n + 1, n, dtype=np.int64)
+        else:
+            return self._read_members(indices)
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        self._check_finite(data, indices, offsets)
+        return Batch(indices, data, offsets)
+
+    def _read_members(self, indices: np.ndarray) -> Batch:
+        parts = []
+        for i in indices:
+            block = np.asarray(self._members[i][1][...])
+            parts.append(block.T if self.transpose else block)
+        data = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=self.dtype)
+        offsets = np.concatenate([[0], np.cumsum(self.widths[indices])]).astype(np.int64)
+        self._check_finite(data, indices, offsets)
+        return Batch(indices, data, offsets)
+
+    def read(self, indices: Sequence[int]) -> Batch:
+        """Arbitrary matrices, in the given order, reading each touched chunk range once."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return Batch(indices, np.zeros((self.m, 0), self.dtype), np.zeros(1, np.int64))
+        if self._members is not None:
+            return self._read_members(indices)
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = indices[order]
+        pieces = []
+        for start, stop in self.chunk_ranges():
+            lo, hi = np.searchsorted(sorted_idx, [start, stop])
+            if lo == hi:
+                continue
+            wanted = sorted_idx[lo:hi]
+            first, last = int(wanted[0]), int(wanted[-1]) + 1
+            batch = self.read_range(first, last)
+            pieces.append(batch.take(wanted - first))
+        merged = Batch.concatenate(pieces)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return merged.take(inverse)
+
+    def _check_finite(self, data: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> None:
+        if np.isfinite(data).all():
+            return
+        bad_col = int(np.flatnonzero(~np.isfinite(data).all(axis=0))[0])
+        j = int(np.searchsorted(offsets, bad_col, side="right") - 1)
+        raise InputError(
+            f"{self.where}: matrix {self.describe(int(indices[j]))} contains NaN or Inf"
+        )
+
+    def close(self) -> None:
+        """Release the underlying file handle (a no-op for in-memory sources)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,239 @@
+"""Opening HDF5 files and Zarr stores, and finding the collection inside them.
+
+Everything format-specific lives here: how to open, how to walk the hierarchy, how to turn the
+library's exceptions into :class:`~matclust.errors.InputError`. The resulting
+:class:`~matclust.sources.base.MatrixSource` only slices arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from matclust.errors import InputError
+from matclust.sources.base import MatrixSource
+
+ROOT = "/"
+
+
+@dataclass
+class Node:
+    """One array or group in a file: its normalised path and what it holds."""
+
+    path: str
+    kind: str  # "array" | "group"
+    obj: object
+    ndim: int = 0  # arrays only
+    shape: tuple = ()
+
+
+def _norm(path: str) -> str:
+    path = path.strip("/")
+    return path if path else ROOT
+
+
+def _is_candidate(node: Node, children: list[Node]) -> bool:
+    if node.kind == "array":
+        return node.ndim == 3
+    arrays = [c for c in children if c.kind == "array"]
+    return bool(arrays) and all(a.ndim == 2 for a in arrays)
+
+
+def _describe(node: Node) -> str:
+    if node.kind == "array":
+        return f"'{node.path}' ({node.ndim}-D array, shape {node.shape})"
+    return f"'{node.path}' (group)"
+
+
+class _Container:
+    """A format's file: list nodes, get one node's children. Subclasses fill in the I/O."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def nodes(self) -> list[Node]:
+        raise NotImplementedError
+
+    def children(self, group: Node) -> list[Node]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def candidates(self) -> list[Node]:
+        return [n for n in self.nodes() if _is_candidate(n, self.children(n) if n.kind == "group" else [])]
+
+    def select(self, dataset: str | None) -> Node:
+        nodes = {n.path: n for n in self.nodes()}
+        if dataset is not None:
+            key = _norm(dataset)
+            if key not in nodes:
+                names = ", ".join(f"'{p}'" for p in sorted(nodes) if p != ROOT) or "none"
+                raise InputError(f"{self.path}: no dataset '{dataset}' (it holds: {names})")
+            return nodes[key]
+        found = self.candidates()
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            arrays = [n for n in nodes.values() if n.kind == "array"]
+            held = ", ".join(_describe(n) for n in arrays) or "no arrays at all"
+            raise InputError(
+                f"{self.path}: no candidate dataset (a 3-D array (K, m, n) or a group of 2-D "
+                f"arrays); it holds {held}"
+            )
+        listing = ", ".join(f"'{n.path}'" for n in found)
+        raise InputError(
+            f"{self.path}: several candidate datasets ({listing}); choose one with --dataset"
+        )
+
+    def source(self, dataset: str | None, transpose: bool) -> MatrixSource:
+        node = self.select(dataset)
+        if node.kind == "array":
+            src = MatrixSource(self.path, node.path, transpose, stack=node.obj)
+        else:
+            members = sorted(
+                ((c.path.rsplit("/", 1)[-1], c.obj) for c in self.children(node) if c.kind == "array"),
+                key=lambda item: item[0],
+            )
+            src = MatrixSource(self.path, node.path, transpose, members=members)
+        src.close = self.close  # the source owns the file handle from here on
+        return src
+
+
+class _Hdf5(_Container):
+    def __init__(self, path: str):
+        super().__init__(path)
+        import h5py
+
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open as HDF5 (truncated or corrupt file?): {exc}") from None
+
+    def nodes(self) -> list[Node]:
+        import h5py
+
+        found = [Node(ROOT, "group", self.file)]
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                found.append(Node(_norm(name), "array", obj, obj.ndim, tuple(obj.shape)))
+            elif isinstance(obj, h5py.Group):
+                found.append(Node(_norm(name), "group", obj))
+
+        try:
+            self.file.visititems(visit)
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise InputError(f"{self.path}: cannot read the HDF5 structure (truncated or corrupt file?): {exc}") from None
+        return found
+
+    def children(self, group: Node) -> list[Node]:
+        import h5py
+
+        out = []
+        for name, obj in group.obj.items():
+            full = _norm(f"{group.path}/{name}" if group.path != ROOT else name)
+            if isinstance(obj, h5py.Dataset):
+                out.append(Node(full, "array", obj, obj.ndim, tuple(obj.shape)))
+            else:
+                out.append(Node(full, "group", obj))
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Zarr(_Container):
+    def __init__(self, path: str):
+        super().__init__(path)
+        import zarr
+
+        try:
+            self.root = zarr.open(path, mode="r")
+        except Exception as exc:  # zarr raises several unrelated types for "not a store"
+            raise InputError(f"{path}: not a Zarr store (v2 or v3) and not an HDF5 file: {exc}") from None
+
+    def _walk(self, obj, path: str, out: list[Node]) -> None:
+        import zarr
+
+        if isinstance(obj, zarr.Array):
+            out.append(Node(path, "array", obj, obj.ndim, tuple(obj.shape)))
+            return
+        out.append(Node(path, "group", obj))
+        for name, child in sorted(obj.members()):
+            self._walk(child, _norm(f"{path}/{name}" if path != ROOT else name), out)
+
+    def nodes(self) -> list[Node]:
+        out: list[Node] = []
+        self._walk(self.root, ROOT, out)
+        return out
+
+    def children(self, group: Node) -> list[Node]:
+        import zarr
+
+        out = []
+        for name, obj in sorted(group.obj.members()):
+            full = _norm(f"{group.path}/{name}" if group.path != ROOT else name)
+            if isinstance(obj, zarr.Array):
+                out.append(Node(full, "array", obj, obj.ndim, tuple(obj.shape)))
+            else:
+                out.append(Node(full, "group", obj))
+        return out
+
+
+def _container(path: str) -> _Container:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        return _Zarr(path)
+    import h5py
+
+    if h5py.is_hdf5(path):
+        return _Hdf5(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"\x89HDF"):
+        return _Hdf5(path)  # damaged superblock: h5py will say why
+    raise InputError(f"{path}: neither an HDF5 file nor a Zarr store (a directory)")
+
+
+def open_source(path, dataset: str | None = None, transpose: bool = False) -> MatrixSource:
+    """Open the matrix collection at ``path`` (HDF5 file or Zarr store).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        An HDF5 file or a Zarr (v2 or v3) store directory.
+    dataset : str, optional
+        Path of the 3-D array or group inside the file. Without it, the only candidate is used.
+    transpose : bool
+        Cluster the transposes of the matrices (shared column space of A_i^T).
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, no or several candidates, bad shapes or dtypes.
+    """
+    container = _container(os.fspath(path))
+    try:
+        return container.source(dataset, transpose)
+    except Exception:
+        container.close()
+        raise
+
+
+def list_candidates(path) -> list[dict]:
+    """Every candidate collection in a file, for ``matclust inspect``."""
+    container = _container(os.fspath(path))
+    try:
+        out = []
+        for node in container.candidates():
+            src = container.source(node.path, False)
+            out.append(src.summary())
+        return out
+    finally:
+        container.close()
+
+
