@@ -43,6 +43,7 @@ class FormedCluster:
     basis: np.ndarray | None = None
     best_error: float = 0.0
     trimmed: int = 0  # members handed back because the exact error exceeded eps (should be 0)
+    grew: bool = True  # False when no candidate was admitted beyond the seed (patience counts these)
 
 
 def worth_factoring(rank: int, m: int, columns: int, size: int) -> bool:
@@ -81,6 +82,7 @@ class GreedyDriver:
     patience: int = 10
     progress: Callable[[int], None] | None = None
     alive: np.ndarray = field(init=False)
+    seed_only_streak: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.rank = self.estimator.rank
@@ -92,24 +94,34 @@ class GreedyDriver:
     # -- the loop -----------------------------------------------------------------------
     def clusters(self) -> Iterator[FormedCluster]:
         """Form clusters one by one, in order; each is final when yielded."""
-        seed_only_streak = 0
         cursor = 0
         while True:
             while cursor < len(self._by_norm) and not self.alive[self._by_norm[cursor]]:
                 cursor += 1
             if cursor == len(self._by_norm):
                 return
-            if self.patience and seed_only_streak >= self.patience:
+            if self.patience and self.seed_only_streak >= self.patience:
                 yield from self._singletons(self._by_norm[cursor:])
                 return
             seed = self._seed(cursor)
             members, state = self._grow(seed)
             cluster = self._finalize(members, state.bound)
-            seed_only_streak = seed_only_streak + 1 if len(cluster.members) <= len(seed) else 0
+            cluster.grew = len(cluster.members) > len(seed)
+            self.seed_only_streak = 0 if cluster.grew else self.seed_only_streak + 1
             self.alive[cluster.members] = False
             if self.progress:
                 self.progress(len(cluster.members))
             yield cluster
+
+    def restore(self, formed: list[tuple[np.ndarray, bool]]) -> None:
+        """Continue after clusters formed earlier (members, grew), e.g. from a checkpoint.
+
+        The loop is deterministic given which matrices remain and the seed-only streak, so a
+        resumed run forms exactly the clusters an uninterrupted run would have formed next.
+        """
+        for members, grew in formed:
+            self.alive[np.asarray(members, dtype=np.int64)] = False
+            self.seed_only_streak = 0 if grew else self.seed_only_streak + 1
 
     def _seed(self, cursor: int) -> np.ndarray:
         seed = [self._by_norm[cursor]]
@@ -204,4 +216,4 @@ class GreedyDriver:
                 self.alive[idx] = False
                 if self.progress:
                     self.progress(1)
-                yield FormedCluster(np.array([idx]), int(self.widths[idx]), None, False)
+                yield FormedCluster(np.array([idx]), int(self.widths[idx]), None, False, grew=False)

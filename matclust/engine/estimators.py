@@ -141,17 +141,19 @@ class ResidualState(_State):
 
     def extend(self, block: np.ndarray) -> "ResidualState":
         a = as_compute(block)
-        if self.q.dtype != a.dtype:
-            a = a.astype(np.result_type(a, self.q))
+        q = self.q
+        if q.dtype != a.dtype:  # real state, complex block (or the reverse): widen both
+            a = a.astype(np.result_type(a, q))
+            q = q.astype(a.dtype)
         a2 = sqnorm(a)
-        resid = project_out(self.q, a)
+        resid = project_out(q, a)
         # Only the directions added to Q count: the pinching argument holds for the diagonal
         # blocks U_t^* A_t, whose singular values are exactly the kept ones.
-        u, s, _, _ = new_directions(resid, np.sqrt(a2), self.q.shape[0] - self.q.shape[1])
+        u, s, _, _ = new_directions(resid, np.sqrt(a2), q.shape[0] - q.shape[1], q)
         merged = np.concatenate([self.sigma2, s**2])
         if len(merged) > self.rank:
             merged = np.sort(merged)[-self.rank :]
-        return ResidualState(self.rank, np.hstack([self.q, u.astype(self.q.dtype)]) if u.shape[1] else self.q,
+        return ResidualState(self.rank, np.hstack([q, u]) if u.shape[1] else q,
                              merged, self.norm2 + a2, self.size + 1)
 
 
@@ -199,7 +201,7 @@ class IncrementalState(_State):
         y2 = q.conj().T @ resid  # second projection: keeps [Q, Q_R] orthonormal
         resid -= q @ y2
         y += y2
-        u, s, vh, dropped = new_directions(resid, anorm, q.shape[0] - q.shape[1])
+        u, s, vh, dropped = new_directions(resid, anorm, q.shape[0] - q.shape[1], q)
         b = s[:, None] * vh
         # G is Q_new^* (B B^* + A A^*) Q_new in the basis [Q, Q_R]; its eigen-decomposition
         # gives the new tracked basis and energies.

@@ -59,11 +59,20 @@ def project_out(q: np.ndarray, a: np.ndarray) -> np.ndarray:
     return r - q @ (q.conj().T @ r)
 
 
-def new_directions(r: np.ndarray, scale: float, room: int):
+def new_directions(r: np.ndarray, scale: float, room: int, q: np.ndarray | None = None):
     """Orthonormal directions of a residual r worth tracking, and what they carry.
 
     Returns (U, s, Vh, dropped): r ~ U diag(s) Vh with the directions whose singular value
-    exceeds DROP_TOL * scale (at most ``room`` of them), and the largest singular value not kept.
+    exceeds DROP_TOL * scale (at most ``room`` of them), and an upper bound on the spectral norm
+    of what U misses of r (the largest singular value not kept, plus the re-orthogonalisation
+    correction below).
+
+    With ``q`` (the tracked basis r was projected against), U is re-orthogonalised against it.
+    The SVD's backward error is relative to ||r||, so a left singular vector whose singular value
+    is small against ||r|| (say 1e-10) can lean into span(Q) by eps ||r|| / s_j ~ 1e-6 even
+    though r itself is orthogonal to Q; kept, such directions compound block after block until
+    [Q, U] is far from orthonormal and the estimate overshoots E_r. So: project the kept
+    directions out of Q (twice), orthonormalise them (QR), and re-derive s and Vh from U^* r.
     """
     if r.shape[1] == 0 or room <= 0:
         s_all = np.linalg.svd(r, compute_uv=False) if r.size else np.zeros(0)
@@ -72,4 +81,13 @@ def new_directions(r: np.ndarray, scale: float, room: int):
     keep = int(np.count_nonzero(s > DROP_TOL * scale))
     keep = min(keep, room)
     dropped = float(s[keep]) if keep < len(s) else 0.0
-    return u[:, :keep], s[:keep], vh[:keep], dropped
+    if q is None or q.shape[1] == 0 or keep == 0:
+        return u[:, :keep], s[:keep], vh[:keep], dropped
+    kept = u[:, :keep] * s[:keep]  # the part of r the unrepaired directions carry
+    w = project_out(q, u[:, :keep])
+    w, _ = np.linalg.qr(w)
+    # r - W W^* r = (I - W W^*) kept + (I - W W^*) (the dropped part); bound both spectrally.
+    miss = kept - w @ (w.conj().T @ kept)
+    dropped += float(np.sqrt(sqnorm(miss)))
+    ub, s2, vh2 = np.linalg.svd(w.conj().T @ r, full_matrices=False)
+    return w @ ub, s2, vh2, dropped
