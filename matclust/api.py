@@ -180,7 +180,7 @@ class MatrixClusterer:
                     kept.append(enc)
             report = build_report(params, source.K, source.m, params["rank"], params["eps"],
                                   stats, stored_numbers, source.input_dtype.itemsize,
-                                  source.dtype.itemsize, time.perf_counter() - started)
+                                  source.storage_dtype.itemsize, time.perf_counter() - started)
             if writer is not None:
                 writer.write_array("labels", labels)
                 writer.write_array("widths", source.widths.astype(np.int64))

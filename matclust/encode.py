@@ -46,20 +46,26 @@ class EncodedCluster:
 def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator) -> EncodedCluster:
     """Compute what a cluster stores, and the exact error of exactly that."""
     batch = reader.get(cluster.members)
-    dtype = reader.source.dtype
+    dtype = reader.source.storage_dtype
     bound = cluster.bound
     if bound is None:
         bound = estimator.bound_of(batch.blocks())
+    data = as_compute(batch.data)
+    norm2 = sqnorm(data)
     if cluster.factored:
         basis = np.ascontiguousarray(cluster.basis.astype(dtype))
-        coeffs = coefficients(as_compute(basis), as_compute(batch.data)).astype(dtype)
-        norm2 = sqnorm(as_compute(batch.data))
-        err2 = residual_norm2(basis, coeffs, batch.data)
-        error = float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
+        coeffs = np.ascontiguousarray(coefficients(as_compute(basis), data).astype(dtype))
+        error = _relative(residual_norm2(basis, coeffs, data), norm2)
         if error <= eps:
             # The estimator bounds e_r(S); what is stored also carries rounding to the storage
             # precision, so the reported bound is the larger of the two (both are <= eps).
             return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
-                                  basis=basis, coefficients=np.ascontiguousarray(coeffs))
-    return EncodedCluster(cluster.members, cluster.columns, bound, 0.0,
-                          raw=np.ascontiguousarray(batch.data))
+                                  basis=basis, coefficients=coeffs)
+    raw = np.ascontiguousarray(batch.data.astype(dtype))
+    # Zero unless the storage precision is coarser than the input (integers beyond 2**24).
+    error = _relative(sqnorm(data - as_compute(raw)), norm2)
+    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error, raw=raw)
+
+
+def _relative(err2: float, norm2: float) -> float:
+    return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0

@@ -28,7 +28,7 @@ TARGET_BATCH_BYTES = 16 * 2**20
 
 
 def working_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype matrices are held and stored in, for an input dtype (CONTRACT.md 'dtypes').
+    """The dtype matrices are held and computed in, for an input dtype (CONTRACT.md 'dtypes').
 
     float16 is widened to float32 (numpy has no fast float16 linear algebra) and integers are
     read as float64; other accepted dtypes are kept.
@@ -43,6 +43,15 @@ def working_dtype(dtype: np.dtype) -> np.dtype:
     if dtype.kind == "c" and dtype.itemsize in (8, 16):
         return dtype
     raise ValueError(f"unsupported dtype {dtype}")
+
+
+def storage_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype results are stored in: the input's precision, with float16 and integers
+    stored as float32 (CONTRACT.md 'Output')."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        return np.dtype(np.float32)
+    return working_dtype(dtype)
 
 
 def is_supported_dtype(dtype: np.dtype) -> bool:
@@ -123,8 +132,9 @@ class MatrixSource:
         Number of matrices and their common row count (after ``transpose``).
     widths : ndarray of int64, shape (K,)
         Column count n_i of every matrix (after ``transpose``).
-    input_dtype, dtype : numpy dtype
-        The dtype on disk, and the working dtype matrices are returned (and stored) in.
+    input_dtype, dtype, storage_dtype : numpy dtype
+        The dtype on disk, the working dtype matrices are returned in, and the dtype results
+        are stored in.
     names : list of str or None
         Member names, for group inputs.
     path, dataset : str
@@ -172,6 +182,7 @@ class MatrixSource:
         self._check_dtype(stack.dtype, "the array")
         self.input_dtype = np.dtype(stack.dtype)
         self.dtype = working_dtype(self.input_dtype)
+        self.storage_dtype = storage_dtype(self.input_dtype)
         K, rows, cols = shape
         self.K = K
         self.m, n = (cols, rows) if self.transpose else (rows, cols)
@@ -195,6 +206,7 @@ class MatrixSource:
         if not is_supported_dtype(self.input_dtype):
             raise InputError(f"{self.where}: members mix dtypes {sorted(map(str, dtypes))}")
         self.dtype = working_dtype(self.input_dtype)
+        self.storage_dtype = storage_dtype(self.input_dtype)
         axis = 1 if self.transpose else 0
         first_name, first = members[0]
         self.m = int(first.shape[axis])
