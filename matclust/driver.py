@@ -19,13 +19,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
-from matclust.engine.linalg import as_compute, relative_error
+from matclust.engine.linalg import as_compute, relative_error, sqnorm
 from matclust.sources.cache import CachedReader
 
 ORDERS = ("residual", "norm")
+_BLAS = ThreadpoolController()
+
+
+def single_threaded_blas():
+    """Context: BLAS on one thread (cheap to enter: the controller is created once)."""
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 @dataclass
@@ -51,6 +58,79 @@ def worth_factoring(rank: int, m: int, columns: int, size: int) -> bool:
     return size >= 2 and rank * (m + columns) < m * columns
 
 
+# -- the seed rule and the candidate orders, shared with the bound study (matclust.study) -------
+def by_norm_descending(norms2: np.ndarray) -> np.ndarray:
+    """Positions by descending squared norm; ties by position, so the order is deterministic."""
+    norms2 = np.asarray(norms2)
+    return np.lexsort((np.arange(len(norms2)), -norms2))
+
+
+def pack_seed(ordered: np.ndarray, widths: np.ndarray, rank: int,
+              alive: np.ndarray | None = None) -> np.ndarray:
+    """The seed: ``ordered[0]`` (the largest remaining block) plus the next largest while the
+    total column count stays <= rank. ``ordered`` is by descending norm; entries not ``alive``
+    are skipped; packing stops at the first live block that does not fit."""
+    seed = [ordered[0]]
+    cols = widths[seed[0]]
+    for idx in ordered[1:]:
+        if cols >= rank:
+            break
+        if alive is not None and not alive[idx]:
+            continue
+        if cols + widths[idx] > rank:
+            break
+        seed.append(idx)
+        cols += widths[idx]
+    return np.array(seed, dtype=np.int64)
+
+
+def seed_basis(seed_blocks, rank: int) -> np.ndarray:
+    """The seed's top-r left singular vectors (fewer when the seed has lower rank)."""
+    seed = np.hstack([as_compute(b) for b in seed_blocks])
+    u, s, _ = np.linalg.svd(seed, full_matrices=False)
+    return u[:, : min(rank, int(np.count_nonzero(s > 0)) or 1)]
+
+
+def residual_columns2(q: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Per column of ``data``: ||(I - Q Q^*) a||^2 (sum per matrix with Batch.reduce_columns)."""
+    data = as_compute(data)
+    resid = data - q @ (q.conj().T @ data)
+    col2 = np.einsum("ij,ij->j", resid.real, resid.real)
+    if np.iscomplexobj(resid):
+        col2 += np.einsum("ij,ij->j", resid.imag, resid.imag)
+    return col2
+
+
+def by_ascending(candidates: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """``candidates`` by ascending ``key[candidates]``; ties by index (duplicates, exact zeros)."""
+    return candidates[np.lexsort((candidates, key[candidates]))]
+
+
+def feeding_order(blocks, rank: int, order: str) -> np.ndarray:
+    """Positions of one cluster's blocks in the order the greedy driver feeds them to an
+    estimator: the seed (largest-norm blocks packed to <= rank columns) first, then the rest in
+    candidate order ('norm': ascending norm; 'residual': ascending residual against the seed's
+    top-r basis). Used by the bound study to bound a given cluster as the driver would."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}")
+    norms2 = np.array([sqnorm(b) for b in blocks])
+    widths = np.array([b.shape[1] for b in blocks], dtype=np.int64)
+    by_norm = by_norm_descending(norms2)
+    seed = pack_seed(by_norm, widths, rank)
+    rest = np.ones(len(blocks), dtype=bool)
+    rest[seed] = False
+    if order == "norm":
+        ascending = by_norm[::-1]
+        tail = ascending[rest[ascending]]
+    else:
+        q = seed_basis([blocks[i] for i in seed], rank)
+        residual2 = np.full(len(blocks), np.inf)
+        for i in np.flatnonzero(rest):
+            residual2[i] = float(np.sum(residual_columns2(q, blocks[i])))
+        tail = by_ascending(np.flatnonzero(rest), residual2)
+    return np.concatenate([seed, tail]).astype(np.int64)
+
+
 @dataclass
 class GreedyDriver:
     """Greedy error-bounded clustering over any estimator.
@@ -71,6 +151,16 @@ class GreedyDriver:
         After this many seed-only clusters in a row, the rest become singletons (0: never).
     progress : callable(int), optional
         Called with the number of matrices just assigned.
+    exact_check : bool
+        Compute each factored cluster's exact basis and check its exact error before emitting
+        it. Off when the reader serves summaries (out of core): the bases are then computed
+        afterwards in sequential passes (:mod:`matclust.streaming`).
+
+    Notes
+    -----
+    The reader needs ``source`` (m, dtype), ``get(indices) -> Batch`` and
+    ``residuals2(q, candidates)``; a reader serving stand-ins for the matrices (summaries) also
+    has ``loss2``, their squared rounding distance, which the estimators account for.
     """
 
     reader: CachedReader
@@ -81,6 +171,7 @@ class GreedyDriver:
     order: str = "residual"
     patience: int = 10
     progress: Callable[[int], None] | None = None
+    exact_check: bool = True
     alive: np.ndarray = field(init=False)
     seed_only_streak: int = field(init=False, default=0)
 
@@ -89,7 +180,8 @@ class GreedyDriver:
         self.m = self.reader.source.m
         self.alive = np.ones(len(self.norms2), dtype=bool)
         # Descending norm; ties broken by index so the result is deterministic.
-        self._by_norm = np.lexsort((np.arange(len(self.norms2)), -self.norms2))
+        self._by_norm = by_norm_descending(self.norms2)
+        self._loss2 = getattr(self.reader, "loss2", None)
 
     # -- the loop -----------------------------------------------------------------------
     def clusters(self) -> Iterator[FormedCluster]:
@@ -123,35 +215,44 @@ class GreedyDriver:
             self.alive[np.asarray(members, dtype=np.int64)] = False
             self.seed_only_streak = 0 if grew else self.seed_only_streak + 1
 
+    def rebuild(self, members, bound: float | None, grew: bool) -> FormedCluster:
+        """A cluster formed earlier (final members in column order, its bound, whether it grew),
+        made again exactly as :meth:`clusters` emitted it: the same exact basis, from the input.
+        ``bound`` None marks a patience singleton. Use with :meth:`restore`."""
+        members = np.asarray(members, dtype=np.int64)
+        if bound is None:
+            return FormedCluster(members, int(self.widths[members].sum()), None, False, grew=False)
+        cluster = self._finalize(members, bound)
+        cluster.grew = bool(grew)
+        return cluster
+
     def _seed(self, cursor: int) -> np.ndarray:
-        seed = [self._by_norm[cursor]]
-        cols = self.widths[seed[0]]
-        for idx in self._by_norm[cursor + 1 :]:
-            if cols >= self.rank:
-                break
-            if not self.alive[idx]:
-                continue
-            if cols + self.widths[idx] > self.rank:
-                break
-            seed.append(idx)
-            cols += self.widths[idx]
-        return np.array(seed, dtype=np.int64)
+        return pack_seed(self._by_norm[cursor:], self.widths, self.rank, self.alive)
 
     def _grow(self, seed: np.ndarray):
         seed_blocks = self.reader.get(seed).blocks()
-        state = self.estimator.start(seed_blocks)
+        state = self.estimator.empty()
+        for idx, block in zip(seed, seed_blocks):
+            state = self._extend(state, idx, block)
         members = list(seed)
         if state.bound > self.eps:
             return np.array(members), state
         for batch_indices in self._candidates(seed, seed_blocks):
             batch = self.reader.get(batch_indices)
-            for j, idx in enumerate(batch.indices):
-                trial = state.extend(batch.block(j))
-                if trial.bound > self.eps:
-                    return np.array(members), state
-                state = trial
-                members.append(int(idx))
+            # Per-candidate work is on tiny matrices, where BLAS threads cost far more than
+            # they save (eigh of 29 x 29: ~0.1 ms on one thread, 2-10 ms on two).
+            with single_threaded_blas():
+                for j, idx in enumerate(batch.indices):
+                    trial = self._extend(state, idx, batch.block(j))
+                    if trial.bound > self.eps:
+                        return np.array(members), state
+                    state = trial
+                    members.append(int(idx))
         return np.array(members), state
+
+    def _extend(self, state, idx: int, block: np.ndarray):
+        loss2 = 0.0 if self._loss2 is None else float(self._loss2[idx])
+        return state.extend(block, float(self.norms2[idx]), loss2)
 
     def _candidates(self, seed: np.ndarray, seed_blocks) -> Iterator[np.ndarray]:
         """Remaining indices in candidate order, in slices (reading is per slice)."""
@@ -168,34 +269,20 @@ class GreedyDriver:
 
     def _by_residual(self, seed_blocks, remaining_mask: np.ndarray) -> np.ndarray:
         """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's top-r basis."""
-        seed = np.hstack([as_compute(b) for b in seed_blocks])
-        u, s, _ = np.linalg.svd(seed, full_matrices=False)
-        q = u[:, : min(self.rank, int(np.count_nonzero(s > 0)) or 1)]
-        qh = q.conj().T
-        residual2 = np.full(len(remaining_mask), np.inf)
-        for batch in self.reader:
-            keep = np.flatnonzero(remaining_mask[batch.indices])
-            if len(keep) == 0:
-                continue
-            if len(keep) < len(batch):
-                batch = batch.take(keep)
-            data = as_compute(batch.data)
-            resid = data - q @ (qh @ data)
-            col2 = np.einsum("ij,ij->j", resid.real, resid.real)
-            if np.iscomplexobj(resid):
-                col2 += np.einsum("ij,ij->j", resid.imag, resid.imag)
-            residual2[batch.indices] = batch.reduce_columns(col2)
+        q = seed_basis(seed_blocks, self.rank)
         candidates = np.flatnonzero(remaining_mask)
-        # Ties (e.g. duplicates, exact zeros) by index: deterministic.
-        return candidates[np.lexsort((candidates, residual2[candidates]))]
+        residual2 = np.full(len(remaining_mask), np.inf)
+        residual2[candidates] = self.reader.residuals2(q, candidates)
+        return by_ascending(candidates, residual2)
 
     # -- the exact check ----------------------------------------------------------------
     def _finalize(self, members: np.ndarray, bound: float) -> FormedCluster:
         trimmed = 0
         while True:
             columns = int(self.widths[members].sum())
-            if not worth_factoring(self.rank, self.m, columns, len(members)):
-                return FormedCluster(members, columns, bound, False, trimmed=trimmed)
+            factored = worth_factoring(self.rank, self.m, columns, len(members))
+            if not factored or not self.exact_check:
+                return FormedCluster(members, columns, bound, factored, trimmed=trimmed)
             acc = ExactBasis(self.m, self.rank, self.reader.source.dtype)
             for chunk in np.array_split(members, max(1, len(members) // 4096)):
                 acc.add(self.reader.get(chunk).data)

@@ -43,8 +43,13 @@ class EncodedCluster:
         return self.raw.size
 
 
-def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator) -> EncodedCluster:
-    """Compute what a cluster stores, and the exact error of exactly that."""
+def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator, *,
+           error_control: bool = True) -> EncodedCluster:
+    """Compute what a cluster stores, and the exact error of exactly that.
+
+    With ``error_control=False`` (the baselines) a factored cluster is stored factored whatever
+    its error; the report then counts it over eps and ``verify`` fails the store.
+    """
     batch = reader.get(cluster.members)
     dtype = reader.source.storage_dtype
     bound = cluster.bound
@@ -56,14 +61,17 @@ def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator) 
         basis = np.ascontiguousarray(cluster.basis.astype(dtype))
         coeffs = np.ascontiguousarray(coefficients(as_compute(basis), data).astype(dtype))
         error = _relative(residual_norm2(basis, coeffs, data), norm2)
-        if error <= eps:
+        if error <= eps or not error_control:
             # The estimator bounds e_r(S); what is stored also carries rounding to the storage
             # precision, so the reported bound is the larger of the two (both are <= eps).
             return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
                                   basis=basis, coefficients=coeffs)
     raw = np.ascontiguousarray(batch.data.astype(dtype))
-    # Zero unless the storage precision is coarser than the input (integers beyond 2**24).
     error = _relative(sqnorm(data - as_compute(raw)), norm2)
+    if error > eps:
+        # Only integers beyond 2**24 round in float32; store those exactly instead.
+        raw = np.ascontiguousarray(batch.data.astype(np.float64))
+        error = _relative(sqnorm(data - raw), norm2)
     return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error, raw=raw)
 
 

@@ -33,11 +33,20 @@ ROUNDING_MARGIN = 16.0
 
 
 class _State:
-    """Common face of an estimator's state: the cluster's norm, its energy bound and bound."""
+    """Common face of an estimator's state: the cluster's norm, its energy bound and bound.
+
+    ``extend(block, norm2=None, loss2=0.0)`` adds a block. The block may stand in for a matrix
+    A (a summary whose concatenation with the others has singular values no larger than the
+    real one's, see :mod:`matclust.sources.summary`): ``norm2`` is then ||A||_F^2 and ``loss2``
+    the squared Frobenius distance of the block from such an exact stand-in. Mirsky's
+    inequality turns the accumulated ``loss2`` into a correction that keeps the bound
+    guaranteed.
+    """
 
     rank: int
     norm2: float
     size: int
+    loss2: float
 
     @property
     def energy(self) -> float:
@@ -46,10 +55,12 @@ class _State:
     @property
     def bound(self) -> float:
         """Guaranteed upper bound on the cluster's best rank-r relative error."""
-        margin = ROUNDING_MARGIN * self.rank * EPS * self.norm2
-        return relative_error(self.norm2, self.energy - margin)
+        energy = self.energy - ROUNDING_MARGIN * self.rank * EPS * self.norm2
+        if self.loss2 > 0.0:
+            energy = max(0.0, np.sqrt(max(energy, 0.0)) - np.sqrt(self.loss2)) ** 2
+        return relative_error(self.norm2, energy)
 
-    def extend(self, block: np.ndarray) -> "_State":
+    def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "_State":
         raise NotImplementedError
 
 
@@ -91,12 +102,13 @@ class WeylState(_State):
     packed: float = 0.0  # energy of the packed sub-collection T (<= rank columns)
     packed_cols: int = 0
     best: float = 0.0  # best energy bound from any single sub-collection seen
+    loss2: float = 0.0
 
     @property
     def energy(self) -> float:
         return max(self.packed, self.best)
 
-    def extend(self, block: np.ndarray) -> "WeylState":
+    def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "WeylState":
         n = block.shape[1]
         b2 = sqnorm(block)
         packed, cols, best = self.packed, self.packed_cols, self.best
@@ -110,8 +122,9 @@ class WeylState(_State):
             cols = self.rank + 1  # nothing can be packed beside it
         elif n <= self.rank:
             best = max(best, b2)
-        return replace(self, norm2=self.norm2 + b2, size=self.size + 1,
-                       packed=packed, packed_cols=cols, best=best)
+        return replace(self, norm2=self.norm2 + (b2 if norm2 is None else norm2),
+                       size=self.size + 1, packed=packed, packed_cols=cols, best=best,
+                       loss2=self.loss2 + loss2)
 
 
 class WeylEstimator(Estimator):
@@ -134,12 +147,13 @@ class ResidualState(_State):
     sigma2: np.ndarray  # the r largest squared singular values of the residuals so far
     norm2: float = 0.0
     size: int = 0
+    loss2: float = 0.0
 
     @property
     def energy(self) -> float:
         return float(np.sum(self.sigma2))
 
-    def extend(self, block: np.ndarray) -> "ResidualState":
+    def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "ResidualState":
         a = as_compute(block)
         q = self.q
         if q.dtype != a.dtype:  # real state, complex block (or the reverse): widen both
@@ -149,12 +163,13 @@ class ResidualState(_State):
         resid = project_out(q, a)
         # Only the directions added to Q count: the pinching argument holds for the diagonal
         # blocks U_t^* A_t, whose singular values are exactly the kept ones.
-        u, s, _, _ = new_directions(resid, np.sqrt(a2), q.shape[0] - q.shape[1], q)
-        merged = np.concatenate([self.sigma2, s**2])
+        w, diag_block, _ = new_directions(resid, np.sqrt(a2), q.shape[0] - q.shape[1], q)
+        merged = np.concatenate([self.sigma2, singular_values2(diag_block)])
         if len(merged) > self.rank:
             merged = np.sort(merged)[-self.rank :]
-        return ResidualState(self.rank, np.hstack([q, u]) if u.shape[1] else q,
-                             merged, self.norm2 + a2, self.size + 1)
+        return ResidualState(self.rank, np.hstack([q, w]) if w.shape[1] else q, merged,
+                             self.norm2 + (a2 if norm2 is None else norm2), self.size + 1,
+                             self.loss2 + loss2)
 
 
 class ResidualEstimator(Estimator):
@@ -183,12 +198,13 @@ class IncrementalState(_State):
     norm2: float = 0.0
     size: int = 0
     slack: float = 0.0  # accumulated Loewner slack from directions dropped as numerically null
+    loss2: float = 0.0
 
     @property
     def energy(self) -> float:
         return float(np.sum(self.lam[: self.rank])) - self.rank * self.slack
 
-    def extend(self, block: np.ndarray) -> "IncrementalState":
+    def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "IncrementalState":
         a = as_compute(block)
         q = self.q
         if q.dtype != a.dtype:
@@ -196,30 +212,35 @@ class IncrementalState(_State):
             q = q.astype(a.dtype)
         a2 = sqnorm(a)
         anorm = np.sqrt(a2)
-        y = q.conj().T @ a
+        qh = q.conj().T
+        y = qh @ a
         resid = a - q @ y
-        y2 = q.conj().T @ resid  # second projection: keeps [Q, Q_R] orthonormal
+        y2 = qh @ resid  # second projection: keeps [Q, Q_R] orthonormal
         resid -= q @ y2
         y += y2
-        u, s, vh, dropped = new_directions(resid, anorm, q.shape[0] - q.shape[1], q)
-        b = s[:, None] * vh
-        # G is Q_new^* (B B^* + A A^*) Q_new in the basis [Q, Q_R]; its eigen-decomposition
-        # gives the new tracked basis and energies.
-        top = np.diag(self.lam).astype(a.dtype) + y @ y.conj().T
-        if b.shape[0]:
+        w, b, dropped = new_directions(resid, anorm, q.shape[0] - q.shape[1], q)
+        # G is [Q, W]^* (Q diag(lam) Q^* + A A^*) [Q, W], with A = Q Y + W B up to the dropped
+        # part; its eigen-decomposition gives the new tracked basis and energies.
+        k1, j = q.shape[1], b.shape[0]
+        g = np.empty((k1 + j, k1 + j), dtype=a.dtype)
+        g[:k1, :k1] = y @ y.conj().T
+        g[np.arange(k1), np.arange(k1)] += self.lam
+        if j:
             cross = y @ b.conj().T
-            g = np.block([[top, cross], [cross.conj().T, b @ b.conj().T]])
-            basis = np.hstack([q, u])
-        else:
-            g, basis = top, q
-        mu, v = np.linalg.eigh(g)
-        order = np.argsort(mu)[::-1][: self.keep]
-        lam = np.clip(mu[order], 0.0, None)
+            g[:k1, k1:] = cross
+            g[k1:, :k1] = cross.conj().T
+            g[k1:, k1:] = b @ b.conj().T
+        mu, v = np.linalg.eigh(g)  # ascending
+        top = np.arange(len(mu) - 1, max(len(mu) - self.keep, 0) - 1, -1)  # descending
+        mu, v = mu[top], v[:, top]
+        lam = np.clip(mu, 0.0, None)
+        basis = q @ v[:k1] + w @ v[k1:] if j else q @ v
         # Dropping a residual of spectral size d perturbs the Gram by at most 2||A|| d + d^2;
         # charging it to every one of the r energies keeps L a guaranteed lower bound.
         slack = self.slack + (2.0 * anorm * dropped + dropped**2 if dropped else 0.0)
-        return IncrementalState(self.rank, self.keep, basis @ v[:, order], lam,
-                                self.norm2 + a2, self.size + 1, slack)
+        return IncrementalState(self.rank, self.keep, basis, lam,
+                                self.norm2 + (a2 if norm2 is None else norm2), self.size + 1,
+                                slack, self.loss2 + loss2)
 
 
 class IncrementalEstimator(Estimator):

@@ -11,6 +11,9 @@ DROP_TOL = 1e-10
 
 EPS = np.finfo(np.float64).eps
 
+#: Largest |Q^* w| tolerated for a new direction w before it is re-orthogonalised against Q.
+LEAN_TOL = 64 * EPS
+
 
 def compute_dtype(dtype) -> np.dtype:
     """float64 or complex128: all bounds are computed in double precision."""
@@ -60,34 +63,33 @@ def project_out(q: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 def new_directions(r: np.ndarray, scale: float, room: int, q: np.ndarray | None = None):
-    """Orthonormal directions of a residual r worth tracking, and what they carry.
+    """Orthonormal directions of a residual r worth tracking, and what r has along them.
 
-    Returns (U, s, Vh, dropped): r ~ U diag(s) Vh with the directions whose singular value
-    exceeds DROP_TOL * scale (at most ``room`` of them), and an upper bound on the spectral norm
-    of what U misses of r (the largest singular value not kept, plus the re-orthogonalisation
-    correction below).
+    Returns (W, B, dropped): r ~ W B with W orthonormal (m x j, j <= ``room``) spanning the
+    left singular directions of r whose singular value exceeds DROP_TOL * scale, B = W^* r, and
+    ``dropped`` >= ||r - W B||_2 (the largest singular value not kept, plus the
+    re-orthogonalisation correction below).
 
-    With ``q`` (the tracked basis r was projected against), U is re-orthogonalised against it.
+    With ``q`` (the tracked basis r was projected against), W is re-orthogonalised against it.
     The SVD's backward error is relative to ||r||, so a left singular vector whose singular value
     is small against ||r|| (say 1e-10) can lean into span(Q) by eps ||r|| / s_j ~ 1e-6 even
     though r itself is orthogonal to Q; kept, such directions compound block after block until
-    [Q, U] is far from orthonormal and the estimate overshoots E_r. So: project the kept
-    directions out of Q (twice), orthonormalise them (QR), and re-derive s and Vh from U^* r.
+    [Q, W] is far from orthonormal and the estimate overshoots E_r. So: project the kept
+    directions out of Q (twice) and orthonormalise them (QR).
     """
-    if r.shape[1] == 0 or room <= 0:
-        s_all = np.linalg.svd(r, compute_uv=False) if r.size else np.zeros(0)
-        return r[:, :0], np.zeros(0), np.zeros((0, r.shape[1]), r.dtype), float(s_all.max(initial=0.0))
-    u, s, vh = np.linalg.svd(r, full_matrices=False)
-    keep = int(np.count_nonzero(s > DROP_TOL * scale))
-    keep = min(keep, room)
+    m, n = r.shape
+    if n == 0 or room <= 0:
+        # Nothing can be kept: all of r is dropped (its Frobenius norm bounds its 2-norm).
+        return r[:, :0], np.zeros((0, n), r.dtype), float(np.sqrt(sqnorm(r)))
+    u, s, _ = np.linalg.svd(r, full_matrices=False)
+    keep = min(int(np.count_nonzero(s > DROP_TOL * scale)), room)
     dropped = float(s[keep]) if keep < len(s) else 0.0
-    if q is None or q.shape[1] == 0 or keep == 0:
-        return u[:, :keep], s[:keep], vh[:keep], dropped
-    kept = u[:, :keep] * s[:keep]  # the part of r the unrepaired directions carry
-    w = project_out(q, u[:, :keep])
-    w, _ = np.linalg.qr(w)
-    # r - W W^* r = (I - W W^*) kept + (I - W W^*) (the dropped part); bound both spectrally.
-    miss = kept - w @ (w.conj().T @ kept)
-    dropped += float(np.sqrt(sqnorm(miss)))
-    ub, s2, vh2 = np.linalg.svd(w.conj().T @ r, full_matrices=False)
-    return w @ ub, s2, vh2, dropped
+    w = u[:, :keep]
+    # The repair costs a QR; it is needed only when some kept direction leans into span(Q),
+    # which one small product measures.
+    if q is not None and q.shape[1] and keep and np.abs(q.conj().T @ w).max() > LEAN_TOL:
+        kept = w * s[:keep]  # the part of r the unrepaired directions carry
+        w, _ = np.linalg.qr(project_out(q, w))
+        # r - W W^* r = (I - W W^*) kept + (I - W W^*) (the dropped part); bound both spectrally.
+        dropped += float(np.sqrt(sqnorm(kept - w @ (w.conj().T @ kept))))
+    return w, w.conj().T @ r, dropped

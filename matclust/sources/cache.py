@@ -60,6 +60,22 @@ class CachedReader:
         for k in range(len(self.ranges)):
             yield self.batch(k)
 
+    def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """||(I - Q Q^*) A_i||_F^2 for the candidates (sorted indices), a batch at a time."""
+        from matclust.driver import residual_columns2
+
+        wanted = np.zeros(self.source.K, dtype=bool)
+        wanted[candidates] = True
+        out = np.zeros(self.source.K)
+        for batch in self:
+            keep = np.flatnonzero(wanted[batch.indices])
+            if len(keep) == 0:
+                continue
+            if len(keep) < len(batch):
+                batch = batch.take(keep)
+            out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data))
+        return out[candidates]
+
     def get(self, indices) -> Batch:
         """Matrices by index, in the given order."""
         indices = np.asarray(indices, dtype=np.int64)

@@ -1,0 +1,151 @@
+"""Per-matrix summaries that stand in for a collection too large for memory.
+
+For each matrix A_i (m x n_i) the summary keeps F_i = U_s diag(sigma_1..s), its top-s left
+singular directions scaled by their singular values, rounded to a compact dtype. F_i has the
+Gram matrix of A_i V_s V_s^* (a right-contraction of A_i), so for any cluster S the
+concatenation of the F_i has singular values no larger than those of M_S: a lower bound on the
+top-r energy computed from the exact F_i is a lower bound for M_S itself.
+
+The rounding is accounted for exactly: with delta_i = ||F~_i - F_i||_F stored per matrix,
+Mirsky's inequality gives sqrt(E_r(F_S)) >= sqrt(E_r(F~_S)) - sqrt(sum_S delta_i^2), so the
+estimators stay guaranteed when fed the rounded summaries (see ``loss2``). The true squared
+norms ||A_i||_F^2 are kept separately, exactly.
+
+Memory: K x m x s numbers of 2 (float16) or 4 (float32) bytes, chosen to fit the budget; s is
+at most the target rank (an r-dimensional basis captures at most the top-r energy of each
+member) and at most n_i.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from matclust.engine.linalg import compute_dtype
+from matclust.errors import InputError
+from matclust.sources.base import Batch, MatrixSource
+
+#: Matrices per block when scanning the summaries (bounds the temporaries).
+SCAN_BLOCK = 16384
+
+
+class SummaryReader:
+    """Reader over summaries, with the interface the greedy driver uses.
+
+    Parameters
+    ----------
+    source : MatrixSource
+    rank : int
+        Target rank; summaries keep at most this many directions.
+    budget_bytes : int
+        Memory for the summaries.
+    progress : object with ``start`` / ``advance``, optional
+
+    Attributes
+    ----------
+    norms2 : ndarray (K,)
+        Exact squared Frobenius norms of the matrices.
+    loss2 : ndarray (K,)
+        Squared rounding error of each stored summary.
+    tail2 : ndarray (K,)
+        Energy of each matrix outside its summary, ||A_i||^2 - ||F_i||^2 (>= 0).
+    s : int
+        Directions kept per matrix.
+    """
+
+    def __init__(self, source: MatrixSource, rank: int, budget_bytes: int, progress=None):
+        self.source = source
+        K, m = source.K, source.m
+        cplx = source.dtype.kind == "c"
+        s = int(min(rank, m, int(source.widths.max())))
+        per_number = 8 if cplx else 4
+        if K * m * s * per_number > budget_bytes:
+            per_number = 8 if cplx else 2  # complex: numpy has no complex half precision
+        fit = budget_bytes // max(1, K * m * per_number)
+        s = int(min(s, fit))
+        if s < 1:
+            raise InputError(
+                f"{source.where}: {K} matrices of {m} rows need at least "
+                f"{K * m * per_number / 2**20:.0f} MiB for their summaries; raise --memory-limit"
+            )
+        self.s = s
+        self.store_dtype = np.dtype(np.complex64 if cplx else (np.float32 if per_number == 4 else np.float16))
+        self.F = np.zeros((K, m, s), dtype=self.store_dtype)
+        self.scale = np.zeros(K, dtype=np.float64)
+        self.norms2 = np.zeros(K, dtype=np.float64)
+        self.loss2 = np.zeros(K, dtype=np.float64)
+        self.tail2 = np.zeros(K, dtype=np.float64)
+        self.reads = 0
+        self._scan(progress)
+
+    @property
+    def nbytes(self) -> int:
+        return self.F.nbytes + 4 * self.norms2.nbytes
+
+    # -- building -------------------------------------------------------------------------
+    def _scan(self, progress) -> None:
+        source = self.source
+        if progress:
+            progress.start("summarising", source.K)
+        for batch in source.iter_batches():
+            self.reads += 1
+            widths = np.diff(batch.offsets)
+            data = batch.data.astype(compute_dtype(batch.data.dtype), copy=False)
+            if np.all(widths == widths[0]):
+                b, n = len(batch), int(widths[0])
+                stacks = [(np.arange(b), data.reshape(source.m, b, n).transpose(1, 0, 2))]
+            else:
+                stacks = [(np.array([j]), batch.block(j)[None].astype(data.dtype)) for j in range(len(batch))]
+            for positions, stack in stacks:
+                self._summarise(batch.indices[positions], stack)
+            if progress:
+                progress.advance(len(batch))
+
+    def _summarise(self, indices: np.ndarray, stack: np.ndarray) -> None:
+        norms2 = np.einsum("bij,bij->b", stack.real, stack.real)
+        if np.iscomplexobj(stack):
+            norms2 = norms2 + np.einsum("bij,bij->b", stack.imag, stack.imag)
+        u, sig, _ = np.linalg.svd(stack, full_matrices=False)
+        k = min(self.s, sig.shape[1])
+        exact = u[:, :, :k] * sig[:, None, :k]
+        kept2 = np.sum(sig[:, :k] ** 2, axis=1)
+        scale = np.sqrt(kept2)
+        safe = np.where(scale > 0, scale, 1.0)
+        rounded = (exact / safe[:, None, None]).astype(self.store_dtype)
+        back = rounded.astype(exact.dtype) * safe[:, None, None]
+        diff = back - exact
+        self.F[indices, :, :k] = rounded
+        self.scale[indices] = safe
+        self.norms2[indices] = norms2
+        self.loss2[indices] = np.einsum("bij,bij->b", diff.real, diff.real) + (
+            np.einsum("bij,bij->b", diff.imag, diff.imag) if np.iscomplexobj(diff) else 0.0)
+        self.tail2[indices] = np.maximum(norms2 - kept2, 0.0)
+
+    # -- the reader interface -------------------------------------------------------------
+    def blocks_of(self, indices) -> np.ndarray:
+        """Summaries (len, m, s) in double precision."""
+        indices = np.asarray(indices, dtype=np.int64)
+        dtype = compute_dtype(self.store_dtype)
+        return self.F[indices].astype(dtype) * self.scale[indices, None, None]
+
+    def get(self, indices) -> Batch:
+        indices = np.asarray(indices, dtype=np.int64)
+        stack = self.blocks_of(indices)
+        b, m, s = stack.shape
+        data = stack.transpose(1, 0, 2).reshape(m, b * s)
+        return Batch(indices, data, np.arange(0, b * s + 1, s, dtype=np.int64))
+
+    def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Estimated ||(I - Q Q^*) A_i||^2 for the candidates: what Q misses of the summary,
+        plus the energy outside the summary (which Q may or may not capture)."""
+        qh = q.conj().T.astype(np.complex64 if np.iscomplexobj(q) else np.float32)
+        out = np.empty(len(candidates), dtype=np.float64)
+        for start in range(0, len(candidates), SCAN_BLOCK):
+            idx = candidates[start : start + SCAN_BLOCK]
+            f = self.F[idx].astype(qh.dtype)
+            captured = np.abs(np.matmul(qh[None], f)) ** 2  # (b, q, s)
+            kept = np.abs(f) ** 2
+            scale2 = self.scale[idx] ** 2
+            out[start : start + len(idx)] = (
+                (kept.sum(axis=(1, 2)) - captured.sum(axis=(1, 2))) * scale2 + self.tail2[idx]
+            )
+        return np.maximum(out, 0.0)

@@ -1,0 +1,164 @@
+"""Storing clusters planned out of core: exact bases and coefficients in two sequential passes.
+
+When the greedy driver runs on summaries (:mod:`matclust.sources.summary`), only the members of
+each cluster are known at the end; their data are scattered over the file. Reading each
+cluster's members would re-read the file once per cluster, so instead:
+
+* pass 1 streams the input once and feeds each factored cluster's columns to its
+  :class:`~matclust.engine.exact.ExactBasis` (clusters are processed in groups whose
+  accumulators fit the memory budget, one pass per group);
+* pass 2 streams the input again and writes, per cluster, its coefficients (or raw columns) and
+  accumulates its exact stored error.
+
+Each cluster's members are stored in ascending index order, so within every input batch a
+cluster's columns are one contiguous slice of its coefficient array. Coefficient columns are
+buffered per cluster and written a storage chunk at a time.
+
+A cluster whose exact error exceeds eps (only possible through rounding, as every admitted
+cluster had a guaranteed bound <= eps) is stored raw; as stored, every cluster honours eps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from matclust.driver import FormedCluster
+from matclust.encode import EncodedCluster
+from matclust.engine import ExactBasis
+from matclust.engine.exact import coefficients
+from matclust.engine.linalg import as_compute, relative_error, sqnorm
+from matclust.sources.base import MatrixSource
+
+#: Room left below eps, in units of the storage precision, for what rounding adds when storing.
+STORAGE_ULPS = 16
+
+#: Columns per storage chunk of a coefficient or raw array written in pieces.
+COLUMN_CHUNK = 4096
+
+
+def split_by_cluster(labels: np.ndarray, batch):
+    """(cluster id, sub-batch) for every cluster present in a batch, members in index order."""
+    lab = labels[batch.indices]
+    order = np.argsort(lab, kind="stable")
+    sorted_lab = lab[order]
+    bounds = np.flatnonzero(np.diff(sorted_lab)) + 1
+    for part in np.split(order, bounds):
+        yield int(lab[part[0]]), batch.take(part)
+
+
+class _ColumnSink:
+    """Writes one cluster's (rows x N) array left to right, a storage chunk at a time."""
+
+    def __init__(self, array, rows: int, total: int, dtype):
+        self.array = array
+        self.buffer = np.empty((rows, min(total, COLUMN_CHUNK)), dtype=dtype)
+        self.filled = 0  # columns in the buffer
+        self.flushed = 0  # columns written
+
+    def add(self, cols: np.ndarray) -> None:
+        while cols.shape[1]:
+            take = min(cols.shape[1], self.buffer.shape[1] - self.filled)
+            self.buffer[:, self.filled : self.filled + take] = cols[:, :take]
+            self.filled += take
+            cols = cols[:, take:]
+            if self.filled == self.buffer.shape[1]:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            self.array[:, self.flushed : self.flushed + self.filled] = self.buffer[:, : self.filled]
+            self.flushed += self.filled
+            self.filled = 0
+
+
+def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int, eps: float,
+                  writer, budget_bytes: int, progress=None):
+    """Compute bases, coefficients and exact errors of planned clusters; write them.
+
+    Returns (labels, list of EncodedCluster without their arrays, stored numbers). The arrays go
+    to ``writer`` (required: out-of-core results are never held in memory).
+    """
+    K, m = source.K, source.m
+    labels = np.full(K, -1, dtype=np.int64)
+    for c, cluster in enumerate(planned):
+        cluster.members = np.sort(cluster.members)
+        labels[cluster.members] = c
+
+    bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress)
+    return labels, _write_clusters(source, planned, labels, bases, eps, writer, progress)
+
+
+def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> dict[int, np.ndarray]:
+    m = source.m
+    factored = [c for c, cl in enumerate(planned) if cl.factored]
+    per_cluster = 3 * m * m * (16 if source.dtype.kind == "c" else 8)
+    group_size = max(1, budget_bytes // max(per_cluster, 1))
+    bases: dict[int, np.ndarray] = {}
+    for start in range(0, len(factored), group_size):
+        group = factored[start : start + group_size]
+        accs = {c: ExactBasis(m, rank, source.dtype) for c in group}
+        if progress:
+            progress.start("bases", source.K)
+        for batch in source.iter_batches():
+            for c, part in split_by_cluster(labels, batch):
+                acc = accs.get(c)
+                if acc is not None:
+                    acc.add(part.data)
+            if progress:
+                progress.advance(len(batch))
+        for c, acc in accs.items():
+            basis, sigma2 = acc.result()
+            best = relative_error(acc.norm2, float(np.sum(sigma2[:rank])))
+            planned[c].best_error = best
+            # Leave room for rounding to the storage precision, which pass 2 adds to e_r.
+            if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps:
+                bases[c] = basis
+            else:  # rounding defeated a bound: keep the guarantee by storing raw
+                planned[c].factored = False
+    return bases
+
+
+def _write_clusters(source, planned, labels, bases, eps, writer, progress):
+    m, dtype = source.m, source.storage_dtype
+    sinks, encoded = {}, []
+    for c, cl in enumerate(planned):
+        prefix = f"clusters/{c}"
+        writer.write_array(f"{prefix}/members", cl.members.astype(np.int64))
+        if c in bases:
+            basis = bases[c].astype(dtype)
+            bases[c] = basis
+            writer.write_array(f"{prefix}/basis", basis)
+            arr = writer.create_array(f"{prefix}/coefficients", (basis.shape[1], cl.columns), dtype,
+                                      chunks=(basis.shape[1], min(cl.columns, COLUMN_CHUNK)))
+            sinks[c] = _ColumnSink(arr, basis.shape[1], cl.columns, dtype)
+        else:
+            arr = writer.create_array(f"{prefix}/raw", (m, cl.columns), dtype,
+                                      chunks=(m, min(cl.columns, COLUMN_CHUNK)))
+            sinks[c] = _ColumnSink(arr, m, cl.columns, dtype)
+    err2 = np.zeros(len(planned))
+    norm2 = np.zeros(len(planned))
+    if progress:
+        progress.start("writing", source.K)
+    for batch in source.iter_batches():
+        for c, part in split_by_cluster(labels, batch):
+            data = as_compute(part.data)
+            norm2[c] += sqnorm(data)
+            if c in bases:
+                basis = bases[c]
+                coeffs = coefficients(as_compute(basis), data).astype(dtype)
+                err2[c] += sqnorm(data - as_compute(basis) @ as_compute(coeffs))
+                sinks[c].add(coeffs)
+            else:
+                raw = part.data.astype(dtype)
+                err2[c] += sqnorm(data - as_compute(raw))
+                sinks[c].add(raw)
+        if progress:
+            progress.advance(len(batch))
+    for sink in sinks.values():
+        sink.flush()
+    for c, cl in enumerate(planned):
+        error = float(np.sqrt(err2[c] / norm2[c])) if norm2[c] > 0 else 0.0
+        bound = cl.bound if cl.bound is not None else error
+        encoded.append(EncodedCluster(cl.members, cl.columns, max(bound, error), error,
+                                      basis=bases.get(c), coefficients=None, raw=None))
+    return encoded
