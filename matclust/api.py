@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Sequence
 
 import numpy as np
 
+from matclust.baselines import (PartitionDriver, baseline_labels, is_baseline, needs_clusters,
+                                 require_sklearn)
+from matclust.checkpoint import OutputGuard
 from matclust.driver import ORDERS, GreedyDriver
 from matclust.encode import EncodedCluster, encode
 from matclust.engine.estimators import canonical_method, make_estimator
@@ -15,7 +19,11 @@ from matclust.errors import InputError
 from matclust.report import build_report, cluster_stat
 from matclust.sources import ArraySource, MatrixSource
 from matclust.sources.cache import CachedReader
+from matclust.sources.summary import SummaryReader
 from matclust.store import ResultWriter
+from matclust.streaming import store_planned
+
+MODES = ("auto", "in-memory", "out-of-core")
 
 #: Memory assumed taken by the interpreter, numpy and libraries before any data is read.
 BASELINE_BYTES = 160 * 2**20
@@ -46,8 +54,10 @@ class MatrixClusterer:
         Target rank r of every cluster's shared basis.
     eps : float
         Relative error bound, 0 < eps < 1.
-    method : {"incremental", "residual", "weyl"}
-        Bound used to admit candidates (paper aliases: approximate, residuals, max_norm).
+    method : {"incremental", "residual", "weyl", "random", "kmeans", "hdbscan"}
+        Bound used to admit candidates (paper aliases: approximate, residuals, max_norm), or a
+        baseline without error control (see :mod:`matclust.baselines`): its clusters are stored
+        at the target rank whatever their error, and the report counts those over eps.
     order : {"residual", "norm"}
         Candidate order: ascending residual against the seed's basis, or ascending norm.
     patience : int
@@ -57,6 +67,16 @@ class MatrixClusterer:
         Extra directions tracked by the incremental estimator (k = rank + oversampling).
     memory_limit : int
         Bytes of memory to aim at; bounds the cache of matrices read from disk.
+    mode : {"auto", "in-memory", "out-of-core"}
+        ``in-memory`` runs the greedy driver on the matrices themselves (read through a cache
+        bounded by ``memory_limit``; the paper's exhaustive candidate ordering). ``out-of-core``
+        runs it on compact per-matrix summaries that fit the memory limit, with bounds that stay
+        guaranteed, and computes the exact bases and coefficients in sequential passes
+        (needs an output store). ``auto`` picks out-of-core when the collection does not fit.
+    n_clusters : int, optional
+        Number of clusters of the random and kmeans baselines.
+    random_state : int
+        Seed of the random and kmeans baselines.
 
     Attributes
     ----------
@@ -94,7 +114,11 @@ class MatrixClusterer:
 
     def __init__(self, rank: int = 8, eps: float = 0.05, method: str = "incremental",
                  order: str = "residual", patience: int = 10, oversampling: int = 5,
-                 memory_limit: int = 2**30):
+                 memory_limit: int = 2**30, n_clusters: int | None = None,
+                 random_state: int = 0, mode: str = "auto"):
+        self.mode = mode
+        self.n_clusters = n_clusters
+        self.random_state = random_state
         self.rank = rank
         self.eps = eps
         self.method = method
@@ -105,13 +129,23 @@ class MatrixClusterer:
 
     # -- validation, in one place -------------------------------------------------------------
     def _validated(self) -> dict:
+        baseline = is_baseline(self.method)
         try:
-            method = canonical_method(str(self.method))
+            method = str(self.method).strip().lower() if baseline else canonical_method(str(self.method))
         except ValueError:
             raise InputError(
                 f"unknown method '{self.method}'; choose incremental, residual or weyl "
-                "(aliases approximate, residuals, max_norm)"
+                "(aliases approximate, residuals, max_norm), or a baseline random, kmeans, hdbscan"
             ) from None
+        if self.n_clusters is not None and not (baseline and needs_clusters(method)):
+            raise InputError(f"--clusters applies only to --method random or kmeans, not {method}")
+        if self.n_clusters is not None and (isinstance(self.n_clusters, bool) or not isinstance(
+                self.n_clusters, (int, np.integer)) or self.n_clusters < 1):
+            raise InputError(f"--clusters must be an integer >= 1, got {self.n_clusters!r}")
+        if baseline and needs_clusters(method) and self.n_clusters is None:
+            raise InputError(f"--method {method} needs --clusters N")
+        if baseline:
+            require_sklearn(method)
         if self.order not in ORDERS:
             raise InputError(f"unknown order '{self.order}'; choose residual or norm")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
@@ -125,13 +159,20 @@ class MatrixClusterer:
             raise InputError(f"oversampling must be an integer >= 0, got {self.oversampling!r}")
         if not isinstance(self.memory_limit, (int, np.integer)) or self.memory_limit < 2**20:
             raise InputError(f"memory limit must be at least 1 MiB, got {self.memory_limit!r}")
-        return {"method": method, "order": self.order, "rank": int(self.rank),
-                "eps": float(self.eps), "patience": int(self.patience),
-                "oversampling": int(self.oversampling), "memory_limit": int(self.memory_limit)}
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode '{self.mode}'; choose {', '.join(MODES)}")
+        params = {"method": method, "order": self.order, "rank": int(self.rank),
+                  "eps": float(self.eps), "patience": int(self.patience),
+                  "oversampling": int(self.oversampling), "memory_limit": int(self.memory_limit),
+                  "mode": self.mode}
+        if baseline:  # no candidate order; the partition's own parameters instead
+            params.update({"order": None, "n_clusters": self.n_clusters,
+                           "seed": int(self.random_state)})
+        return params
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, X, output=None, *, overwrite: bool = False, progress=None,
-            extra_params: dict | None = None) -> "MatrixClusterer":
+            extra_params: dict | None = None, resume: bool = False) -> "MatrixClusterer":
         """Cluster a collection; write the result store to ``output`` if given.
 
         Parameters
@@ -144,40 +185,69 @@ class MatrixClusterer:
         progress : object with ``start(phase, total)`` and ``advance(n)``, optional
         extra_params : dict, optional
             Recorded in the report's ``params`` (e.g. the CLI's config file).
+        resume : bool
+            Continue an interrupted run writing ``output`` from its checkpoint (same input and
+            parameters, else InputError); without a checkpoint, run normally.
 
         Returns
         -------
         self
+
+        Notes
+        -----
+        While ``output`` is written, its lock is held (a second run on it fails) and a
+        checkpoint of the formed clusters is kept beside it (see :mod:`matclust.checkpoint`).
         """
+        if output is None:
+            return self._fit(X, None, overwrite, progress, extra_params, None)
+        self._validated()  # bad parameters fail before the output's lock is taken
+        with OutputGuard(output, resume=resume) as guard:
+            return self._fit(X, output, overwrite, progress, extra_params, guard)
+
+    def _fit(self, X, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
         started = time.perf_counter()
         params = self._validated()
         source = as_source(X)
         progress = progress or NullProgress()
-        params.update({"input": source.path, "dataset": source.dataset,
+        # An absolute path, so that `verify` finds the input from any working directory.
+        recorded = os.path.abspath(source.path) if os.path.exists(source.path) else source.path
+        params.update({"input": recorded, "dataset": source.dataset,
                        "transpose": source.transpose, **(extra_params or {})})
         budget = max(16 * 2**20, params["memory_limit"] - BASELINE_BYTES - PER_MATRIX_BYTES * source.K)
         reader = CachedReader(source, budget)
+        out_of_core = params["mode"] == "out-of-core" or (
+            params["mode"] == "auto" and output is not None and source.matrix_bytes > budget
+            and not is_baseline(params["method"]))
 
-        norms2 = scan_norms(reader, progress)
-        estimator = make_estimator(params["method"], params["rank"], source.m,
-                                   source.dtype.kind == "c", params["oversampling"])
-        driver = GreedyDriver(reader, norms2, source.widths, estimator, params["eps"],
-                              params["order"], params["patience"], progress.advance)
+        norms2 = None if out_of_core else scan_norms(reader, progress)
+        if out_of_core:
+            estimator = make_estimator(params["method"], params["rank"], source.m,
+                                       source.dtype.kind == "c", params["oversampling"])
+            driver = None
+        elif is_baseline(params["method"]):
+            estimator = None  # no error control: a partition, stored at the target rank
+            partition = baseline_labels(params["method"], reader, params["n_clusters"], params["seed"])
+            driver = PartitionDriver(reader, norms2, source.widths, partition, params["rank"],
+                                     progress.advance)
+        else:
+            estimator = make_estimator(params["method"], params["rank"], source.m,
+                                       source.dtype.kind == "c", params["oversampling"])
+            driver = GreedyDriver(reader, norms2, source.widths, estimator, params["eps"],
+                                  params["order"], params["patience"], progress.advance)
 
         writer = ResultWriter(output, overwrite) if output is not None else None
         with writer if writer is not None else _nothing():
-            labels = np.full(source.K, -1, dtype=np.int64)
-            stats, kept, stored_numbers = [], [], 0
-            progress.start("clustering", source.K)
-            for cid, formed in enumerate(driver.clusters()):
-                enc = encode(formed, reader, params["eps"], estimator)
-                labels[enc.members] = cid
-                stats.append(cluster_stat(cid, enc))
-                stored_numbers += enc.numbers
-                if writer is not None:
-                    write_cluster(writer, cid, enc)
-                else:
-                    kept.append(enc)
+            if out_of_core:
+                del reader  # the summaries stand in for the matrices from here on
+                labels, encoded = self._plan_out_of_core(source, params, estimator, budget,
+                                                         writer, progress)
+                kept = []
+            else:
+                labels, encoded = self._cluster_in_memory(source, params, estimator, driver,
+                                                          reader, guard, writer, progress)
+                kept = encoded if writer is None else []
+            stats = [cluster_stat(cid, enc) for cid, enc in enumerate(encoded)]
+            stored_numbers = sum(enc.numbers for enc in encoded)
             report = build_report(params, source.K, source.m, params["rank"], params["eps"],
                                   stats, stored_numbers, source.input_dtype.itemsize,
                                   source.storage_dtype.itemsize, time.perf_counter() - started)
@@ -197,6 +267,41 @@ class MatrixClusterer:
         self.n_clusters_ = len(stats)
         self.compression_ratio_ = report["compression_ratio"]
         return self
+
+    @staticmethod
+    def _cluster_in_memory(source, params, estimator, driver, reader, guard, writer, progress):
+        """Form clusters with the data at hand; encode and write each as it is formed."""
+        # The checkpoint hands back the clusters of an interrupted run first (with resume)
+        # and records every new one as it is formed.
+        log = guard.checkpoint(params, source, driver.norms2) \
+            if guard is not None and hasattr(driver, "rebuild") else None
+        labels = np.full(source.K, -1, dtype=np.int64)
+        encoded = []
+        progress.start("clustering", source.K)
+        for cid, formed in enumerate(log.clusters(driver) if log else driver.clusters()):
+            enc = encode(formed, reader, params["eps"], estimator,
+                         error_control=estimator is not None)
+            labels[enc.members] = cid
+            if writer is not None:
+                write_cluster(writer, cid, enc)
+                enc = enc.on_disk()  # written: keep the numbers, not the arrays
+            encoded.append(enc)
+        return labels, encoded
+
+    def _plan_out_of_core(self, source, params, estimator, budget, writer, progress):
+        """Plan the clusters on per-matrix summaries, then store them in sequential passes."""
+        if writer is None:
+            raise InputError(f"{source.where}: too large to cluster in memory "
+                             f"({source.matrix_bytes / 2**20:.0f} MiB); give an output store")
+        summaries = SummaryReader(source, params["rank"], budget // 2, progress)
+        driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
+                              params["eps"], params["order"], params["patience"],
+                              progress.advance, exact_check=False)
+        progress.start("clustering", source.K)
+        planned = list(driver.clusters())
+        del driver, summaries
+        return store_planned(source, planned, params["rank"], params["eps"], writer, budget,
+                             progress)
 
     def fit_predict(self, X, **kwargs) -> np.ndarray:
         return self.fit(X, **kwargs).labels_

@@ -56,6 +56,10 @@ def _config_callback(ctx: click.Context, param, value):
             continue
         allowed[p.name] = p.name
         allowed[p.name.replace("_", "-")] = p.name
+        for opt in getattr(p, "opts", []):  # the flag's own spelling: report = "...", json = true
+            if opt.startswith("--"):
+                allowed[opt[2:]] = p.name
+                allowed[opt[2:].replace("-", "_")] = p.name
     ctx.default_map = {**(ctx.default_map or {}), **load_config(value, allowed)}
     return value
 
@@ -81,7 +85,8 @@ def cli():
 @click.option("--rank", type=int, help="Target rank r of each cluster's shared basis.")
 @click.option("--eps", type=float, help="Relative Frobenius error bound per cluster, in (0, 1).")
 @click.option("--method", default="incremental", show_default=True,
-              help="Bound: incremental | residual | weyl (aliases approximate | residuals | max_norm).")
+              help="Bound: incremental | residual | weyl (aliases approximate | residuals | max_norm); "
+                   "or a baseline without error control: random | kmeans | hdbscan.")
 @click.option("--order", default="residual", show_default=True, help="Candidate order: residual | norm.")
 @click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
 @click.option("--transpose/--no-transpose", default=False, help="Cluster the transposes (shared column space).")
@@ -90,13 +95,22 @@ def cli():
 @click.option("--oversampling", type=int, default=5, show_default=True,
               help="Extra directions tracked by the incremental estimator.")
 @click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at (e.g. 1GiB, 512M).")
+@click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default="auto",
+              show_default=True,
+              help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
+                   "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit.")
+@click.option("--clusters", "n_clusters", type=int, help="Number of clusters (--method random | kmeans).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random | kmeans.")
 @config_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no table.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run on OUTPUT from its checkpoint (same input and options).")
 def cluster(input, output, rank, eps, method, order, dataset, transpose, patience, oversampling,
-            memory_limit, config, report_path, as_json, quiet, overwrite):
+            memory_limit, mode, n_clusters, seed, config, report_path, as_json, quiet, overwrite,
+            resume):
     """Cluster the matrices in INPUT and write the result store OUTPUT."""
     from matclust.api import MatrixClusterer
     from matclust.progress import RichProgress
@@ -109,12 +123,14 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
     if os.path.lexists(output) and not overwrite:
         raise InputError(f"{output}: output exists; pass --overwrite to replace it")
     clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
-                                oversampling=oversampling, memory_limit=parse_size(memory_limit))
+                                oversampling=oversampling, memory_limit=parse_size(memory_limit),
+                                n_clusters=n_clusters, random_state=seed, mode=mode)
     clusterer._validated()  # bad parameters fail before the input is opened
     with open_source(input, dataset, transpose) as source:
         extra = {"config": os.path.abspath(config) if config else None}
         with RichProgress(enabled=None if not quiet else False) as progress:
-            clusterer.fit(source, output, overwrite=overwrite, progress=progress, extra_params=extra)
+            clusterer.fit(source, output, overwrite=overwrite, progress=progress, extra_params=extra,
+                          resume=resume)
     report = clusterer.report_
     if report_path:
         with open(report_path, "w") as fh:
@@ -290,14 +306,149 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 
 
 # ---------------------------------------------------------------------------------------------
+# bounds: the paper's bound study
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("input")
+@click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
+@click.option("--transpose/--no-transpose", default=False, help="Study the transposes.")
+@click.option("--rank", type=int, required=True, help="Target rank r.")
+@click.option("--sizes", default="2:50:4", show_default=True,
+              help="Cluster sizes A:B[:STEP] (B included when the step reaches it).")
+@click.option("--trials", type=int, default=10, show_default=True, help="Random clusters per size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random clusters.")
+@click.option("--oversampling", type=int, default=5, show_default=True,
+              help="Extra directions tracked by the incremental estimator.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="CSV file: one row per cluster (size, trial, true_error, each bound, seconds).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw true error and bounds against cluster size (PNG; needs matclust[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no table.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing CSV / plot.")
+def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, output, plot_path,
+           as_json, quiet, overwrite):
+    """The paper's bound study: on random clusters of each size, the exact best rank-r error and
+    every estimator's bound. Exits 1 if any bound falls below the exact error."""
+    from matclust.progress import RichProgress
+    from matclust.sources import open_source
+    from matclust.study import bound_study, parse_sizes, plot_study, require_matplotlib
+
+    size_list = parse_sizes(sizes)
+    for path in (output, plot_path):
+        if path and os.path.lexists(path) and not overwrite:
+            raise InputError(f"{path}: exists; pass --overwrite to replace it")
+    if plot_path:
+        require_matplotlib()  # a missing extra fails before the study runs
+    with open_source(input, dataset, transpose) as source:
+        with RichProgress(enabled=None if not quiet else False) as progress:
+            progress.start("trials", len(size_list) * max(trials, 0))
+            result = bound_study(source, rank, size_list, trials, seed, oversampling,
+                                 progress=progress.advance)
+    result.write_csv(output)
+    if plot_path:
+        plot_study(result, plot_path)
+    summary = result.summary()
+    if as_json:
+        _emit_json({"params": result.params, "clusters": len(result.rows),
+                    "violations": result.violations, "tightest": result.tightest(),
+                    "estimators": summary})
+    elif not quiet:
+        _render_study(result, summary, _console())
+    if result.violations:
+        click.echo(f"error: {result.violations} bound(s) fell below the true error "
+                   f"(see {output})", err=True)
+        sys.exit(1)
+
+
+def _render_study(result, summary, console) -> None:
+    from rich import box
+    from rich.table import Table
+
+    p = result.params
+    table = Table(title=f"bound study: {p['input']}:{p['dataset']}, rank {p['rank']}, "
+                        f"{len(result.rows)} random clusters (sizes {p['sizes'][0]}..{p['sizes'][-1]}, "
+                        f"{p['trials']} per size)", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption=f"means over the clusters (true error {summary[0]['mean_true_error']:.4f}); "
+                          f"ratio = bound / true error; gap = bound - true error; "
+                          f"viol. = bounds below the true error; sec = seconds in all; "
+                          f"tightest on average: {result.tightest()}",
+                  caption_justify="left")
+    table.add_column("estimator", no_wrap=True, min_width=20)
+    for col in ("bound", "ratio", "gap", "min gap", "viol.", "sec"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in summary:
+        viol = f"[red]{s['violations']}[/red]" if s["violations"] else "0"
+        table.add_row(s["estimator"], f"{s['mean_bound']:.4f}", f"{s['mean_ratio']:.4f}",
+                      f"{s['mean_gap']:.2e}", f"{s['min_gap']:.2e}", viol, f"{s['seconds']:.3f}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: several methods, one table
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("input")
+@click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
+@click.option("--transpose/--no-transpose", default=False, help="Cluster the transposes.")
+@click.option("--rank", type=int, required=True, help="Target rank r.")
+@click.option("--eps", type=float, required=True, help="Relative error bound per cluster.")
+@click.option("--methods", multiple=True,
+              help="METHOD[/ORDER], repeatable or comma-separated: incremental | residual | weyl "
+                   "(both orders without /ORDER), random | kmeans | hdbscan. Default: the three "
+                   "bounded methods with both orders, random and kmeans.")
+@click.option("--clusters", "n_clusters", type=int,
+              help="Clusters for random / kmeans (default: as many as the first bounded method formed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random / kmeans.")
+@click.option("--patience", type=int, default=10, show_default=True, help="As for cluster.")
+@click.option("--oversampling", type=int, default=5, show_default=True, help="As for cluster.")
+@click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,
+            oversampling, memory_limit, as_json, quiet):
+    """Run several methods on INPUT (nothing is written) and print one table."""
+    from matclust.compare import compare as run_compare
+    from matclust.progress import RichProgress
+    from matclust.sources import open_source
+
+    with open_source(input, dataset, transpose) as source:
+        with RichProgress(enabled=None if not quiet else False) as progress:
+            result = run_compare(source, rank, eps, list(methods) or None, n_clusters=n_clusters,
+                                 seed=seed, patience=patience, oversampling=oversampling,
+                                 memory_limit=parse_size(memory_limit), progress=progress)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        _emit_json(result.rows)
+        return
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"{input}: rank {rank}, eps {eps:g}", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=0, show_edge=False)  # fits 80 columns
+    table.add_column("method", no_wrap=True, min_width=20)
+    for col in ("clusters", "singletons", "compression\nratio", "max\nerror",
+                "clusters\nover eps", "seconds"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in result.rows:
+        over = f"[red]{row['over_eps']}[/red]" if row["over_eps"] else "0"
+        table.add_row(row["method"], str(row["clusters"]), str(row["singletons"]),
+                      f"{row['compression_ratio']:.3f}", f"{row['max_error']:.4f}", over,
+                      f"{row['seconds']:.2f}")
+    _console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     """Run the CLI, mapping errors onto exit codes and one-line messages."""
+    _terminate_cleanly()
     try:
         cli.main(args=argv, prog_name="matclust", standalone_mode=False)
     except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo("error: " + " ".join(str(exc).splitlines()), err=True)
         sys.exit(2)
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
@@ -314,3 +465,17 @@ def main(argv=None) -> None:
     except BrokenPipeError:
         sys.exit(1)
     sys.exit(0)
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM (``timeout``, ``kill``) unwinds like an error: temporaries are removed, the
+    output's lock released and its checkpoint kept for ``--resume``. Exit 143."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (the CLI run inside a test harness)
+        pass

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from matclust.errors import InputError
-from matclust.store import _remove, is_hdf5_name
+from matclust.store import _remove, is_hdf5_name, replace_atomically
 
 
 def write_collection(path, matrices, *, layout: str = "stack", dataset: str = "matrices",
@@ -30,8 +30,7 @@ def write_collection(path, matrices, *, layout: str = "stack", dataset: str = "m
             _write_hdf5(temp, matrices, layout, dataset, names, extra or {}, chunk_len)
         else:
             _write_zarr(temp, matrices, layout, dataset, names, extra or {}, zarr_format, chunk_len)
-        _remove(path)
-        os.replace(temp, path)
+        replace_atomically(temp, path)  # an old DEST stays whole until the new one is in place
     except BaseException:
         _remove(temp)
         raise

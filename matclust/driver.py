@@ -19,20 +19,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
 from matclust.engine.linalg import as_compute, relative_error, sqnorm
 from matclust.sources.cache import CachedReader
 
 ORDERS = ("residual", "norm")
-_BLAS = ThreadpoolController()
-
-
-def single_threaded_blas():
-    """Context: BLAS on one thread (cheap to enter: the controller is created once)."""
-    return _BLAS.limit(limits=1, user_api="blas")
 
 
 @dataclass
@@ -185,7 +179,14 @@ class GreedyDriver:
 
     # -- the loop -----------------------------------------------------------------------
     def clusters(self) -> Iterator[FormedCluster]:
-        """Form clusters one by one, in order; each is final when yielded."""
+        """Form clusters one by one, in order; each is final when yielded.
+
+        BLAS runs single-threaded here (see :mod:`matclust.blas`); readers use every core for
+        their batched residual products."""
+        with single_threaded():
+            yield from self._clusters()
+
+    def _clusters(self) -> Iterator[FormedCluster]:
         cursor = 0
         while True:
             while cursor < len(self._by_norm) and not self.alive[self._by_norm[cursor]]:
@@ -239,15 +240,12 @@ class GreedyDriver:
             return np.array(members), state
         for batch_indices in self._candidates(seed, seed_blocks):
             batch = self.reader.get(batch_indices)
-            # Per-candidate work is on tiny matrices, where BLAS threads cost far more than
-            # they save (eigh of 29 x 29: ~0.1 ms on one thread, 2-10 ms on two).
-            with single_threaded_blas():
-                for j, idx in enumerate(batch.indices):
-                    trial = self._extend(state, idx, batch.block(j))
-                    if trial.bound > self.eps:
-                        return np.array(members), state
-                    state = trial
-                    members.append(int(idx))
+            for j, idx in enumerate(batch.indices):
+                trial = self._extend(state, idx, batch.block(j))
+                if trial.bound > self.eps:
+                    return np.array(members), state
+                state = trial
+                members.append(int(idx))
         return np.array(members), state
 
     def _extend(self, state, idx: int, block: np.ndarray):

@@ -8,7 +8,7 @@ coarser than eps) is stored raw instead, so every stored cluster honours eps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,17 +27,26 @@ class EncodedCluster:
     basis: np.ndarray | None = None  # (m, r_c), storage dtype
     coefficients: np.ndarray | None = None  # (r_c, N_c), storage dtype
     raw: np.ndarray | None = None  # (m, N_c), storage dtype
+    stored_numbers: int | None = None  # when the arrays went straight to disk (out of core)
+
+    rank: int = -1  # columns of the basis (0 when raw); derived from the arrays when held
+
+    def __post_init__(self):
+        if self.rank < 0:
+            self.rank = 0 if self.basis is None else self.basis.shape[1]
 
     @property
     def stored(self) -> str:
-        return "factored" if self.basis is not None else "raw"
+        return "factored" if self.rank else "raw"
 
-    @property
-    def rank(self) -> int:
-        return 0 if self.basis is None else self.basis.shape[1]
+    def on_disk(self) -> "EncodedCluster":
+        """The same cluster without its arrays (once they are written)."""
+        return replace(self, basis=None, coefficients=None, raw=None, stored_numbers=self.numbers)
 
     @property
     def numbers(self) -> int:
+        if self.stored_numbers is not None:
+            return self.stored_numbers
         if self.basis is not None:
             return self.basis.size + self.coefficients.size
         return self.raw.size

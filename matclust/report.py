@@ -76,7 +76,8 @@ def render_table(report: dict, console) -> None:
     p = report["params"]
     rows = [
         ("input", f"{p.get('input')}:{p.get('dataset')}"),
-        ("method / order", f"{p.get('method')} / {p.get('order')}"),
+        ("method / order", f"{p.get('method')} / {p.get('order')}" if p.get("order")
+         else f"{p.get('method')} (baseline, no error control)"),
         ("rank, eps", f"{p.get('rank')}, {p.get('eps')}"),
         ("matrices (K) x rows (m)", f"{report['K']} x {report['m']}"),
         ("clusters", str(report["clusters"])),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from matclust.blas import single_threaded
 from matclust.driver import FormedCluster
 from matclust.encode import EncodedCluster
 from matclust.engine import ExactBasis
@@ -47,28 +48,47 @@ def split_by_cluster(labels: np.ndarray, batch):
 
 
 class _ColumnSink:
-    """Writes one cluster's (rows x N) array left to right, a storage chunk at a time."""
+    """Writes one cluster's (rows x N) array left to right, a storage chunk at a time.
 
-    def __init__(self, array, rows: int, total: int, dtype):
-        self.array = array
-        self.buffer = np.empty((rows, min(total, COLUMN_CHUNK)), dtype=dtype)
+    The buffer is allocated on first use and released when the array is complete; an array
+    that fits one buffer is written in one piece when complete, so no handle stays open for it
+    (HDF5 keeps a chunk cache per open dataset).
+    """
+
+    def __init__(self, writer, name: str, rows: int, total: int, dtype):
+        self.writer, self.name = writer, name
+        self.shape, self.dtype = (rows, total), dtype
+        self.width = min(total, COLUMN_CHUNK)
+        self.array = None
+        self.buffer = None
         self.filled = 0  # columns in the buffer
         self.flushed = 0  # columns written
 
     def add(self, cols: np.ndarray) -> None:
         while cols.shape[1]:
-            take = min(cols.shape[1], self.buffer.shape[1] - self.filled)
+            if self.buffer is None:
+                self.buffer = np.empty((self.shape[0], self.width), dtype=self.dtype)
+            take = min(cols.shape[1], self.width - self.filled)
             self.buffer[:, self.filled : self.filled + take] = cols[:, :take]
             self.filled += take
             cols = cols[:, take:]
-            if self.filled == self.buffer.shape[1]:
+            if self.filled == self.width:
                 self.flush()
 
     def flush(self) -> None:
-        if self.filled:
+        if not self.filled:
+            return
+        if self.array is None and self.filled == self.shape[1]:
+            self.writer.write_array(self.name, self.buffer[:, : self.filled])
+        else:
+            if self.array is None:
+                self.array = self.writer.create_array(self.name, self.shape, self.dtype,
+                                                      chunks=(self.shape[0], self.width))
             self.array[:, self.flushed : self.flushed + self.filled] = self.buffer[:, : self.filled]
-            self.flushed += self.filled
-            self.filled = 0
+        self.flushed += self.filled
+        self.filled = 0
+        if self.flushed == self.shape[1]:
+            self.array = self.buffer = None
 
 
 def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int, eps: float,
@@ -84,8 +104,9 @@ def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int,
         cluster.members = np.sort(cluster.members)
         labels[cluster.members] = c
 
-    bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress)
-    return labels, _write_clusters(source, planned, labels, bases, eps, writer, progress)
+    with single_threaded():  # many small products: see matclust.blas
+        bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress)
+        return labels, _write_clusters(source, planned, labels, bases, eps, writer, progress)
 
 
 def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> dict[int, np.ndarray]:
@@ -128,13 +149,9 @@ def _write_clusters(source, planned, labels, bases, eps, writer, progress):
             basis = bases[c].astype(dtype)
             bases[c] = basis
             writer.write_array(f"{prefix}/basis", basis)
-            arr = writer.create_array(f"{prefix}/coefficients", (basis.shape[1], cl.columns), dtype,
-                                      chunks=(basis.shape[1], min(cl.columns, COLUMN_CHUNK)))
-            sinks[c] = _ColumnSink(arr, basis.shape[1], cl.columns, dtype)
+            sinks[c] = _ColumnSink(writer, f"{prefix}/coefficients", basis.shape[1], cl.columns, dtype)
         else:
-            arr = writer.create_array(f"{prefix}/raw", (m, cl.columns), dtype,
-                                      chunks=(m, min(cl.columns, COLUMN_CHUNK)))
-            sinks[c] = _ColumnSink(arr, m, cl.columns, dtype)
+            sinks[c] = _ColumnSink(writer, f"{prefix}/raw", m, cl.columns, dtype)
     err2 = np.zeros(len(planned))
     norm2 = np.zeros(len(planned))
     if progress:
@@ -159,6 +176,9 @@ def _write_clusters(source, planned, labels, bases, eps, writer, progress):
     for c, cl in enumerate(planned):
         error = float(np.sqrt(err2[c] / norm2[c])) if norm2[c] > 0 else 0.0
         bound = cl.bound if cl.bound is not None else error
+        basis = bases.get(c)
+        numbers = basis.size + basis.shape[1] * cl.columns if basis is not None else m * cl.columns
         encoded.append(EncodedCluster(cl.members, cl.columns, max(bound, error), error,
-                                      basis=bases.get(c), coefficients=None, raw=None))
+                                      stored_numbers=numbers,
+                                      rank=0 if basis is None else basis.shape[1]))
     return encoded

@@ -265,7 +265,7 @@ class MatrixSource:
         """Matrices start..stop-1 as one batch (one slice per array on disk)."""
         indices = np.arange(start, stop, dtype=np.int64)
         if self._stack is not None:
-            slab = np.asarray(self._stack[start:stop])
+            slab = self._fetch(lambda: self._stack[start:stop], f"matrices {start}..{stop - 1}")
             if self.transpose:
                 slab = slab.transpose(0, 2, 1)
             b, m, n = slab.shape
@@ -277,10 +277,22 @@ class MatrixSource:
         self._check_finite(data, indices, offsets)
         return Batch(indices, data, offsets)
 
+    def _fetch(self, read, what: str) -> np.ndarray:
+        """``read()`` as an array; a file that opened but fails while reading (truncated,
+        corrupt chunk, failing filter) is bad input naming the file, dataset and matrices."""
+        try:
+            return np.asarray(read())
+        except InputError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InputError(f"{self.where}: cannot read {what} (truncated or corrupt file?): "
+                             f"{reason}") from None
+
     def _read_members(self, indices: np.ndarray) -> Batch:
         parts = []
         for i in indices:
-            block = np.asarray(self._members[i][1][...])
+            block = self._fetch(lambda: self._members[i][1][...], f"matrix {self.describe(int(i))}")
             parts.append(block.T if self.transpose else block)
         data = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=self.dtype)
         offsets = np.concatenate([[0], np.cumsum(self.widths[indices])]).astype(np.int64)

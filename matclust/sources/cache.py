@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from matclust.blas import all_threads
 from matclust.sources.base import Batch, MatrixSource
 
 
@@ -67,13 +68,14 @@ class CachedReader:
         wanted = np.zeros(self.source.K, dtype=bool)
         wanted[candidates] = True
         out = np.zeros(self.source.K)
-        for batch in self:
-            keep = np.flatnonzero(wanted[batch.indices])
-            if len(keep) == 0:
-                continue
-            if len(keep) < len(batch):
-                batch = batch.take(keep)
-            out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data))
+        with all_threads():
+            for batch in self:
+                keep = np.flatnonzero(wanted[batch.indices])
+                if len(keep) == 0:
+                    continue
+                if len(keep) < len(batch):
+                    batch = batch.take(keep)
+                out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data))
         return out[candidates]
 
     def get(self, indices) -> Batch:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from matclust.blas import all_threads
 from matclust.engine.linalg import compute_dtype
 from matclust.errors import InputError
 from matclust.sources.base import Batch, MatrixSource
@@ -139,6 +140,11 @@ class SummaryReader:
         plus the energy outside the summary (which Q may or may not capture)."""
         qh = q.conj().T.astype(np.complex64 if np.iscomplexobj(q) else np.float32)
         out = np.empty(len(candidates), dtype=np.float64)
+        with all_threads():
+            self._residuals2(qh, candidates, out)
+        return np.maximum(out, 0.0)
+
+    def _residuals2(self, qh: np.ndarray, candidates: np.ndarray, out: np.ndarray) -> None:
         for start in range(0, len(candidates), SCAN_BLOCK):
             idx = candidates[start : start + SCAN_BLOCK]
             f = self.F[idx].astype(qh.dtype)
@@ -148,4 +154,3 @@ class SummaryReader:
             out[start : start + len(idx)] = (
                 (kept.sum(axis=(1, 2)) - captured.sum(axis=(1, 2))) * scale2 + self.tail2[idx]
             )
-        return np.maximum(out, 0.0)
