@@ -30,7 +30,22 @@ def is_hdf5_name(path) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
-class _Hdf5Backend:
+class _Backend:
+    """What both formats share: path lookup in a root group that behaves like a mapping."""
+
+    root: object
+
+    def has(self, name: str) -> bool:
+        return name in self.root
+
+    def get(self, name: str):
+        return self.root[name]
+
+    def keys(self, name: str) -> list[str]:
+        return list(self.root[name].keys()) if name in self.root else []
+
+
+class _Hdf5Backend(_Backend):
     def __init__(self, path: str, mode: str):
         import h5py
 
@@ -77,15 +92,6 @@ class _Hdf5Backend:
     def read_strings(self, name: str) -> list[str]:
         return [v.decode() if isinstance(v, bytes) else str(v) for v in self.root[name][...]]
 
-    def has(self, name: str) -> bool:
-        return name in self.root
-
-    def get(self, name: str):
-        return self.root[name]
-
-    def keys(self, name: str) -> list[str]:
-        return list(self.root[name].keys()) if name in self.root else []
-
     def flush(self) -> None:
         self.root.flush()
 
@@ -93,7 +99,7 @@ class _Hdf5Backend:
         self.root.close()
 
 
-class _ZarrBackend:
+class _ZarrBackend(_Backend):
     def __init__(self, path: str, mode: str):
         import zarr
 
@@ -120,15 +126,6 @@ class _ZarrBackend:
 
     def read_strings(self, name: str) -> list[str]:
         return [str(v) for v in self.root[name][...]]
-
-    def has(self, name: str) -> bool:
-        return name in self.root
-
-    def get(self, name: str):
-        return self.root[name]
-
-    def keys(self, name: str) -> list[str]:
-        return list(self.root[name].keys()) if name in self.root else []
 
     def flush(self) -> None:
         pass

@@ -56,8 +56,16 @@ class _Container:
     def nodes(self) -> list[Node]:
         raise NotImplementedError
 
-    def children(self, group: Node) -> list[Node]:
+    def _node(self, path: str, obj) -> Node:
         raise NotImplementedError
+
+    def _members(self, group) -> list:
+        """(name, object) pairs of a group's direct members."""
+        raise NotImplementedError
+
+    def children(self, group: Node) -> list[Node]:
+        return [self._node(_norm(f"{group.path}/{name}" if group.path != ROOT else name), obj)
+                for name, obj in self._members(group.obj)]
 
     def close(self) -> None:
         pass
@@ -129,17 +137,15 @@ class _Hdf5(_Container):
             raise InputError(f"{self.path}: cannot read the HDF5 structure (truncated or corrupt file?): {exc}") from None
         return found
 
-    def children(self, group: Node) -> list[Node]:
+    def _node(self, path: str, obj) -> Node:
         import h5py
 
-        out = []
-        for name, obj in group.obj.items():
-            full = _norm(f"{group.path}/{name}" if group.path != ROOT else name)
-            if isinstance(obj, h5py.Dataset):
-                out.append(Node(full, "array", obj, obj.ndim, tuple(obj.shape)))
-            else:
-                out.append(Node(full, "group", obj))
-        return out
+        if isinstance(obj, h5py.Dataset):
+            return Node(path, "array", obj, obj.ndim, tuple(obj.shape))
+        return Node(path, "group", obj)
+
+    def _members(self, group) -> list:
+        return list(group.items())
 
     def close(self) -> None:
         self.file.close()
@@ -155,32 +161,24 @@ class _Zarr(_Container):
         except Exception as exc:  # zarr raises several unrelated types for "not a store"
             raise InputError(f"{path}: not a Zarr store (v2 or v3) and not an HDF5 file: {exc}") from None
 
-    def _walk(self, obj, path: str, out: list[Node]) -> None:
+    def nodes(self) -> list[Node]:
+        out, todo = [], [self._node(ROOT, self.root)]
+        while todo:
+            node = todo.pop(0)
+            out.append(node)
+            if node.kind == "group":
+                todo[:0] = self.children(node)
+        return out
+
+    def _node(self, path: str, obj) -> Node:
         import zarr
 
         if isinstance(obj, zarr.Array):
-            out.append(Node(path, "array", obj, obj.ndim, tuple(obj.shape)))
-            return
-        out.append(Node(path, "group", obj))
-        for name, child in sorted(obj.members()):
-            self._walk(child, _norm(f"{path}/{name}" if path != ROOT else name), out)
+            return Node(path, "array", obj, obj.ndim, tuple(obj.shape))
+        return Node(path, "group", obj)
 
-    def nodes(self) -> list[Node]:
-        out: list[Node] = []
-        self._walk(self.root, ROOT, out)
-        return out
-
-    def children(self, group: Node) -> list[Node]:
-        import zarr
-
-        out = []
-        for name, obj in sorted(group.obj.members()):
-            full = _norm(f"{group.path}/{name}" if group.path != ROOT else name)
-            if isinstance(obj, zarr.Array):
-                out.append(Node(full, "array", obj, obj.ndim, tuple(obj.shape)))
-            else:
-                out.append(Node(full, "group", obj))
-        return out
+    def _members(self, group) -> list:
+        return sorted(group.members())
 
 
 def _container(path: str) -> _Container:

@@ -1,8 +1,8 @@
 """Build the benchmark collections (chunked HDF5), streaming so memory stays small.
 
-    python bench/collections.py planted --K 1000000 -o bench/data/planted_1m.h5
-    python bench/collections.py patches -o bench/data/patches_rgb.h5
-    python bench/collections.py columns -o bench/data/columns_384.h5
+    python bench/collections_builder.py planted --K 1000000 -o bench/data/planted_1m.h5
+    python bench/collections_builder.py patches -o bench/data/patches_rgb.h5
+    python bench/collections_builder.py columns -o bench/data/columns_384.h5
 
 planted: K matrices of 32 x 16 float32 from 500 random rank-6 subspaces plus 1% noise (the
 scale target of the out-of-core issue); the planted labels are stored as `planted_labels`.
