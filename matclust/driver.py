@@ -97,7 +97,11 @@ def residual_columns2(q: np.ndarray, data: np.ndarray) -> np.ndarray:
 
 def by_ascending(candidates: np.ndarray, key: np.ndarray) -> np.ndarray:
     """``candidates`` by ascending ``key[candidates]``; ties by index (duplicates, exact zeros)."""
-    return candidates[np.lexsort((candidates, key[candidates]))]
+    # candidates are ascending, so a stable sort breaks ties by index.
+    candidates = np.asarray(candidates)
+    if len(candidates) > 1 and np.any(np.diff(candidates) < 0):
+        candidates = np.sort(candidates)
+    return candidates[np.argsort(key[candidates], kind="stable")]
 
 
 def feeding_order(blocks, rank: int, order: str) -> np.ndarray:
@@ -198,7 +202,12 @@ class GreedyDriver:
                 return
             seed = self._seed(cursor)
             members, state = self._grow(seed)
-            cluster = self._finalize(members, state.bound)
+            bound = state.bound
+            if self._loss2 is not None and int(self.widths[members].sum()) <= self.rank:
+                # Stand-in blocks carry their rounding loss into the bound (Mirsky), but a
+                # cluster of <= r real columns keeps all its energy at rank r: e_r = 0 exactly.
+                bound = 0.0
+            cluster = self._finalize(members, bound)
             cluster.grew = len(cluster.members) > len(seed)
             self.seed_only_streak = 0 if cluster.grew else self.seed_only_streak + 1
             self.alive[cluster.members] = False

@@ -70,7 +70,10 @@ class SummaryReader:
             )
         self.s = s
         self.store_dtype = np.dtype(np.complex64 if cplx else (np.float32 if per_number == 4 else np.float16))
-        self.F = np.zeros((K, m, s), dtype=self.store_dtype)
+        # Stored transposed, (K, s, m): the residuals of a whole block of candidates against a
+        # basis are then one matrix product of a (b s) x m array.
+        self.F = np.zeros((K, s, m), dtype=self.store_dtype)
+        self.kept2 = np.zeros(K, dtype=np.float64)  # ||F~_i||^2 of the stored (rounded) summary
         self.scale = np.zeros(K, dtype=np.float64)
         self.norms2 = np.zeros(K, dtype=np.float64)
         self.loss2 = np.zeros(K, dtype=np.float64)
@@ -114,7 +117,9 @@ class SummaryReader:
         rounded = (exact / safe[:, None, None]).astype(self.store_dtype)
         back = rounded.astype(exact.dtype) * safe[:, None, None]
         diff = back - exact
-        self.F[indices, :, :k] = rounded
+        self.F[indices, :k, :] = rounded.transpose(0, 2, 1)
+        self.kept2[indices] = np.einsum("bij,bij->b", back.real, back.real) + (
+            np.einsum("bij,bij->b", back.imag, back.imag) if np.iscomplexobj(back) else 0.0)
         self.scale[indices] = safe
         self.norms2[indices] = norms2
         self.loss2[indices] = np.einsum("bij,bij->b", diff.real, diff.real) + (
@@ -126,7 +131,7 @@ class SummaryReader:
         """Summaries (len, m, s) in double precision."""
         indices = np.asarray(indices, dtype=np.int64)
         dtype = compute_dtype(self.store_dtype)
-        return self.F[indices].astype(dtype) * self.scale[indices, None, None]
+        return self.F[indices].transpose(0, 2, 1).astype(dtype) * self.scale[indices, None, None]
 
     def get(self, indices) -> Batch:
         indices = np.asarray(indices, dtype=np.int64)
@@ -145,12 +150,13 @@ class SummaryReader:
         return np.maximum(out, 0.0)
 
     def _residuals2(self, qh: np.ndarray, candidates: np.ndarray, out: np.ndarray) -> None:
+        s, m = self.F.shape[1:]
         for start in range(0, len(candidates), SCAN_BLOCK):
             idx = candidates[start : start + SCAN_BLOCK]
-            f = self.F[idx].astype(qh.dtype)
-            captured = np.abs(np.matmul(qh[None], f)) ** 2  # (b, q, s)
-            kept = np.abs(f) ** 2
-            scale2 = self.scale[idx] ** 2
-            out[start : start + len(idx)] = (
-                (kept.sum(axis=(1, 2)) - captured.sum(axis=(1, 2))) * scale2 + self.tail2[idx]
-            )
+            f = self.F[idx].reshape(len(idx) * s, m).astype(qh.dtype)
+            proj = f @ qh.T  # (b s) x q: row j holds (Q^* f_j)^T, f_j a summary column
+            captured = np.einsum("ij,ij->i", proj.real, proj.real)
+            if np.iscomplexobj(proj):
+                captured += np.einsum("ij,ij->i", proj.imag, proj.imag)
+            captured = captured.reshape(len(idx), s).sum(axis=1) * self.scale[idx] ** 2
+            out[start : start + len(idx)] = self.kept2[idx] - captured + self.tail2[idx]
