@@ -161,6 +161,9 @@ class MatrixClusterer:
             raise InputError(f"memory limit must be at least 1 MiB, got {self.memory_limit!r}")
         if self.mode not in MODES:
             raise InputError(f"unknown mode '{self.mode}'; choose {', '.join(MODES)}")
+        if baseline and self.mode == "out-of-core":
+            raise InputError(f"--mode out-of-core applies to incremental, residual and weyl, "
+                             f"not the baseline {method}")
         params = {"method": method, "order": self.order, "rank": int(self.rank),
                   "eps": float(self.eps), "patience": int(self.patience),
                   "oversampling": int(self.oversampling), "memory_limit": int(self.memory_limit),
@@ -218,6 +221,8 @@ class MatrixClusterer:
         out_of_core = params["mode"] == "out-of-core" or (
             params["mode"] == "auto" and output is not None and source.matrix_bytes > budget
             and not is_baseline(params["method"]))
+        # Record the mode that ran (auto resolves to one of the two), for reports and scripts.
+        params["mode"] = "out-of-core" if out_of_core else "in-memory"
 
         norms2 = None if out_of_core else scan_norms(reader, progress)
         if out_of_core:
@@ -291,9 +296,10 @@ class MatrixClusterer:
     def _plan_out_of_core(self, source, params, estimator, budget, writer, progress):
         """Plan the clusters on per-matrix summaries, then store them in sequential passes."""
         if writer is None:
-            raise InputError(f"{source.where}: too large to cluster in memory "
-                             f"({source.matrix_bytes / 2**20:.0f} MiB); give an output store")
-        summaries = SummaryReader(source, params["rank"], budget // 2, progress)
+            raise InputError(f"{source.where}: out-of-core mode writes its results straight to "
+                             f"an output store ({source.matrix_bytes / 2**20:.0f} MiB of "
+                             f"matrices); give one")
+        summaries = SummaryReader(source, params["rank"], budget // 2, params["eps"], progress)
         driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
                               params["eps"], params["order"], params["patience"],
                               progress.advance, exact_check=False)

@@ -334,6 +334,14 @@ class ResultStore:
         self.widths = np.asarray(self._backend.get("widths")[...], dtype=np.int64)
         self.n_clusters = len(self._backend.keys("clusters"))
 
+    def handles(self, c: int) -> dict:
+        """Lazy arrays of cluster c (members, and basis + coefficients or raw): sliceable
+        without reading the whole array."""
+        prefix = f"clusters/{c}"
+        return {key: self._backend.get(f"{prefix}/{key}")
+                for key in ("members", "basis", "coefficients", "raw")
+                if self._backend.has(f"{prefix}/{key}")}
+
     def cluster(self, c: int) -> dict[str, np.ndarray]:
         """members, and basis + coefficients (factored) or raw, of cluster c."""
         prefix = f"clusters/{c}"

@@ -27,7 +27,7 @@ from matclust.driver import FormedCluster
 from matclust.encode import EncodedCluster
 from matclust.engine import ExactBasis
 from matclust.engine.exact import coefficients
-from matclust.engine.linalg import as_compute, relative_error, sqnorm
+from matclust.engine.linalg import as_compute, relative_error, singular_values2, sqnorm
 from matclust.sources.base import MatrixSource
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
@@ -55,10 +55,10 @@ class _ColumnSink:
     (HDF5 keeps a chunk cache per open dataset).
     """
 
-    def __init__(self, writer, name: str, rows: int, total: int, dtype):
+    def __init__(self, writer, name: str, rows: int, total: int, dtype, width: int | None = None):
         self.writer, self.name = writer, name
         self.shape, self.dtype = (rows, total), dtype
-        self.width = min(total, COLUMN_CHUNK)
+        self.width = min(total, width or COLUMN_CHUNK)
         self.array = None
         self.buffer = None
         self.filled = 0  # columns in the buffer
@@ -106,17 +106,31 @@ def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int,
 
     with single_threaded():  # many small products: see matclust.blas
         bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress)
-        return labels, _write_clusters(source, planned, labels, bases, eps, writer, progress)
+        return labels, _write_clusters(source, planned, labels, bases, rank, writer,
+                                       budget_bytes, progress)
+
+
+def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: bool):
+    """Consecutive groups of clusters whose basis accumulators fit the budget together: one
+    input pass per group. An accumulator holds at most m x min(3m, N_c) numbers."""
+    itemsize = 16 if complex_data else 8
+    group, held = [], 0
+    for c in factored:
+        need = m * min(3 * m, planned[c].columns) * itemsize
+        if group and held + need > budget_bytes:
+            yield group
+            group, held = [], 0
+        group.append(c)
+        held += need
+    if group:
+        yield group
 
 
 def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> dict[int, np.ndarray]:
     m = source.m
     factored = [c for c, cl in enumerate(planned) if cl.factored]
-    per_cluster = 3 * m * m * (16 if source.dtype.kind == "c" else 8)
-    group_size = max(1, budget_bytes // max(per_cluster, 1))
     bases: dict[int, np.ndarray] = {}
-    for start in range(0, len(factored), group_size):
-        group = factored[start : start + group_size]
+    for group in _groups_within(factored, planned, m, budget_bytes, source.dtype.kind == "c"):
         accs = {c: ExactBasis(m, rank, source.dtype) for c in group}
         if progress:
             progress.start("bases", source.K)
@@ -139,9 +153,12 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
     return bases
 
 
-def _write_clusters(source, planned, labels, bases, eps, writer, progress):
+def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, progress):
     m, dtype = source.m, source.storage_dtype
     sinks, encoded = {}, []
+    # Every cluster may hold a partly filled buffer at once: size them to fit the budget.
+    rows = sum(bases[c].shape[1] if c in bases else m for c in range(len(planned)))
+    width = int(np.clip(budget_bytes // max(1, rows * np.dtype(dtype).itemsize), 16, COLUMN_CHUNK))
     for c, cl in enumerate(planned):
         prefix = f"clusters/{c}"
         writer.write_array(f"{prefix}/members", cl.members.astype(np.int64))
@@ -149,17 +166,23 @@ def _write_clusters(source, planned, labels, bases, eps, writer, progress):
             basis = bases[c].astype(dtype)
             bases[c] = basis
             writer.write_array(f"{prefix}/basis", basis)
-            sinks[c] = _ColumnSink(writer, f"{prefix}/coefficients", basis.shape[1], cl.columns, dtype)
+            sinks[c] = _ColumnSink(writer, f"{prefix}/coefficients", basis.shape[1], cl.columns,
+                                   dtype, width)
         else:
-            sinks[c] = _ColumnSink(writer, f"{prefix}/raw", m, cl.columns, dtype)
+            sinks[c] = _ColumnSink(writer, f"{prefix}/raw", m, cl.columns, dtype, width)
     err2 = np.zeros(len(planned))
     norm2 = np.zeros(len(planned))
+    # Patience singletons were never bounded (bound None): their exact e_r, the tightest bound,
+    # from the matrix's own singular values (a singleton lies within one batch).
+    tail2 = np.zeros(len(planned))
     if progress:
         progress.start("writing", source.K)
     for batch in source.iter_batches():
         for c, part in split_by_cluster(labels, batch):
             data = as_compute(part.data)
             norm2[c] += sqnorm(data)
+            if planned[c].bound is None:
+                tail2[c] += float(np.sum(np.sort(singular_values2(data))[::-1][rank:]))
             if c in bases:
                 basis = bases[c]
                 coeffs = coefficients(as_compute(basis), data).astype(dtype)
@@ -175,7 +198,8 @@ def _write_clusters(source, planned, labels, bases, eps, writer, progress):
         sink.flush()
     for c, cl in enumerate(planned):
         error = float(np.sqrt(err2[c] / norm2[c])) if norm2[c] > 0 else 0.0
-        bound = cl.bound if cl.bound is not None else error
+        bound = cl.bound if cl.bound is not None else (
+            float(np.sqrt(min(1.0, tail2[c] / norm2[c]))) if norm2[c] > 0 else 0.0)
         basis = bases.get(c)
         numbers = basis.size + basis.shape[1] * cl.columns if basis is not None else m * cl.columns
         encoded.append(EncodedCluster(cl.members, cl.columns, max(bound, error), error,

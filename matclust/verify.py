@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
 from matclust.sources import open_source
-from matclust.sources.cache import CachedReader
 from matclust.store import ResultStore
+from matclust.streaming import split_by_cluster
 
 #: Orthonormality tolerance of a stored basis, in units of its precision's machine epsilon.
 ORTHO_ULPS = 1e3
@@ -48,57 +50,40 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = 2**30,
 
 
 def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, progress) -> dict:
-    problems: list[str] = []
+    """Structure first (members, labels, shapes, orthonormal bases), then one sequential pass
+    over the input that compares every matrix with what its cluster stores."""
     if len(store.labels) != src.K:
         raise InputError(f"{store.path}: has {len(store.labels)} labels but the input "
                          f"{src.where} has {src.K} matrices")
-    reader = CachedReader(src, max(16 * 2**20, memory_limit // 2))
-    seen = np.zeros(src.K, dtype=np.int64)
-    errors, over = [], []
+    problems: list[str] = []
+    clusters, col_offset, seen = _check_structure(store, src, rank, problems, progress)
+    err2 = np.zeros(store.n_clusters)
+    norm2 = np.zeros(store.n_clusters)
+    labels = np.where(np.isin(store.labels, [c for c, info in enumerate(clusters) if info]),
+                      store.labels, -1)
+    cache = _StoredColumns(clusters, max(16 * 2**20, memory_limit // 4))
     if progress:
-        progress.start("verifying", store.n_clusters)
-    for c in range(store.n_clusters):
-        cluster = store.cluster(c)
-        members = cluster["members"]
-        if len(members) == 0 or members.min() < 0 or members.max() >= src.K:
-            problems.append(f"cluster {c}: member indices out of range")
-            errors.append(float("inf"))
-            continue
-        seen[members] += 1
-        if np.any(store.labels[members] != c):
-            problems.append(f"cluster {c}: labels disagree with its members")
-        try:
-            basis, stored = cluster_arrays(cluster)
-        except KeyError:
-            problems.append(f"cluster {c}: no basis/coefficients and no raw data")
-            errors.append(float("inf"))
-            continue
-        batch = reader.get(members)
-        expected_cols = batch.data.shape[1]
-        if stored.shape[1] != expected_cols or (basis is None and stored.shape[0] != src.m):
-            problems.append(f"cluster {c}: stored shape {stored.shape} does not match "
-                            f"{src.m} x {expected_cols}")
-            errors.append(float("inf"))
-            continue
-        if basis is not None:
-            if basis.shape[0] != src.m or basis.shape[1] > rank or basis.shape[1] != stored.shape[0]:
-                problems.append(f"cluster {c}: basis shape {basis.shape} does not fit m={src.m}, rank={rank}")
-            gram = as_compute(basis).conj().T @ as_compute(basis)
-            tol = ORTHO_ULPS * np.finfo(basis.dtype).eps
-            if np.abs(gram - np.eye(gram.shape[0])).max(initial=0.0) > tol:
-                problems.append(f"cluster {c}: basis columns are not orthonormal")
-        data = as_compute(batch.data)
-        total = sqnorm(data)
-        diff = data - cluster_columns(basis, stored)
-        if total > 0:
-            err = float(np.sqrt(sqnorm(diff) / total))
-        else:  # an all-zero cluster: any stored non-zero is an infinite relative error
-            err = 0.0 if sqnorm(diff) == 0 else float("inf")
-        errors.append(err)
-        if not err <= eps:
-            over.append(c)
+        progress.start("verifying", src.K)
+    for batch in src.iter_batches():
+        for c, part in split_by_cluster(labels, batch):
+            if c < 0:
+                continue
+            widths = np.diff(part.offsets)
+            cols = np.concatenate([np.arange(o, o + w) for o, w in zip(col_offset[part.indices], widths)])
+            data = as_compute(part.data)
+            norm2[c] += sqnorm(data)
+            err2[c] += sqnorm(data - cache.columns(c, cols))
         if progress:
-            progress.advance(1)
+            progress.advance(len(batch))
+    errors = []
+    for c in range(store.n_clusters):
+        if not clusters[c]:
+            errors.append(float("inf"))
+        elif norm2[c] > 0:
+            errors.append(float(np.sqrt(err2[c] / norm2[c])))
+        else:  # an all-zero cluster: any stored non-zero is an infinite relative error
+            errors.append(0.0 if err2[c] == 0 else float("inf"))
+    over = [c for c, e in enumerate(errors) if clusters[c] and not e <= eps]
     missing = np.flatnonzero(seen == 0)
     repeated = np.flatnonzero(seen > 1)
     if len(missing):
@@ -115,6 +100,91 @@ def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, p
         "problems": problems,
         "errors": [e if np.isfinite(e) else None for e in errors],
     }
+
+
+def _check_structure(store: ResultStore, src, rank: int, problems: list[str], progress):
+    """Per cluster: its lazy arrays (None when unusable); the column offset of every member."""
+    col_offset = np.zeros(src.K, dtype=np.int64)
+    seen = np.zeros(src.K, dtype=np.int64)
+    clusters: list[dict | None] = []
+    if progress:
+        progress.start("checking", store.n_clusters)
+    for c in range(store.n_clusters):
+        handles = store.handles(c)
+        clusters.append(None)
+        members = np.asarray(handles["members"][...], dtype=np.int64) if "members" in handles else np.zeros(0, np.int64)
+        if len(members) == 0 or members.min() < 0 or members.max() >= src.K:
+            problems.append(f"cluster {c}: member indices missing or out of range")
+            continue
+        seen[members] += 1
+        if np.any(store.labels[members] != c):
+            problems.append(f"cluster {c}: labels disagree with its members")
+            continue
+        widths = src.widths[members]
+        col_offset[members] = np.cumsum(widths) - widths
+        expected = (src.m, int(widths.sum()))
+        if "basis" in handles and "coefficients" in handles:
+            basis = np.asarray(handles["basis"][...])
+            stored = handles["coefficients"]
+            if basis.shape[0] != src.m or basis.shape[1] > rank or stored.shape != (basis.shape[1], expected[1]):
+                problems.append(f"cluster {c}: basis {basis.shape} and coefficients {stored.shape} "
+                                f"do not fit m={src.m}, rank={rank}, {expected[1]} columns")
+                continue
+            gram = as_compute(basis).conj().T @ as_compute(basis)
+            if np.abs(gram - np.eye(gram.shape[0])).max(initial=0.0) > ORTHO_ULPS * np.finfo(basis.dtype).eps:
+                problems.append(f"cluster {c}: basis columns are not orthonormal")
+            clusters[c] = {"basis": as_compute(basis), "stored": stored, "sorted": _ascending(members)}
+        elif "raw" in handles:
+            if handles["raw"].shape != expected:
+                problems.append(f"cluster {c}: raw shape {handles['raw'].shape} does not match {expected}")
+                continue
+            clusters[c] = {"basis": None, "stored": handles["raw"], "sorted": _ascending(members)}
+        else:
+            problems.append(f"cluster {c}: no basis/coefficients and no raw data")
+        if progress:
+            progress.advance(1)
+    return clusters, col_offset, seen
+
+
+def _ascending(members: np.ndarray) -> bool:
+    return bool(np.all(np.diff(members) > 0))
+
+
+class _StoredColumns:
+    """A cluster's stored columns, expanded, for given column positions.
+
+    Members in ascending order (out-of-core stores) occupy one contiguous slice per input
+    batch, which is read directly; otherwise the cluster's whole array is read once and kept in
+    an LRU cache bounded by ``budget_bytes``.
+    """
+
+    def __init__(self, clusters, budget_bytes: int):
+        self.clusters = clusters
+        self.budget = budget_bytes
+        self._held: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def columns(self, c: int, cols: np.ndarray) -> np.ndarray:
+        info = self.clusters[c]
+        if info["sorted"]:
+            lo, hi = int(cols.min()), int(cols.max()) + 1
+            stored = np.asarray(info["stored"][:, lo:hi])[:, cols - lo]
+        else:
+            stored = self._whole(c)[:, cols]
+        return cluster_columns(info["basis"], stored)
+
+    def _whole(self, c: int) -> np.ndarray:
+        hit = self._held.get(c)
+        if hit is not None:
+            self._held.move_to_end(c)
+            return hit
+        arr = np.asarray(self.clusters[c]["stored"][...])
+        while self._held and self._bytes + arr.nbytes > self.budget:
+            _, old = self._held.popitem(last=False)
+            self._bytes -= old.nbytes
+        self._held[c] = arr
+        self._bytes += arr.nbytes
+        return arr
 
 
 def reconstruct(path, indices=None):

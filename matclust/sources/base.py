@@ -15,6 +15,7 @@ the format modules only open files and list candidate datasets.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -251,15 +252,36 @@ class MatrixSource:
         }
 
     # -- reading --------------------------------------------------------------------------
-    def chunk_ranges(self, target_bytes: int = TARGET_BATCH_BYTES) -> list[tuple[int, int]]:
-        """Index ranges [start, stop) covering 0..K, aligned to the storage chunks."""
+    def chunk_ranges(self, target_bytes: int | None = None) -> list[tuple[int, int]]:
+        """Index ranges [start, stop) covering 0..K, aligned to the storage chunks.
+
+        ``target_bytes`` defaults to the module's TARGET_BATCH_BYTES, read at call time (so
+        tests can shrink batches by patching it)."""
+        if target_bytes is None:
+            target_bytes = TARGET_BATCH_BYTES
         per_matrix = max(1, int(self.widths.mean() * self.m * self.input_dtype.itemsize))
         step = max(1, target_bytes // (per_matrix * self._chunk_len)) * self._chunk_len
         return [(s, min(s + step, self.K)) for s in range(0, self.K, step)]
 
-    def iter_batches(self, target_bytes: int = TARGET_BATCH_BYTES) -> Iterator[Batch]:
-        for start, stop in self.chunk_ranges(target_bytes):
-            yield self.read_range(start, stop)
+    def iter_batches(self, target_bytes: int | None = None) -> Iterator[Batch]:
+        """Every matrix, in chunk-aligned batches, in order.
+
+        The next batch is read in a background thread while the caller works on this one
+        (decompression and copying release the GIL in h5py and zarr as numpy does), so a
+        sequential pass overlaps reading with computing. At most two batches are held.
+        """
+        ranges = self.chunk_ranges(target_bytes)
+        if len(ranges) < 2:
+            for start, stop in ranges:
+                yield self.read_range(start, stop)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="matclust-read") as pool:
+            pending = pool.submit(self.read_range, *ranges[0])
+            for nxt in ranges[1:]:
+                batch = pending.result()
+                pending = pool.submit(self.read_range, *nxt)
+                yield batch
+            yield pending.result()
 
     def read_range(self, start: int, stop: int) -> Batch:
         """Matrices start..stop-1 as one batch (one slice per array on disk)."""
