@@ -68,6 +68,9 @@ class Estimator:
     """Base class: an estimator is its parameters; ``start`` makes a state from seed blocks."""
 
     name = "base"
+    #: Columns worth adding in one update when several candidates are admitted together
+    #: (0: one block at a time).
+    group_columns = 0
 
     def __init__(self, rank: int):
         if rank < 1:
@@ -255,6 +258,9 @@ class IncrementalEstimator(Estimator):
         self.m = int(m)
         self.oversampling = int(oversampling)
         self.dtype = np.complex128 if complex_data else np.float64
+        # Narrow blocks (one-column weights) are cheaper to add together: one eigh of a
+        # (k + c) x (k + c) matrix instead of c of them.
+        self.group_columns = self.rank + self.oversampling
 
     def empty(self) -> IncrementalState:
         return IncrementalState(self.rank, self.rank + self.oversampling,

@@ -102,9 +102,9 @@ class Batch:
         offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         if len(positions) == 0:
             return Batch(self.indices[:0], self.data[:, :0], offsets)
-        cols = np.concatenate(
-            [np.arange(self.offsets[p], self.offsets[p + 1]) for p in positions]
-        )
+        # Output column t of position k comes from source column starts[k] + (t - offsets[k]).
+        shift = np.repeat(self.offsets[positions] - offsets[:-1], widths)
+        cols = shift + np.arange(offsets[-1])
         return Batch(self.indices[positions], self.data[:, cols], offsets)
 
     @staticmethod

@@ -37,16 +37,17 @@ FLOOR_MARGIN = 3.0
 
 
 def summary_dtype(eps: float, complex_data: bool, numbers: int, budget_bytes: int) -> np.dtype:
-    """The cheapest precision whose rounding floor stays well below eps and that holds
-    ``numbers`` values in the budget; else the cheapest one precise enough for eps (fewer
-    directions are then kept)."""
-    kinds = (np.complex64, np.complex128) if complex_data else (np.float16, np.float32, np.float64)
+    """Single precision when it holds ``numbers`` values in the budget (tight bounds, fast
+    products), else half precision, provided the dtype's rounding floor stays at most
+    eps / FLOOR_MARGIN; double precision when eps needs it. When nothing fits, the cheapest
+    precise-enough dtype (fewer directions are then kept)."""
+    kinds = (np.complex64, np.complex128) if complex_data else (np.float32, np.float16, np.float64)
     precise = [np.dtype(d) for d in kinds
                if np.sqrt(FLOOR_PER_ULP * np.finfo(d).eps) <= eps / FLOOR_MARGIN] or [np.dtype(kinds[-1])]
     for dtype in precise:
         if numbers * dtype.itemsize <= budget_bytes:
             return dtype
-    return precise[0]
+    return min(precise, key=lambda d: d.itemsize)
 
 
 class SummaryReader:
