@@ -245,7 +245,7 @@ class MatrixClusterer:
             if out_of_core:
                 del reader  # the summaries stand in for the matrices from here on
                 labels, encoded = self._plan_out_of_core(source, params, estimator, budget,
-                                                         writer, progress)
+                                                         guard, writer, progress)
                 kept = []
             else:
                 labels, encoded = self._cluster_in_memory(source, params, estimator, driver,
@@ -293,7 +293,7 @@ class MatrixClusterer:
             encoded.append(enc)
         return labels, encoded
 
-    def _plan_out_of_core(self, source, params, estimator, budget, writer, progress):
+    def _plan_out_of_core(self, source, params, estimator, budget, guard, writer, progress):
         """Plan the clusters on per-matrix summaries, then store them in sequential passes."""
         if writer is None:
             raise InputError(f"{source.where}: out-of-core mode writes its results straight to "
@@ -303,8 +303,10 @@ class MatrixClusterer:
         driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
                               params["eps"], params["order"], params["patience"],
                               progress.advance, exact_check=False)
+        # Planning is what a crash would lose: the checkpoint records it as in memory.
+        log = guard.checkpoint(params, source, summaries.norms2) if guard is not None else None
         progress.start("clustering", source.K)
-        planned = list(driver.clusters())
+        planned = list(log.clusters(driver) if log else driver.clusters())
         del driver, summaries
         return store_planned(source, planned, params["rank"], params["eps"], writer, budget,
                              progress)

@@ -391,12 +391,17 @@ def test_resume_without_checkpoint_runs_normally(small, tmp_path):
     assert hidden(tmp_path) == []
 
 
-def test_resume_through_the_api(small, tmp_path):
-    """In process: a checkpoint left by an interrupted fit is continued by fit(resume=True)."""
+@pytest.mark.parametrize("mode", ["in-memory", "out-of-core"])
+def test_resume_through_the_api(small, tmp_path, mode):
+    """In process: a checkpoint left by an interrupted fit is continued by fit(resume=True);
+    out of core, the checkpoint records the clusters planned on the summaries."""
     import matclust
     from matclust.sources import open_source
 
     out = str(tmp_path / "api.h5")
+    with open_source(small["input"]) as src:
+        expected = matclust.MatrixClusterer(rank=RANK, eps=EPS, mode=mode).fit(
+            src, str(tmp_path / "uninterrupted.h5")).labels_
 
     class Interrupt(Exception):
         pass
@@ -416,13 +421,16 @@ def test_resume_through_the_api(small, tmp_path):
 
     with open_source(small["input"]) as src:
         with pytest.raises(Interrupt):
-            matclust.MatrixClusterer(rank=RANK, eps=EPS).fit(src, out, progress=StopAfter(4))
+            matclust.MatrixClusterer(rank=RANK, eps=EPS, mode=mode).fit(
+                src, out, progress=StopAfter(4))
     assert not os.path.lexists(out)
     assert len(ckpt_entries(out, SMALL["K"])) >= 4
     with open_source(small["input"]) as src:
-        fitted = matclust.MatrixClusterer(rank=RANK, eps=EPS).fit(src, out, resume=True)
-    np.testing.assert_array_equal(fitted.labels_, small["labels"])
-    assert hidden(tmp_path) == []
+        fitted = matclust.MatrixClusterer(rank=RANK, eps=EPS, mode=mode).fit(src, out, resume=True)
+    np.testing.assert_array_equal(fitted.labels_, expected)
+    if mode == "in-memory":
+        np.testing.assert_array_equal(fitted.labels_, small["labels"])
+    assert [p for p in hidden(tmp_path) if "uninterrupted" not in p] == []
 
 
 # ---------------------------------------------------------------------------------------------
