@@ -2,12 +2,15 @@
 
     python bench/collections_builder.py planted --K 1000000 -o bench/data/planted_1m.h5
     python bench/collections_builder.py patches -o bench/data/patches_rgb.h5
+    python bench/collections_builder.py rgb -o bench/data/rgb_patches.h5
     python bench/collections_builder.py columns -o bench/data/columns_384.h5
 
 planted: K matrices of 32 x 16 float32 from 500 random rank-6 subspaces plus 1% noise (the
 scale target of the out-of-core issue); the planted labels are stored as `planted_labels`.
 patches: 14,158 RGB patches of 8 x 8 pixels (64 x 3) cut from a synthetic image with a
 natural-image-like 1/f spectrum and correlated colour channels.
+rgb: the 14,158 non-overlapping 8 x 8 RGB patches (64 x 3) of four photographs shipped with
+scikit-image (needs `pip install scikit-image`).
 columns: 10,000 one-column blocks of 384 rows, columns of a weight-like matrix with a
 power-law spectrum (like a transformer layer's weights).
 """
@@ -60,6 +63,24 @@ def patches(path: str, K: int = 14158, side: int = 8, seed: int = 0) -> None:
         f.create_dataset("patches", data=out.astype("f4"), chunks=(min(K, 4096), side * side, 3))
 
 
+def rgb_patches(path: str, side: int = 8, seed: int = 0) -> None:
+    """Non-overlapping 8 x 8 RGB patches (64 x 3) of four photographs shipped with
+    scikit-image (astronaut, coffee, chelsea, rocket): 4096 + 3750 + 2072 + 4240 = 14,158."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("the rgb collection needs scikit-image: pip install scikit-image") from None
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        image = getattr(skimage.data, name)().astype(np.float32) / 255.0
+        rows, cols = image.shape[0] // side, image.shape[1] // side
+        tiles = image[: rows * side, : cols * side].reshape(rows, side, cols, side, 3)
+        out.append(tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, side * side, 3))
+    data = np.concatenate(out)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("patches", data=data, chunks=(min(len(data), 4096), side * side, 3))
+
+
 def columns(path: str, K: int = 10000, rows: int = 384, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     u = np.linalg.qr(rng.standard_normal((rows, rows)))[0]
@@ -71,7 +92,7 @@ def columns(path: str, K: int = 10000, rows: int = 384, seed: int = 0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["planted", "patches", "columns"])
+    parser.add_argument("kind", choices=["planted", "patches", "rgb", "columns"])
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--K", type=int)
     parser.add_argument("--seed", type=int, default=0)
@@ -79,7 +100,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     started = time.perf_counter()
     kwargs = {"seed": args.seed} | ({"K": args.K} if args.K else {})
-    {"planted": planted, "patches": patches, "columns": columns}[args.kind](args.output, **kwargs)
+    builders = {"planted": planted, "patches": patches, "rgb": rgb_patches, "columns": columns}
+    builders[args.kind](args.output, **kwargs)
     print(f"wrote {args.output} in {time.perf_counter() - started:.1f} s "
           f"({os.path.getsize(args.output) / 2**20:.0f} MiB)")
 
