@@ -11,30 +11,12 @@ ratio of the two. --reference-seconds prints the speed-up against a time measure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
-import time
 
-
-def run(path: str, dataset: str | None, mode: str, rank: int, eps: float) -> dict:
-    out = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       os.path.basename(path).rsplit(".", 1)[0] + f".{mode}.result.h5")
-    cmd = [sys.executable, "-m", "matclust", "cluster", path, "-o", out, "--rank", str(rank),
-           "--eps", str(eps), "--mode", mode, "--overwrite", "--quiet", "--json"]
-    if dataset:
-        cmd += ["--dataset", dataset]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    report = json.loads(proc.stdout)
-    ok = subprocess.run([sys.executable, "-m", "matclust", "verify", out, "--quiet"],
-                        capture_output=True).returncode == 0
-    return {"wall": wall, "report": report, "verified": ok}
+sys.path.insert(0, os.path.dirname(__file__))
+from runner import run_cluster  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; "
           f"{args.input} rank {args.rank} eps {args.eps}")
-    rows = {mode: run(args.input, args.dataset, mode, args.rank, args.eps)
+    rows = {mode: run_cluster(args.input, mode, args.rank, args.eps, args.dataset)
             for mode in ("in-memory", "out-of-core")}
     print(f"{'mode':>12} {'K':>8} {'wall s':>8} {'clusters':>9} {'CR':>7} {'max err':>8} {'verify':>6}")
     for mode, r in rows.items():

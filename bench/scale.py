@@ -13,10 +13,8 @@ is computed from the stored planted labels with the paper's definition.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -25,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from collections_builder import planted  # noqa: E402
+from runner import run_cluster  # noqa: E402
 
 from matclust.report import paper_params  # noqa: E402
 from matclust.sources import open_source  # noqa: E402
@@ -46,22 +45,6 @@ def read_pass_seconds(path: str) -> float:
         for _ in src.iter_batches():
             pass
     return time.perf_counter() - started
-
-
-def run(path: str, mode: str, memory_limit: str, rank: int, eps: float) -> dict:
-    out = path.replace(".h5", f".{mode}.result.h5")
-    cmd = [sys.executable, "-m", "matclust", "cluster", path, "-o", out, "--rank", str(rank),
-           "--eps", str(eps), "--mode", mode, "--memory-limit", memory_limit, "--overwrite",
-           "--quiet", "--json"]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    report = json.loads(proc.stdout)
-    verified = subprocess.run([sys.executable, "-m", "matclust", "verify", out, "--quiet"],
-                              capture_output=True).returncode == 0
-    return {"wall": wall, "report": report, "verified": verified}
 
 
 def main() -> None:
@@ -86,7 +69,7 @@ def main() -> None:
         reference = planted_ratio(path, args.rank)
         read_s = read_pass_seconds(path)
         for mode in args.modes:
-            result = run(path, mode, args.memory_limit, args.rank, args.eps)
+            result = run_cluster(path, mode, args.rank, args.eps, memory_limit=args.memory_limit)
             rep = result["report"]
             print(f"{K:>9} {rep['params']['mode'] + ('' if mode != 'auto' else '*'):>12} "
                   f"{result['wall']:>8.1f} {1e6 * result['wall'] / K:>9.1f} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -241,7 +242,7 @@ class MatrixClusterer:
                                   params["order"], params["patience"], progress.advance)
 
         writer = ResultWriter(output, overwrite) if output is not None else None
-        with writer if writer is not None else _nothing():
+        with writer if writer is not None else nullcontext():
             if out_of_core:
                 del reader  # the summaries stand in for the matrices from here on
                 labels, encoded = self._plan_out_of_core(source, params, estimator, budget,
@@ -313,14 +314,6 @@ class MatrixClusterer:
 
     def fit_predict(self, X, **kwargs) -> np.ndarray:
         return self.fit(X, **kwargs).labels_
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def as_source(X) -> MatrixSource:

@@ -1,0 +1,30 @@
+"""Run `matclust cluster` and `matclust verify` in subprocesses (each its own peak RSS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_cluster(path: str, mode: str, rank: int, eps: float, dataset: str | None = None,
+                memory_limit: str | None = None) -> dict:
+    """Cluster ``path`` into a sibling result store; wall time, the report, verify's verdict."""
+    out = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       os.path.basename(path).rsplit(".", 1)[0] + f".{mode}.result.h5")
+    cmd = [sys.executable, "-m", "matclust", "cluster", path, "-o", out, "--rank", str(rank),
+           "--eps", str(eps), "--mode", mode, "--overwrite", "--quiet", "--json"]
+    if dataset:
+        cmd += ["--dataset", dataset]
+    if memory_limit:
+        cmd += ["--memory-limit", memory_limit]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    verified = subprocess.run([sys.executable, "-m", "matclust", "verify", out, "--quiet"],
+                              capture_output=True).returncode == 0
+    return {"wall": wall, "report": json.loads(proc.stdout), "verified": verified}
