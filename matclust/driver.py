@@ -95,9 +95,10 @@ def residual_columns2(q: np.ndarray, data: np.ndarray) -> np.ndarray:
         dtype = np.complex64 if dtype.kind == "c" else np.float32
     data, q = data.astype(dtype, copy=False), q.astype(dtype, copy=False)
     resid = data - q @ (q.conj().T @ data)
-    col2 = np.einsum("ij,ij->j", resid.real, resid.real)
+    # Squares in double precision: single precision would underflow at magnitudes ~1e-30.
+    col2 = np.einsum("ij,ij->j", resid.real, resid.real, dtype=np.float64)
     if np.iscomplexobj(resid):
-        col2 += np.einsum("ij,ij->j", resid.imag, resid.imag)
+        col2 += np.einsum("ij,ij->j", resid.imag, resid.imag, dtype=np.float64)
     return col2
 
 

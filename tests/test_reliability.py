@@ -436,27 +436,33 @@ def test_resume_through_the_api(small, tmp_path, mode):
 # ---------------------------------------------------------------------------------------------
 # 3. the lock
 # ---------------------------------------------------------------------------------------------
+#: Holds OUTPUT's lock the way a running `matclust cluster` does, until killed: the race with a
+#: real run depends on how fast that run is, this does not.
+HOLD_LOCK = textwrap.dedent(r"""
+    import sys, time
+    from matclust.checkpoint import OutputGuard
+    with OutputGuard(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
 def test_second_run_on_the_same_output_exits_2(big, tmp_path):
     out = str(tmp_path / "out.h5")
-    lock = os.path.join(tmp_path, ".out.h5.matclust-lock")
-    first = spawn(*cluster_args(big["input"], out), cwd=tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, out], cwd=tmp_path, env=_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and first.poll() is None:
-            if os.path.exists(lock) and open(lock).read().strip() == str(first.pid):
-                break
-            time.sleep(0.01)
-        assert first.poll() is None, "first run ended before the test could race it"
+        assert holder.stdout.readline().strip() == "locked"
         second = run_matclust(*cluster_args(big["input"], out), cwd=tmp_path)
         third = run_matclust(*cluster_args(big["input"], out, "--overwrite", "--resume"), cwd=tmp_path)
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.communicate(timeout=60)
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate(timeout=60)
     for res in (second, third):
         assert res.returncode == 2, res
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1, res
-        assert lines[0] == f"error: {out} is being written by another matclust run (pid {first.pid})"
+        assert lines[0] == f"error: {out} is being written by another matclust run (pid {holder.pid})"
     # kill -9 released the lock: the next run goes ahead (and cleans up after the dead one)
     run_matclust(*cluster_args(big["input"], out, "--resume"), cwd=tmp_path, check=0)
     np.testing.assert_array_equal(labels_of(out), big["labels"])
