@@ -225,21 +225,22 @@ class MatrixClusterer:
         # Record the mode that ran (auto resolves to one of the two), for reports and scripts.
         params["mode"] = "out-of-core" if out_of_core else "in-memory"
 
-        norms2 = None if out_of_core else scan_norms(reader, progress)
-        if out_of_core:
-            estimator = make_estimator(params["method"], params["rank"], source.m,
-                                       source.dtype.kind == "c", params["oversampling"])
-            driver = None
-        elif is_baseline(params["method"]):
-            estimator = None  # no error control: a partition, stored at the target rank
-            partition = baseline_labels(params["method"], reader, params["n_clusters"], params["seed"])
-            driver = PartitionDriver(reader, norms2, source.widths, partition, params["rank"],
-                                     progress.advance)
-        else:
-            estimator = make_estimator(params["method"], params["rank"], source.m,
-                                       source.dtype.kind == "c", params["oversampling"])
-            driver = GreedyDriver(reader, norms2, source.widths, estimator, params["eps"],
-                                  params["order"], params["patience"], progress.advance)
+        baseline = is_baseline(params["method"])
+        # Baselines have no error control: a partition, stored at the target rank.
+        estimator = None if baseline else make_estimator(
+            params["method"], params["rank"], source.m, source.dtype.kind == "c",
+            params["oversampling"])
+        driver = None  # out of core, the driver runs on summaries (see _plan_out_of_core)
+        if not out_of_core:
+            norms2 = scan_norms(reader, progress)
+            if baseline:
+                partition = baseline_labels(params["method"], reader, params["n_clusters"],
+                                            params["seed"])
+                driver = PartitionDriver(reader, norms2, source.widths, partition,
+                                         params["rank"], progress.advance)
+            else:
+                driver = GreedyDriver(reader, norms2, source.widths, estimator, params["eps"],
+                                      params["order"], params["patience"], progress.advance)
 
         writer = ResultWriter(output, overwrite) if output is not None else None
         with writer if writer is not None else nullcontext():
