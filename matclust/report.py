@@ -6,7 +6,6 @@ import math
 import resource
 import sys
 
-import numpy as np
 
 
 def peak_rss_mb() -> float:

@@ -98,7 +98,7 @@ def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int,
     Returns (labels, list of EncodedCluster without their arrays, stored numbers). The arrays go
     to ``writer`` (required: out-of-core results are never held in memory).
     """
-    K, m = source.K, source.m
+    K = source.K
     labels = np.full(K, -1, dtype=np.int64)
     for c, cluster in enumerate(planned):
         cluster.members = np.sort(cluster.members)
