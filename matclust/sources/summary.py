@@ -18,9 +18,12 @@ member) and at most n_i.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
-from matclust.blas import all_threads
+from matclust.blas import all_threads, single_threaded
 from matclust.engine.linalg import compute_dtype
 from matclust.errors import InputError
 from matclust.sources.base import Batch, MatrixSource
@@ -107,22 +110,27 @@ class SummaryReader:
 
     # -- building -------------------------------------------------------------------------
     def _scan(self, progress) -> None:
+        """One pass: every matrix's summary. A batch's SVDs are split over the cores (numpy
+        releases the GIL in them; each part writes its own rows), BLAS single-threaded."""
         source = self.source
+        workers = max(1, os.cpu_count() or 1)
         if progress:
             progress.start("summarising", source.K)
-        for batch in source.iter_batches():
-            self.reads += 1
-            widths = np.diff(batch.offsets)
-            data = batch.data.astype(compute_dtype(batch.data.dtype), copy=False)
-            if np.all(widths == widths[0]):
-                b, n = len(batch), int(widths[0])
-                stacks = [(np.arange(b), data.reshape(source.m, b, n).transpose(1, 0, 2))]
-            else:
-                stacks = [(np.array([j]), batch.block(j)[None].astype(data.dtype)) for j in range(len(batch))]
-            for positions, stack in stacks:
-                self._summarise(batch.indices[positions], stack)
-            if progress:
-                progress.advance(len(batch))
+        with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="matclust-svd") as pool:
+            for batch in source.iter_batches():
+                self.reads += 1
+                widths = np.diff(batch.offsets)
+                data = batch.data.astype(compute_dtype(batch.data.dtype), copy=False)
+                if np.all(widths == widths[0]):
+                    b, n = len(batch), int(widths[0])
+                    stack = data.reshape(source.m, b, n).transpose(1, 0, 2)
+                    parts = [(batch.indices[p], stack[p]) for p in np.array_split(np.arange(b), workers) if len(p)]
+                else:
+                    parts = [(batch.indices[j : j + 1], data[None, :, batch.offsets[j] : batch.offsets[j + 1]])
+                             for j in range(len(batch))]
+                list(pool.map(lambda part: self._summarise(*part), parts))
+                if progress:
+                    progress.advance(len(batch))
 
     def _summarise(self, indices: np.ndarray, stack: np.ndarray) -> None:
         norms2 = np.einsum("bij,bij->b", stack.real, stack.real)
