@@ -23,7 +23,7 @@ import numpy as np
 from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
-from matclust.engine.linalg import as_compute, relative_error, sqnorm
+from matclust.engine.linalg import as_compute, sqnorm
 from matclust.sources.cache import CachedReader
 
 ORDERS = ("residual", "norm")
@@ -328,8 +328,7 @@ class GreedyDriver:
             acc = ExactBasis(self.m, self.rank, self.reader.source.dtype)
             for chunk in np.array_split(members, max(1, len(members) // 4096)):
                 acc.add(self.reader.get(chunk).data)
-            basis, sigma2 = acc.result()
-            best = relative_error(acc.norm2, float(np.sum(sigma2[: self.rank])))
+            basis, best = acc.basis_and_error()
             if best <= self.eps:
                 # After a trim the estimator's bound was for a larger cluster; the exact error
                 # is then the only bound we hold.

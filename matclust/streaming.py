@@ -27,7 +27,7 @@ from matclust.driver import FormedCluster
 from matclust.encode import EncodedCluster
 from matclust.engine import ExactBasis
 from matclust.engine.exact import coefficients
-from matclust.engine.linalg import as_compute, relative_error, singular_values2, sqnorm
+from matclust.engine.linalg import as_compute, singular_values2, sqnorm
 from matclust.sources.base import MatrixSource
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
@@ -142,8 +142,7 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
             if progress:
                 progress.advance(len(batch))
         for c, acc in accs.items():
-            basis, sigma2 = acc.result()
-            best = relative_error(acc.norm2, float(np.sum(sigma2[:rank])))
+            basis, best = acc.basis_and_error()
             planned[c].best_error = best
             # Leave room for rounding to the storage precision, which pass 2 adds to e_r.
             if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps:

@@ -61,10 +61,15 @@ class ExactBasis:
         r = min(self.rank, u.shape[1])
         return u[:, :r], s**2
 
+    def basis_and_error(self) -> tuple[np.ndarray, float]:
+        """(U, e_r(S)): the top-r basis and the best rank-r relative error, from one SVD (the
+        stored error is computed directly from what is stored)."""
+        basis, sigma2 = self.result()
+        return basis, relative_error(self.norm2, float(np.sum(sigma2[: self.rank])))
+
     def best_error(self) -> float:
-        """e_r(S) from the singular values (for checks; the stored error is computed directly)."""
-        _, sigma2 = self.result()
-        return relative_error(self.norm2, float(np.sum(sigma2[: self.rank])))
+        """e_r(S) from the singular values."""
+        return self.basis_and_error()[1]
 
 
 def coefficients(basis: np.ndarray, data: np.ndarray) -> np.ndarray:
