@@ -34,7 +34,6 @@ class CachedReader:
         self._starts = np.array([s for s, _ in self.ranges], dtype=np.int64)
         self._cache: OrderedDict[int, Batch] = OrderedDict()
         self._held = 0
-        self.reads = 0  # batches read from the source, for benchmarks
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -47,7 +46,6 @@ class CachedReader:
             return hit
         start, stop = self.ranges[k]
         batch = self.source.read_range(start, stop)
-        self.reads += 1
         size = batch.data.nbytes
         if size <= self.budget_bytes:
             while self._held + size > self.budget_bytes and self._cache:

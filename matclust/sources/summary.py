@@ -101,12 +101,7 @@ class SummaryReader:
         self.norms2 = np.zeros(K, dtype=np.float64)
         self.loss2 = np.zeros(K, dtype=np.float64)
         self.tail2 = np.zeros(K, dtype=np.float64)
-        self.reads = 0
         self._scan(progress)
-
-    @property
-    def nbytes(self) -> int:
-        return self.F.nbytes + 4 * self.norms2.nbytes
 
     # -- building -------------------------------------------------------------------------
     def _scan(self, progress) -> None:
@@ -118,7 +113,6 @@ class SummaryReader:
             progress.start("summarising", source.K)
         with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="matclust-svd") as pool:
             for batch in source.iter_batches():
-                self.reads += 1
                 widths = np.diff(batch.offsets)
                 data = batch.data.astype(compute_dtype(batch.data.dtype), copy=False)
                 if np.all(widths == widths[0]):
