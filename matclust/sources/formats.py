@@ -55,8 +55,13 @@ class _Container:
     def nodes(self) -> list[Node]:
         raise NotImplementedError
 
-    def _node(self, path: str, obj) -> Node:
+    def _is_array(self, obj) -> bool:
         raise NotImplementedError
+
+    def _node(self, path: str, obj) -> Node:
+        if self._is_array(obj):
+            return Node(path, "array", obj, obj.ndim, tuple(obj.shape))
+        return Node(path, "group", obj)
 
     def _members(self, group) -> list:
         """(name, object) pairs of a group's direct members."""
@@ -122,13 +127,11 @@ class _Hdf5(_Container):
     def nodes(self) -> list[Node]:
         import h5py
 
-        found = [Node(ROOT, "group", self.file)]
+        found = [self._node(ROOT, self.file)]
 
         def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                found.append(Node(_norm(name), "array", obj, obj.ndim, tuple(obj.shape)))
-            elif isinstance(obj, h5py.Group):
-                found.append(Node(_norm(name), "group", obj))
+            if isinstance(obj, (h5py.Dataset, h5py.Group)):  # not committed datatypes
+                found.append(self._node(_norm(name), obj))
 
         try:
             self.file.visititems(visit)
@@ -136,12 +139,10 @@ class _Hdf5(_Container):
             raise InputError(f"{self.path}: cannot read the HDF5 structure (truncated or corrupt file?): {exc}") from None
         return found
 
-    def _node(self, path: str, obj) -> Node:
+    def _is_array(self, obj) -> bool:
         import h5py
 
-        if isinstance(obj, h5py.Dataset):
-            return Node(path, "array", obj, obj.ndim, tuple(obj.shape))
-        return Node(path, "group", obj)
+        return isinstance(obj, h5py.Dataset)
 
     def _members(self, group) -> list:
         return list(group.items())
@@ -169,12 +170,10 @@ class _Zarr(_Container):
                 todo[:0] = self.children(node)
         return out
 
-    def _node(self, path: str, obj) -> Node:
+    def _is_array(self, obj) -> bool:
         import zarr
 
-        if isinstance(obj, zarr.Array):
-            return Node(path, "array", obj, obj.ndim, tuple(obj.shape))
-        return Node(path, "group", obj)
+        return isinstance(obj, zarr.Array)
 
     def _members(self, group) -> list:
         return sorted(group.members())
