@@ -34,6 +34,7 @@ class ExactBasis:
         self._root = np.zeros((self.m, 0), self.dtype)
         self._pending: list[np.ndarray] = []
         self._pending_cols = 0
+        self._svd: tuple[np.ndarray, np.ndarray] | None = None  # of the root, when current
         self.norm2 = 0.0
         self.columns = 0
 
@@ -44,6 +45,7 @@ class ExactBasis:
         self.columns += data.shape[1]
         self._pending.append(data)
         self._pending_cols += data.shape[1]
+        self._svd = None
         if self._root.shape[1] + self._pending_cols > 2 * self.m:
             self._compress()
 
@@ -51,13 +53,15 @@ class ExactBasis:
         stacked = np.hstack([self._root, *self._pending])
         u, s, _ = np.linalg.svd(stacked, full_matrices=False)
         self._root = u * s
+        self._svd = u, s  # the root's own SVD: no second one needed for the result
         self._pending, self._pending_cols = [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(U, sigma2): the top-r left singular vectors (m x min(r, rank M)) and every squared
         singular value of M_S, descending."""
-        self._compress()
-        u, s, _ = np.linalg.svd(self._root, full_matrices=False)
+        if self._svd is None:
+            self._compress()
+        u, s = self._svd
         r = min(self.rank, u.shape[1])
         return u[:, :r], s**2
 
