@@ -63,6 +63,11 @@ class _State:
     def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "_State":
         raise NotImplementedError
 
+    def top_basis(self) -> np.ndarray | None:
+        """Orthonormal top-r left singular vectors of the blocks added so far, when the state
+        tracks them exactly (None otherwise)."""
+        return None
+
 
 class Estimator:
     """Base class: an estimator is its parameters; ``start`` makes a state from seed blocks."""
@@ -214,6 +219,13 @@ class IncrementalState(_State):
             a = a.astype(np.result_type(a, q))
             q = q.astype(a.dtype)
         a2 = sqnorm(a)
+        total2 = self.norm2 + (a2 if norm2 is None else norm2)
+        if q.shape[0] <= q.shape[1] + a.shape[1]:
+            # The full space is no larger than [Q, new directions]: take the top k of
+            # Q diag(lam) Q^* + A A^* directly. Nothing is dropped, and no SVD is needed.
+            mu, basis = self._top(np.linalg.eigh((q * self.lam) @ q.conj().T + a @ a.conj().T))
+            return IncrementalState(self.rank, self.keep, basis, mu, total2, self.size + 1,
+                                    self.slack, self.loss2 + loss2)
         anorm = np.sqrt(a2)
         qh = q.conj().T
         y = qh @ a
@@ -233,17 +245,26 @@ class IncrementalState(_State):
             g[:k1, k1:] = cross
             g[k1:, :k1] = cross.conj().T
             g[k1:, k1:] = b @ b.conj().T
-        mu, v = np.linalg.eigh(g)  # ascending
-        top = np.arange(len(mu) - 1, max(len(mu) - self.keep, 0) - 1, -1)  # descending
-        mu, v = mu[top], v[:, top]
-        lam = np.clip(mu, 0.0, None)
+        lam, v = self._top(np.linalg.eigh(g))
         basis = q @ v[:k1] + w @ v[k1:] if j else q @ v
         # Dropping a residual of spectral size d perturbs the Gram by at most 2||A|| d + d^2;
         # charging it to every one of the r energies keeps L a guaranteed lower bound.
         slack = self.slack + (2.0 * anorm * dropped + dropped**2 if dropped else 0.0)
-        return IncrementalState(self.rank, self.keep, basis, lam,
-                                self.norm2 + (a2 if norm2 is None else norm2), self.size + 1,
+        return IncrementalState(self.rank, self.keep, basis, lam, total2, self.size + 1,
                                 slack, self.loss2 + loss2)
+
+    def _top(self, eig) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest eigenpairs of an eigh result (ascending), descending, clipped at 0."""
+        mu, v = eig
+        top = np.arange(len(mu) - 1, max(len(mu) - self.keep, 0) - 1, -1)
+        return np.clip(mu[top], 0.0, None), v[:, top]
+
+    def top_basis(self) -> np.ndarray | None:
+        # After one update from empty, Q diag(lam) Q^* is the block's Gram up to directions
+        # dropped as numerically null, so the leading columns are its top-r singular vectors.
+        if self.size != 1 or self.slack or not self.q.shape[1]:
+            return None
+        return self.q[:, : min(self.rank, int(np.count_nonzero(self.lam > 0)) or 1)]
 
 
 class IncrementalEstimator(Estimator):
