@@ -23,7 +23,7 @@ import numpy as np
 from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
-from matclust.engine.linalg import as_compute, sqnorm
+from matclust.engine.linalg import as_compute, residual_columns2, sqnorm
 from matclust.sources.cache import CachedReader
 
 ORDERS = ("residual", "norm")
@@ -83,23 +83,6 @@ def seed_basis(seed_blocks, rank: int) -> np.ndarray:
     seed = np.hstack([as_compute(b) for b in seed_blocks])
     u, s, _ = np.linalg.svd(seed, full_matrices=False)
     return u[:, : min(rank, int(np.count_nonzero(s > 0)) or 1)]
-
-
-def residual_columns2(q: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """Per column of ``data``: ||(I - Q Q^*) a||^2 (sum per matrix with Batch.reduce_columns).
-
-    Computed in the data's own precision (single precision data stay single): the result only
-    orders candidates, whose bounds are then computed in double precision."""
-    dtype = np.result_type(data.dtype, q.dtype)
-    if data.dtype in (np.float32, np.complex64):
-        dtype = np.complex64 if dtype.kind == "c" else np.float32
-    data, q = data.astype(dtype, copy=False), q.astype(dtype, copy=False)
-    resid = data - q @ (q.conj().T @ data)
-    # Squares in double precision: single precision would underflow at magnitudes ~1e-30.
-    col2 = np.einsum("ij,ij->j", resid.real, resid.real, dtype=np.float64)
-    if np.iscomplexobj(resid):
-        col2 += np.einsum("ij,ij->j", resid.imag, resid.imag, dtype=np.float64)
-    return col2
 
 
 def by_ascending(candidates: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -199,6 +182,7 @@ class GreedyDriver:
 
     def _clusters(self) -> Iterator[FormedCluster]:
         cursor = 0
+        discard = getattr(self.reader, "discard", None)
         while True:
             while cursor < len(self._by_norm) and not self.alive[self._by_norm[cursor]]:
                 cursor += 1
@@ -221,6 +205,8 @@ class GreedyDriver:
             if self.progress:
                 self.progress(len(cluster.members))
             yield cluster
+            if discard is not None:  # the consumer is done with it
+                discard(cluster.members)
 
     def restore(self, formed: list[tuple[np.ndarray, bool]]) -> None:
         """Continue after clusters formed earlier (members, grew), e.g. from a checkpoint.
@@ -256,7 +242,7 @@ class GreedyDriver:
         if state.bound > self.eps:
             return np.array(members), state
         run = 1  # candidates tried together; grows while they are admitted
-        for batch_indices in self._candidates(seed, seed_blocks):
+        for batch_indices in self._candidates(seed, seed_blocks, state):
             batch = self.reader.get(batch_indices)
             j = 0
             while j < len(batch):
@@ -296,7 +282,7 @@ class GreedyDriver:
         loss2 = 0.0 if self._loss2 is None else float(self._loss2[idx])
         return state.extend(block, float(self.norms2[idx]), loss2)
 
-    def _candidates(self, seed: np.ndarray, seed_blocks) -> Iterator[np.ndarray]:
+    def _candidates(self, seed: np.ndarray, seed_blocks, seed_state) -> Iterator[np.ndarray]:
         """Remaining indices in candidate order, in slices (reading is per slice)."""
         remaining_mask = self.alive.copy()
         remaining_mask[seed] = False
@@ -304,14 +290,16 @@ class GreedyDriver:
             ordered = self._by_norm[::-1]
             ordered = ordered[remaining_mask[ordered]]
         else:
-            ordered = self._by_residual(seed_blocks, remaining_mask)
+            ordered = self._by_residual(seed_state.top_basis(), seed_blocks, remaining_mask)
         step = 64
         for start in range(0, len(ordered), step):
             yield ordered[start : start + step]
 
-    def _by_residual(self, seed_blocks, remaining_mask: np.ndarray) -> np.ndarray:
-        """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's top-r basis."""
-        q = seed_basis(seed_blocks, self.rank)
+    def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray) -> np.ndarray:
+        """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's top-r basis
+        (from the seed's estimator state when it tracks one, else an SVD of the seed)."""
+        if q is None:
+            q = seed_basis(seed_blocks, self.rank)
         candidates = np.flatnonzero(remaining_mask)
         residual2 = np.full(len(remaining_mask), np.inf)
         residual2[candidates] = self.reader.residuals2(q, candidates)

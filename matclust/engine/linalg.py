@@ -93,3 +93,40 @@ def new_directions(r: np.ndarray, scale: float, room: int, q: np.ndarray | None 
         # r - W W^* r = (I - W W^*) kept + (I - W W^*) (the dropped part); bound both spectrally.
         dropped += float(np.sqrt(sqnorm(kept - w @ (w.conj().T @ kept))))
     return w, w.conj().T @ r, dropped
+
+
+#: A column whose residual is below this fraction of its squared norm is recomputed from the
+#: residual itself: ||a||^2 - ||Q^* a||^2 in single precision cancels to noise there.
+CANCELLATION = 1e-3
+
+
+def residual_columns2(q: np.ndarray, data: np.ndarray, norms2: np.ndarray | None = None) -> np.ndarray:
+    """Per column a of ``data``: ||(I - Q Q^*) a||^2, in double precision (sum per matrix with
+    Batch.reduce_columns). ``norms2``: the columns' squared norms, if known.
+
+    The result only orders candidates (their bounds are computed in double precision), so it
+    is computed in the data's own precision, as ||a||^2 - ||Q^* a||^2: one product with Q^*
+    instead of forming the residual. Where that difference is small against ||a||^2 it is
+    mostly rounding, and those columns are recomputed from their residual.
+    """
+    dtype = np.result_type(data.dtype, q.dtype)
+    if data.dtype in (np.float32, np.complex64):
+        dtype = np.complex64 if dtype.kind == "c" else np.float32
+    data, qh = data.astype(dtype, copy=False), q.conj().T.astype(dtype, copy=False)
+    if norms2 is None:
+        norms2 = column_norms2(data)
+    out = norms2 - column_norms2(qh @ data)
+    suspect = np.flatnonzero(out < CANCELLATION * norms2)
+    if len(suspect):
+        sub = data[:, suspect]
+        out[suspect] = column_norms2(sub - qh.conj().T @ (qh @ sub))
+    return out
+
+
+def column_norms2(a: np.ndarray) -> np.ndarray:
+    """Squared norm of every column, summed in double precision (single precision squares
+    underflow at magnitudes ~1e-30)."""
+    out = np.einsum("ij,ij->j", a.real, a.real, dtype=np.float64)
+    if np.iscomplexobj(a):
+        out += np.einsum("ij,ij->j", a.imag, a.imag, dtype=np.float64)
+    return out

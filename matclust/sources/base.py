@@ -91,6 +91,9 @@ class Batch:
 
     def reduce_columns(self, values: np.ndarray) -> np.ndarray:
         """Sum a per-column quantity into a per-matrix one."""
+        widths = np.diff(self.offsets)
+        if len(widths) and widths.min() > 0:
+            return np.add.reduceat(values, self.offsets[:-1])
         out = np.zeros(len(self), dtype=values.dtype)
         np.add.at(out, self.column_owner(), values)
         return out

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from matclust.blas import all_threads
+from matclust.engine.linalg import column_norms2, residual_columns2
 from matclust.sources.base import Batch, MatrixSource
 
 
@@ -33,7 +34,9 @@ class CachedReader:
         self.ranges = source.chunk_ranges()
         self._starts = np.array([s for s, _ in self.ranges], dtype=np.int64)
         self._cache: OrderedDict[int, Batch] = OrderedDict()
+        self._norms2: dict[int, np.ndarray] = {}  # column norms of the cached batches
         self._held = 0
+        self._gone = np.zeros(source.K, dtype=bool)  # see discard()
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -49,7 +52,8 @@ class CachedReader:
         size = batch.data.nbytes
         if size <= self.budget_bytes:
             while self._held + size > self.budget_bytes and self._cache:
-                _, old = self._cache.popitem(last=False)
+                gone, old = self._cache.popitem(last=False)
+                self._norms2.pop(gone, None)
                 self._held -= old.data.nbytes
             self._cache[k] = batch
             self._held += size
@@ -59,22 +63,54 @@ class CachedReader:
         for k in range(len(self.ranges)):
             yield self.batch(k)
 
+    def discard(self, indices) -> None:
+        """Mark matrices as no longer needed (e.g. clustered and written). Cached batches that
+        are mostly such matrices are compacted, so residual scans neither copy nor multiply
+        them again; should a discarded matrix be asked for after all, it is read again."""
+        self._gone[np.asarray(indices, dtype=np.int64)] = True
+
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """||(I - Q Q^*) A_i||_F^2 for the candidates (sorted indices), a batch at a time."""
-        from matclust.driver import residual_columns2
-
         wanted = np.zeros(self.source.K, dtype=bool)
         wanted[candidates] = True
         out = np.zeros(self.source.K)
         with all_threads():
-            for batch in self:
-                keep = np.flatnonzero(wanted[batch.indices])
-                if len(keep) == 0:
+            for k in range(len(self.ranges)):
+                start, stop = self.ranges[k]
+                if not wanted[start:stop].any():
                     continue
-                if len(keep) < len(batch):
-                    batch = batch.take(keep)
-                out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data))
+                batch = self._compacted(k)
+                keep = np.flatnonzero(wanted[batch.indices])
+                if 2 * len(keep) < len(batch):
+                    # Mostly not wanted (the seed, or matrices not yet discarded): copying the
+                    # wanted ones out is cheaper than the product over all.
+                    batch, norms2 = batch.take(keep), None
+                else:
+                    norms2 = self._column_norms2(k, batch)
+                res = batch.reduce_columns(residual_columns2(q, batch.data, norms2))
+                out[batch.indices] = res
         return out[candidates]
+
+    def _compacted(self, k: int) -> Batch:
+        """Batch k without its discarded matrices, once they are the majority (kept so)."""
+        batch = self.batch(k)
+        live = ~self._gone[batch.indices]
+        if 2 * np.count_nonzero(live) >= len(batch) or k not in self._cache:
+            return batch
+        compact = batch.take(np.flatnonzero(live))
+        if k in self._norms2:
+            self._norms2[k] = self._norms2[k][np.repeat(live, np.diff(batch.offsets))]
+        self._cache[k] = compact
+        self._held -= batch.data.nbytes - compact.data.nbytes
+        return compact
+
+    def _column_norms2(self, k: int, batch: Batch) -> np.ndarray:
+        norms2 = self._norms2.get(k)
+        if norms2 is None:
+            norms2 = column_norms2(batch.data)
+            if self._cache.get(k) is batch:
+                self._norms2[k] = norms2
+        return norms2
 
     def get(self, indices) -> Batch:
         """Matrices by index, in the given order."""
@@ -86,7 +122,14 @@ class CachedReader:
         for k in np.unique(which):
             sel = np.flatnonzero(which == k)
             batch = self.batch(int(k))
-            pieces.append(batch.take(indices[sel] - self.ranges[k][0]))
+            # Batches hold ascending indices, all of their range unless compacted.
+            at = np.minimum(np.searchsorted(batch.indices, indices[sel]), max(len(batch) - 1, 0))
+            found = batch.indices[at] == indices[sel] if len(batch) else np.zeros(len(sel), bool)
+            if not found.all():
+                pieces.append(self.source.read(indices[sel[~found]]))
+                positions.append(sel[~found])
+                sel, at = sel[found], at[found]
+            pieces.append(batch.take(at))
             positions.append(sel)
         merged = Batch.concatenate(pieces)
         order = np.concatenate(positions)
