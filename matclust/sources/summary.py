@@ -23,13 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from matclust.blas import all_threads, single_threaded
+from matclust.blas import single_threaded
 from matclust.engine.linalg import compute_dtype
 from matclust.errors import InputError
 from matclust.sources.base import Batch, MatrixSource
 
-#: Matrices per block when scanning the summaries (bounds the temporaries).
-SCAN_BLOCK = 16384
+#: Summary numbers per piece of a residual scan: small enough that a piece's single-precision
+#: copy, its product with the basis and the squares stay in cache.
+SCAN_PIECE_NUMBERS = 1 << 18
+
+#: Compact the stored summaries once this fraction of them belongs to discarded matrices.
+COMPACT_FRACTION = 0.125
 
 
 #: Rounding a summary to a dtype of unit roundoff u costs a cluster's bound a floor of about
@@ -101,6 +105,13 @@ class SummaryReader:
         self.norms2 = np.zeros(K, dtype=np.float64)
         self.loss2 = np.zeros(K, dtype=np.float64)
         self.tail2 = np.zeros(K, dtype=np.float64)
+        # Rows [0, live) of F hold the summaries not yet compacted away, in ascending matrix
+        # order: matrix owner[j] is in row j, matrix i in row row[i] (-1 once compacted away).
+        self.owner = np.arange(K, dtype=np.int64)
+        self.row = np.arange(K, dtype=np.int64)
+        self.live = K
+        self._gone = np.zeros(K, dtype=bool)
+        self._workers = max(1, os.cpu_count() or 1)
         self._scan(progress)
 
     # -- building -------------------------------------------------------------------------
@@ -127,33 +138,49 @@ class SummaryReader:
                     progress.advance(len(batch))
 
     def _summarise(self, indices: np.ndarray, stack: np.ndarray) -> None:
+        rounded, scale, kept2, norms2, loss2 = self._summaries(stack)
+        self.F[indices] = rounded
+        self.kept2[indices] = kept2
+        self.scale[indices] = scale
+        self.norms2[indices] = norms2
+        self.loss2[indices] = loss2
+        self.tail2[indices] = np.maximum(norms2 - kept2, 0.0)
+
+    def _summaries(self, stack: np.ndarray):
+        """Summaries of a stack of matrices (b, m, n) in double precision: the rounded,
+        normalised F_i transposed (b, s, m), their scales, ||F~_i||^2, ||A_i||^2 and the
+        squared rounding errors."""
         norms2 = np.einsum("bij,bij->b", stack.real, stack.real)
         if np.iscomplexobj(stack):
             norms2 = norms2 + np.einsum("bij,bij->b", stack.imag, stack.imag)
         u, sig, _ = np.linalg.svd(stack, full_matrices=False)
         k = min(self.s, sig.shape[1])
         exact = u[:, :, :k] * sig[:, None, :k]
-        kept2 = np.sum(sig[:, :k] ** 2, axis=1)
-        scale = np.sqrt(kept2)
+        scale = np.sqrt(np.sum(sig[:, :k] ** 2, axis=1))
         safe = np.where(scale > 0, scale, 1.0)
         rounded = (exact / safe[:, None, None]).astype(self.store_dtype)
         back = rounded.astype(exact.dtype) * safe[:, None, None]
         diff = back - exact
-        self.F[indices, :k, :] = rounded.transpose(0, 2, 1)
-        self.kept2[indices] = np.einsum("bij,bij->b", back.real, back.real) + (
+        kept2 = np.einsum("bij,bij->b", back.real, back.real) + (
             np.einsum("bij,bij->b", back.imag, back.imag) if np.iscomplexobj(back) else 0.0)
-        self.scale[indices] = safe
-        self.norms2[indices] = norms2
-        self.loss2[indices] = np.einsum("bij,bij->b", diff.real, diff.real) + (
+        loss2 = np.einsum("bij,bij->b", diff.real, diff.real) + (
             np.einsum("bij,bij->b", diff.imag, diff.imag) if np.iscomplexobj(diff) else 0.0)
-        self.tail2[indices] = np.maximum(norms2 - kept2, 0.0)
+        out = np.zeros((len(stack), self.s, stack.shape[1]), dtype=self.store_dtype)
+        out[:, :k, :] = rounded.transpose(0, 2, 1)
+        return out, safe, kept2, norms2, loss2
 
     # -- the reader interface -------------------------------------------------------------
     def blocks_of(self, indices) -> np.ndarray:
         """Summaries (len, m, s) in double precision."""
         indices = np.asarray(indices, dtype=np.int64)
         dtype = compute_dtype(self.store_dtype)
-        return self.F[indices].transpose(0, 2, 1).astype(dtype) * self.scale[indices, None, None]
+        rows = self.row[indices]
+        stored = self.F[np.maximum(rows, 0)]
+        if np.any(rows < 0):  # compacted away after discard(): summarise them again
+            batch = self.source.read(indices[rows < 0])
+            stored[rows < 0] = np.concatenate(
+                [self._summaries(b.astype(dtype)[None])[0] for b in batch.blocks()])
+        return stored.transpose(0, 2, 1).astype(dtype) * self.scale[indices, None, None]
 
     def get(self, indices) -> Batch:
         indices = np.asarray(indices, dtype=np.int64)
@@ -162,23 +189,58 @@ class SummaryReader:
         data = stack.transpose(1, 0, 2).reshape(m, b * s)
         return Batch(indices, data, np.arange(0, b * s + 1, s, dtype=np.int64))
 
+    def discard(self, indices) -> None:
+        """Mark matrices as clustered: their summaries are no longer scanned, and their rows
+        are reclaimed (compacted) once they are a noticeable share of the scan."""
+        self._gone[np.asarray(indices, dtype=np.int64)] = True
+        gone_rows = np.count_nonzero(self._gone[self.owner[: self.live]])
+        if gone_rows > COMPACT_FRACTION * self.live:
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = np.flatnonzero(~self._gone[self.owner[: self.live]])
+        step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
+        # Rows only move towards the front (keep[j] >= j), so copying front to back in
+        # pieces never overwrites a row still to be moved, and needs no second array.
+        for lo in range(0, len(keep), step):
+            hi = min(lo + step, len(keep))
+            self.F[lo:hi] = self.F[keep[lo:hi]]
+        self.row[self.owner[: self.live]] = -1
+        self.owner[: len(keep)] = self.owner[keep]
+        self.live = len(keep)
+        self.row[self.owner[: self.live]] = np.arange(self.live)
+
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Estimated ||(I - Q Q^*) A_i||^2 for the candidates: what Q misses of the summary,
-        plus the energy outside the summary (which Q may or may not capture)."""
-        qh = q.conj().T.astype(np.complex64 if np.iscomplexobj(q) else np.float32)
-        out = np.empty(len(candidates), dtype=np.float64)
-        with all_threads():
-            self._residuals2(qh, candidates, out)
-        return np.maximum(out, 0.0)
+        plus the energy outside the summary (which Q may or may not capture).
 
-    def _residuals2(self, qh: np.ndarray, candidates: np.ndarray, out: np.ndarray) -> None:
-        s, m = self.F.shape[1:]
-        for start in range(0, len(candidates), SCAN_BLOCK):
-            idx = candidates[start : start + SCAN_BLOCK]
-            f = self.F[idx].reshape(len(idx) * s, m).astype(qh.dtype)
-            proj = f @ qh.T  # (b s) x q: row j holds (Q^* f_j)^T, f_j a summary column
-            captured = np.einsum("ij,ij->i", proj.real, proj.real)
-            if np.iscomplexobj(proj):
-                captured += np.einsum("ij,ij->i", proj.imag, proj.imag)
-            captured = captured.reshape(len(idx), s).sum(axis=1) * self.scale[idx] ** 2
-            out[start : start + len(idx)] = self.kept2[idx] - captured + self.tail2[idx]
+        Every stored row is scanned (contiguous, no gathering), in cache-sized pieces split
+        over the cores; candidates whose row was compacted away are scanned on their own."""
+        qh = q.conj().T.astype(np.complex64 if np.iscomplexobj(q) else np.float32)
+        captured = np.empty(self.live, dtype=np.float64)
+        step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
+        pieces = [(lo, min(lo + step, self.live)) for lo in range(0, self.live, step)]
+        with single_threaded(), ThreadPoolExecutor(self._workers) as pool:
+            list(pool.map(lambda piece: self._captured(qh, self.F[piece[0] : piece[1]],
+                                                       captured[piece[0] : piece[1]]), pieces))
+        candidates = np.asarray(candidates, dtype=np.int64)
+        rows = self.row[candidates]
+        got = np.empty(len(candidates), dtype=np.float64)
+        inside = rows >= 0
+        got[inside] = captured[rows[inside]]
+        if not inside.all():  # compacted away after discard(), yet asked for
+            outside = np.flatnonzero(~inside)
+            proj = q.conj().T @ self.blocks_of(candidates[outside])
+            got[outside] = np.sum(np.abs(proj) ** 2, axis=(1, 2)) / self.scale[candidates[outside]] ** 2
+        got *= self.scale[candidates] ** 2
+        return np.maximum(self.kept2[candidates] - got + self.tail2[candidates], 0.0)
+
+    @staticmethod
+    def _captured(qh: np.ndarray, f: np.ndarray, out: np.ndarray) -> None:
+        """||Q^* F_j||_F^2 for stored (normalised) summaries f (b, s, m), into out (b,)."""
+        b, s, m = f.shape
+        proj = f.reshape(b * s, m).astype(qh.dtype, copy=False) @ qh.T
+        sq = np.einsum("ij,ij->i", proj.real, proj.real, dtype=np.float64)
+        if np.iscomplexobj(proj):
+            sq += np.einsum("ij,ij->i", proj.imag, proj.imag, dtype=np.float64)
+        out[:] = sq.reshape(b, s).sum(axis=1)
