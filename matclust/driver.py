@@ -94,6 +94,24 @@ def by_ascending(candidates: np.ndarray, key: np.ndarray) -> np.ndarray:
     return candidates[np.argsort(key[candidates], kind="stable")]
 
 
+def ascending_pieces(candidates: np.ndarray, key: np.ndarray, first: int = 256) -> Iterator[np.ndarray]:
+    """``by_ascending(candidates, key)`` in consecutive pieces of growing size, each sorted
+    only when it is reached. The greedy driver usually stops after a few hundred candidates;
+    sorting all of them for every cluster cost more than the scan that produced the keys."""
+    candidates = np.asarray(candidates)
+    values = key[candidates]
+    size = first
+    while len(candidates) > size:
+        # Everything up to the size-th smallest value, ties included: pieces split by value,
+        # so together they are exactly the full stable order.
+        head = values <= np.partition(values, size - 1)[size - 1]
+        yield by_ascending(candidates[head], key)
+        candidates, values = candidates[~head], values[~head]
+        size *= 4
+    if len(candidates):
+        yield by_ascending(candidates, key)
+
+
 def feeding_order(blocks, rank: int, order: str) -> np.ndarray:
     """Positions of one cluster's blocks in the order the greedy driver feeds them to an
     estimator: the seed (largest-norm blocks packed to <= rank columns) first, then the rest in
@@ -287,15 +305,16 @@ class GreedyDriver:
         remaining_mask = self.alive.copy()
         remaining_mask[seed] = False
         if self.order == "norm":
-            ordered = self._by_norm[::-1]
-            ordered = ordered[remaining_mask[ordered]]
+            ascending = self._by_norm[::-1]
+            pieces = [ascending[remaining_mask[ascending]]]
         else:
-            ordered = self._by_residual(seed_state.top_basis(), seed_blocks, remaining_mask)
+            pieces = self._by_residual(seed_state.top_basis(), seed_blocks, remaining_mask)
         step = 64
-        for start in range(0, len(ordered), step):
-            yield ordered[start : start + step]
+        for ordered in pieces:
+            for start in range(0, len(ordered), step):
+                yield ordered[start : start + step]
 
-    def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray) -> np.ndarray:
+    def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray) -> Iterator[np.ndarray]:
         """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's top-r basis
         (from the seed's estimator state when it tracks one, else an SVD of the seed)."""
         if q is None:
@@ -303,7 +322,7 @@ class GreedyDriver:
         candidates = np.flatnonzero(remaining_mask)
         residual2 = np.full(len(remaining_mask), np.inf)
         residual2[candidates] = self.reader.residuals2(q, candidates)
-        return by_ascending(candidates, residual2)
+        return ascending_pieces(candidates, residual2)
 
     # -- the exact check ----------------------------------------------------------------
     def _finalize(self, members: np.ndarray, bound: float) -> FormedCluster:

@@ -1,0 +1,130 @@
+"""The candidate scans behind the residual order: readers' residuals against numpy, before and
+after matrices are discarded (and their storage compacted), and the piecewise sort."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from matclust.driver import ascending_pieces, by_ascending
+from matclust.engine.linalg import residual_columns2
+from matclust.sources import ArraySource
+from matclust.sources.cache import CachedReader
+from matclust.sources.summary import SummaryReader
+
+
+def collection(rng, K, m, widths, cplx=False, dtype=None):
+    dtype = dtype or (np.complex128 if cplx else np.float64)
+    mats = []
+    for n in widths:
+        a = rng.standard_normal((m, n))
+        if cplx:
+            a = a + 1j * rng.standard_normal((m, n))
+        mats.append((a * 10.0 ** rng.uniform(-2, 2)).astype(dtype))
+    return mats
+
+
+def residual2_numpy(q, a):
+    a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
+    return float(np.linalg.norm(a - q @ (q.conj().T @ a)) ** 2)
+
+
+def basis(rng, m, k, cplx=False):
+    x = rng.standard_normal((m, k)) + (1j * rng.standard_normal((m, k)) if cplx else 0)
+    return np.linalg.qr(x)[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64])
+def test_residual_columns2_matches_numpy_also_where_it_cancels(dtype):
+    rng = np.random.default_rng(0)
+    cplx = np.dtype(dtype).kind == "c"
+    m, k = 30, 6
+    q = basis(rng, m, k, cplx)
+    inside = q @ (rng.standard_normal((k, 40)) + (1j * rng.standard_normal((k, 40)) if cplx else 0))
+    # columns almost inside span(Q): ||a||^2 - ||Q^* a||^2 would be rounding noise there
+    data = np.hstack([inside + 1e-5 * rng.standard_normal((m, 40)), rng.standard_normal((m, 40))])
+    data = data.astype(dtype)
+    got = residual_columns2(q, data)
+    want = np.array([residual2_numpy(q, data[:, [j]]) for j in range(data.shape[1])])
+    # single precision: the near-span residuals (1e-5 of the norms) carry ~1e-2 relative
+    # rounding; without the recomputation they would be off by far more than themselves
+    single = dtype in (np.float32, np.complex64)
+    np.testing.assert_allclose(got[:40], want[:40], rtol=2e-2 if single else 1e-8)
+    np.testing.assert_allclose(got[40:], want[40:], rtol=1e-5 if single else 1e-12)
+    assert got[:40].max() < 1e-6 * got[40:].min()  # the near-span columns do come out small
+
+
+def test_cached_reader_after_discards():
+    rng = np.random.default_rng(1)
+    K, m = 300, 12
+    widths = rng.integers(1, 5, K)
+    mats = collection(rng, K, m, widths, dtype=np.float32)
+    src = ArraySource(mats)
+    reader = CachedReader(src, 1 << 30)
+    q = basis(rng, m, 4)
+    alive = np.ones(K, bool)
+    for round_ in range(6):
+        gone = rng.choice(np.flatnonzero(alive), size=alive.sum() // 2, replace=False)
+        alive[gone] = False
+        reader.discard(gone)
+        candidates = np.flatnonzero(alive)
+        got = reader.residuals2(q, candidates)
+        want = np.array([residual2_numpy(q, mats[i]) for i in candidates])
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+        # discarded matrices are still served (read again), and live ones exactly
+        ask = rng.choice(K, size=20, replace=False)
+        batch = reader.get(ask)
+        for j, i in enumerate(ask):
+            np.testing.assert_array_equal(batch.block(j), mats[i])
+    assert reader._held < sum(a.nbytes for a in mats) / 4  # the compacted batches shrank
+
+
+@pytest.mark.parametrize("cplx", [False, True])
+def test_summary_reader_after_discards(cplx):
+    rng = np.random.default_rng(2 + cplx)
+    K, m, rank = 400, 10, 3
+    widths = rng.integers(1, 6, K)
+    mats = collection(rng, K, m, widths, cplx)
+    reader = SummaryReader(ArraySource(mats), rank, 1 << 30, eps=0.1)
+    q = basis(rng, m, rank, cplx)
+    before_blocks = reader.blocks_of(np.arange(K))
+    before = reader.residuals2(q, np.arange(K))
+    # independent: residual of the summary F_i against Q, plus the energy outside F_i
+    for i in rng.choice(K, 25, replace=False):
+        f = before_blocks[i]
+        want = residual2_numpy(q, f) + reader.tail2[i]
+        assert before[i] == pytest.approx(want, rel=1e-4, abs=1e-6 * reader.norms2[i])
+    alive = np.ones(K, bool)
+    while alive.sum() > 10:
+        gone = rng.choice(np.flatnonzero(alive), size=alive.sum() // 3, replace=False)
+        alive[gone] = False
+        reader.discard(gone)
+        candidates = np.flatnonzero(alive)
+        np.testing.assert_allclose(reader.residuals2(q, candidates), before[candidates],
+                                   rtol=1e-6, atol=1e-9 * reader.norms2.max())
+    assert reader.live < K / 2  # compacted
+    # summaries of discarded matrices come back the same (recomputed from the source)
+    ask = rng.choice(K, 30, replace=False)
+    np.testing.assert_allclose(reader.blocks_of(ask), before_blocks[ask], rtol=0,
+                               atol=1e-12 * np.sqrt(reader.norms2.max()))
+    # and asking for a discarded one as a candidate still gives its residual
+    dead = np.flatnonzero(~alive)[:5]
+    np.testing.assert_allclose(reader.residuals2(q, dead), before[dead], rtol=1e-5,
+                               atol=1e-9 * reader.norms2.max())
+
+
+def test_ascending_pieces_is_the_full_stable_order():
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        K = int(rng.integers(0, 2000))
+        if trial % 2:  # many ties
+            key = rng.integers(0, int(rng.integers(1, 30)), K).astype(float)
+        else:
+            key = rng.standard_normal(K)
+        candidates = np.sort(rng.choice(K, size=int(rng.integers(0, K + 1)), replace=False))
+        pieces = list(ascending_pieces(candidates, key, first=int(rng.integers(1, 200))))
+        got = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+        # independent reference: sort by (key, index)
+        want = candidates[np.lexsort((candidates, key[candidates]))]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, by_ascending(candidates, key))
