@@ -63,6 +63,15 @@ def is_supported_dtype(dtype: np.dtype) -> bool:
     return True
 
 
+def columns_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The column indices, in order, of the matrices at ``positions`` of a side-by-side layout
+    with the given ``offsets``."""
+    widths = np.diff(offsets)[positions]
+    starts = np.cumsum(widths) - widths
+    # Output column t of position k comes from column offsets[k] + (t - starts[k]).
+    return np.repeat(offsets[positions] - starts, widths) + np.arange(int(widths.sum()))
+
+
 @dataclass
 class Batch:
     """Consecutive-in-memory view of several matrices: their columns side by side.
@@ -103,25 +112,7 @@ class Batch:
         positions = np.asarray(positions, dtype=np.int64)
         widths = np.diff(self.offsets)[positions]
         offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
-        if len(positions) == 0:
-            return Batch(self.indices[:0], self.data[:, :0], offsets)
-        # Output column t of position k comes from source column starts[k] + (t - offsets[k]).
-        shift = np.repeat(self.offsets[positions] - offsets[:-1], widths)
-        cols = shift + np.arange(offsets[-1])
-        return Batch(self.indices[positions], self.data[:, cols], offsets)
-
-    @staticmethod
-    def concatenate(batches: Sequence["Batch"]) -> "Batch":
-        batches = [b for b in batches if len(b)]
-        if not batches:
-            raise ValueError("no batches to concatenate")
-        widths = np.concatenate([np.diff(b.offsets) for b in batches])
-        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
-        return Batch(
-            np.concatenate([b.indices for b in batches]),
-            np.concatenate([b.data for b in batches], axis=1),
-            offsets,
-        )
+        return Batch(self.indices[positions], self.data[:, columns_of(self.offsets, positions)], offsets)
 
 
 class MatrixSource:
@@ -333,19 +324,25 @@ class MatrixSource:
             return self._read_members(indices)
         order = np.argsort(indices, kind="stable")
         sorted_idx = indices[order]
-        pieces = []
+        parts = []
         for start, stop in self.chunk_ranges():
             lo, hi = np.searchsorted(sorted_idx, [start, stop])
             if lo == hi:
                 continue
             wanted = sorted_idx[lo:hi]
             first, last = int(wanted[0]), int(wanted[-1]) + 1
-            batch = self.read_range(first, last)
-            pieces.append(batch.take(wanted - first))
-        merged = Batch.concatenate(pieces)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return merged.take(inverse)
+            parts.append((order[lo:hi], self.read_range(first, last), wanted - first))
+        return self.gather(indices, parts)
+
+    def gather(self, indices: np.ndarray, parts) -> Batch:
+        """One batch of the matrices ``indices`` (in that order), copied once from ``parts``:
+        triples (sel, batch, at), the requested positions ``sel`` being the matrices at
+        positions ``at`` of ``batch``."""
+        offsets = np.concatenate([[0], np.cumsum(self.widths[indices])]).astype(np.int64)
+        out = np.empty((self.m, int(offsets[-1])), self.dtype)
+        for sel, batch, at in parts:
+            out[:, columns_of(offsets, sel)] = batch.data[:, columns_of(batch.offsets, at)]
+        return Batch(indices, out, offsets)
 
     def _check_finite(self, data: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> None:
         if np.isfinite(data).all():

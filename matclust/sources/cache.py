@@ -118,7 +118,7 @@ class CachedReader:
         if len(indices) == 0:
             return self.source.read(indices)
         which = np.searchsorted(self._starts, indices, side="right") - 1
-        pieces, positions = [], []
+        parts = []
         for k in np.unique(which):
             sel = np.flatnonzero(which == k)
             batch = self.batch(int(k))
@@ -126,13 +126,8 @@ class CachedReader:
             at = np.minimum(np.searchsorted(batch.indices, indices[sel]), max(len(batch) - 1, 0))
             found = batch.indices[at] == indices[sel] if len(batch) else np.zeros(len(sel), bool)
             if not found.all():
-                pieces.append(self.source.read(indices[sel[~found]]))
-                positions.append(sel[~found])
+                missing = sel[~found]
+                parts.append((missing, self.source.read(indices[missing]), np.arange(len(missing))))
                 sel, at = sel[found], at[found]
-            pieces.append(batch.take(at))
-            positions.append(sel)
-        merged = Batch.concatenate(pieces)
-        order = np.concatenate(positions)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return merged.take(inverse)
+            parts.append((sel, batch, at))
+        return self.source.gather(indices, parts)
