@@ -2,9 +2,11 @@
 
 The top-r left singular vectors of M_S are computed from a running "square root" W of
 M_S M_S^* (W W^* = M_S M_S^*, at most m columns): columns are buffered and, whenever the buffer
-grows past 2m columns, compressed by a thin SVD. This is one pass over the members, memory
-O(m^2), and unlike accumulating the Gram matrix it does not square the condition number, so
-small errors (exactly low-rank clusters) come out accurately.
+grows past ``pending_limit(m)`` columns, compressed to W = R^* by a Householder QR of
+[W, buffer]^* (only R is formed). One SVD of the final W gives the basis. This is one pass over
+the members, memory O(m (m + pending_limit(m))), and unlike accumulating the Gram matrix it
+does not square the condition number, so small errors (exactly low-rank clusters) come out
+accurately.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from matclust.engine.linalg import compute_dtype, relative_error, sqnorm
+
+
+def pending_limit(m: int) -> int:
+    """Columns buffered before a compression: at least 2m, and enough that small m does not
+    pay a QR call every few blocks."""
+    return max(2 * int(m), 256)
 
 
 class ExactBasis:
@@ -34,7 +42,7 @@ class ExactBasis:
         self._root = np.zeros((self.m, 0), self.dtype)
         self._pending: list[np.ndarray] = []
         self._pending_cols = 0
-        self._svd: tuple[np.ndarray, np.ndarray] | None = None  # of the root, when current
+        self._limit = pending_limit(self.m)
         self.norm2 = 0.0
         self.columns = 0
 
@@ -45,23 +53,21 @@ class ExactBasis:
         self.columns += data.shape[1]
         self._pending.append(data)
         self._pending_cols += data.shape[1]
-        self._svd = None
-        if self._root.shape[1] + self._pending_cols > 2 * self.m:
+        if self._pending_cols > self._limit:
             self._compress()
 
     def _compress(self) -> None:
         stacked = np.hstack([self._root, *self._pending])
-        u, s, _ = np.linalg.svd(stacked, full_matrices=False)
-        self._root = u * s
-        self._svd = u, s  # the root's own SVD: no second one needed for the result
+        if stacked.shape[1] > self.m:  # [W, buffer] = R^* Q^*, so R^* R = [W, buffer][W, buffer]^*
+            stacked = np.linalg.qr(stacked.conj().T, mode="r").conj().T
+        self._root = stacked
         self._pending, self._pending_cols = [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(U, sigma2): the top-r left singular vectors (m x min(r, rank M)) and every squared
         singular value of M_S, descending."""
-        if self._svd is None:
-            self._compress()
-        u, s = self._svd
+        self._compress()
+        u, s, _ = np.linalg.svd(self._root, full_matrices=False)
         r = min(self.rank, u.shape[1])
         return u[:, :r], s**2
 
