@@ -188,6 +188,7 @@ class GreedyDriver:
         # Descending norm; ties broken by index so the result is deterministic.
         self._by_norm = by_norm_descending(self.norms2)
         self._loss2 = getattr(self.reader, "loss2", None)
+        self._last_size = 0  # members of the last cluster: how far the next order is likely read
 
     # -- the loop -----------------------------------------------------------------------
     def clusters(self) -> Iterator[FormedCluster]:
@@ -220,6 +221,7 @@ class GreedyDriver:
             cluster.grew = len(cluster.members) > len(seed)
             self.seed_only_streak = 0 if cluster.grew else self.seed_only_streak + 1
             self.alive[cluster.members] = False
+            self._last_size = len(cluster.members)
             if self.progress:
                 self.progress(len(cluster.members))
             yield cluster
@@ -322,7 +324,7 @@ class GreedyDriver:
         candidates = np.flatnonzero(remaining_mask)
         residual2 = np.full(len(remaining_mask), np.inf)
         residual2[candidates] = self.reader.residuals2(q, candidates)
-        return ascending_pieces(candidates, residual2)
+        return ascending_pieces(candidates, residual2, first=max(256, 2 * self._last_size))
 
     # -- the exact check ----------------------------------------------------------------
     def _finalize(self, members: np.ndarray, bound: float) -> FormedCluster:

@@ -26,9 +26,9 @@ from matclust.blas import single_threaded
 from matclust.driver import FormedCluster
 from matclust.encode import EncodedCluster
 from matclust.engine import ExactBasis
-from matclust.engine.exact import coefficients
+from matclust.engine.exact import coefficients, pending_limit
 from matclust.engine.linalg import as_compute, singular_values2, sqnorm
-from matclust.sources.base import MatrixSource
+from matclust.sources.base import Batch, MatrixSource
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
 STORAGE_ULPS = 16
@@ -38,13 +38,17 @@ COLUMN_CHUNK = 4096
 
 
 def split_by_cluster(labels: np.ndarray, batch):
-    """(cluster id, sub-batch) for every cluster present in a batch, members in index order."""
+    """(cluster id, sub-batch) for every cluster present in a batch, members in index order.
+    The batch is reordered by cluster once; the sub-batches are views of that copy."""
     lab = labels[batch.indices]
     order = np.argsort(lab, kind="stable")
+    grouped = batch.take(order)
     sorted_lab = lab[order]
-    bounds = np.flatnonzero(np.diff(sorted_lab)) + 1
-    for part in np.split(order, bounds):
-        yield int(lab[part[0]]), batch.take(part)
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(sorted_lab)) + 1, [len(order)]])
+    for a, b in zip(edges[:-1], edges[1:]):
+        first, last = grouped.offsets[a], grouped.offsets[b]
+        yield int(sorted_lab[a]), Batch(grouped.indices[a:b], grouped.data[:, first:last],
+                                        grouped.offsets[a : b + 1] - first)
 
 
 class _ColumnSink:
@@ -112,11 +116,12 @@ def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int,
 
 def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: bool):
     """Consecutive groups of clusters whose basis accumulators fit the budget together: one
-    input pass per group. An accumulator holds at most m x min(3m, N_c) numbers."""
+    input pass per group. An accumulator holds at most m x min(m + pending_limit(m), N_c)
+    numbers (plus one batch's columns of the cluster, which the batch itself bounds)."""
     itemsize = 16 if complex_data else 8
     group, held = [], 0
     for c in factored:
-        need = m * min(3 * m, planned[c].columns) * itemsize
+        need = m * min(m + pending_limit(m), planned[c].columns) * itemsize
         if group and held + need > budget_bytes:
             yield group
             group, held = [], 0
