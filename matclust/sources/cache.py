@@ -74,21 +74,20 @@ class CachedReader:
         wanted = np.zeros(self.source.K, dtype=bool)
         wanted[candidates] = True
         out = np.zeros(self.source.K)
-        with all_threads():
-            for k in range(len(self.ranges)):
-                start, stop = self.ranges[k]
-                if not wanted[start:stop].any():
-                    continue
-                batch = self._compacted(k)
-                keep = np.flatnonzero(wanted[batch.indices])
-                if 2 * len(keep) < len(batch):
-                    # Mostly not wanted (the seed, or matrices not yet discarded): copying the
-                    # wanted ones out is cheaper than the product over all.
-                    batch, norms2 = batch.take(keep), None
-                else:
-                    norms2 = self._column_norms2(k, batch)
-                res = batch.reduce_columns(residual_columns2(q, batch.data, norms2))
-                out[batch.indices] = res
+        for k in range(len(self.ranges)):
+            start, stop = self.ranges[k]
+            if not wanted[start:stop].any():
+                continue
+            batch = self._compacted(k)
+            keep = np.flatnonzero(wanted[batch.indices])
+            if 2 * len(keep) < len(batch):
+                # Mostly not wanted (the seed, or matrices not yet discarded): copying the
+                # wanted ones out is cheaper than the product over all.
+                batch, norms2 = batch.take(keep), None
+            else:
+                norms2 = self._column_norms2(k, batch)
+            with all_threads():
+                out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data, norms2))
         return out[candidates]
 
     def _compacted(self, k: int) -> Batch:

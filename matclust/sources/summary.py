@@ -23,12 +23,9 @@ for the scans about 4x faster.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from matclust.blas import single_threaded
+from matclust.blas import CORES, on_all_cores
 from matclust.engine.linalg import compute_dtype
 from matclust.errors import InputError
 from matclust.sources.base import Batch, MatrixSource
@@ -125,7 +122,6 @@ class SummaryReader:
         self.row = np.arange(K, dtype=np.int64)
         self.live = K
         self._gone = np.zeros(K, dtype=bool)
-        self._workers = max(1, os.cpu_count() or 1)
         self._scan(progress)
 
     # -- building -------------------------------------------------------------------------
@@ -133,23 +129,21 @@ class SummaryReader:
         """One pass: every matrix's summary. A batch's SVDs are split over the cores (numpy
         releases the GIL in them; each part writes its own rows), BLAS single-threaded."""
         source = self.source
-        workers = max(1, os.cpu_count() or 1)
         if progress:
             progress.start("summarising", source.K)
-        with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="matclust-svd") as pool:
-            for batch in source.iter_batches():
-                widths = np.diff(batch.offsets)
-                data = batch.data.astype(compute_dtype(batch.data.dtype), copy=False)
-                if np.all(widths == widths[0]):
-                    b, n = len(batch), int(widths[0])
-                    stack = data.reshape(source.m, b, n).transpose(1, 0, 2)
-                    parts = [(batch.indices[p], stack[p]) for p in np.array_split(np.arange(b), workers) if len(p)]
-                else:
-                    parts = [(batch.indices[j : j + 1], data[None, :, batch.offsets[j] : batch.offsets[j + 1]])
-                             for j in range(len(batch))]
-                list(pool.map(lambda part: self._summarise(*part), parts))
-                if progress:
-                    progress.advance(len(batch))
+        for batch in source.iter_batches():
+            widths = np.diff(batch.offsets)
+            data = batch.data.astype(compute_dtype(batch.data.dtype), copy=False)
+            if np.all(widths == widths[0]):
+                b, n = len(batch), int(widths[0])
+                stack = data.reshape(source.m, b, n).transpose(1, 0, 2)
+                parts = [(batch.indices[p], stack[p]) for p in np.array_split(np.arange(b), CORES) if len(p)]
+            else:
+                parts = [(batch.indices[j : j + 1], data[None, :, batch.offsets[j] : batch.offsets[j + 1]])
+                         for j in range(len(batch))]
+            on_all_cores(lambda part: self._summarise(*part), parts)
+            if progress:
+                progress.advance(len(batch))
 
     def _summarise(self, indices: np.ndarray, stack: np.ndarray) -> None:
         rounded, scale, kept2, norms2, loss2 = self._summaries(stack)
@@ -240,9 +234,8 @@ class SummaryReader:
         captured = np.empty(self.live, dtype=np.float64)
         step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
         pieces = [(lo, min(lo + step, self.live)) for lo in range(0, self.live, step)]
-        with single_threaded(), ThreadPoolExecutor(self._workers) as pool:
-            list(pool.map(lambda piece: self._captured(qh, self.F[piece[0] : piece[1]],
-                                                       captured[piece[0] : piece[1]]), pieces))
+        on_all_cores(lambda piece: self._captured(qh, self.F[piece[0] : piece[1]],
+                                                  captured[piece[0] : piece[1]]), pieces)
         candidates = np.asarray(candidates, dtype=np.int64)
         rows = self.row[candidates]
         got = np.empty(len(candidates), dtype=np.float64)
