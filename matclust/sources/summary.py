@@ -68,6 +68,14 @@ def summary_dtype(eps: float, complex_data: bool, numbers: int, budget_bytes: in
     return min(precise, key=lambda d: d.itemsize)
 
 
+def _sqnorms(stack: np.ndarray) -> np.ndarray:
+    """Squared Frobenius norm of each matrix of a stack (b, m, n)."""
+    out = np.einsum("bij,bij->b", stack.real, stack.real)
+    if np.iscomplexobj(stack):
+        out = out + np.einsum("bij,bij->b", stack.imag, stack.imag)
+    return out
+
+
 class SummaryReader:
     """Reader over summaries, with the interface the greedy driver uses.
 
@@ -146,42 +154,43 @@ class SummaryReader:
                 progress.advance(len(batch))
 
     def _summarise(self, indices: np.ndarray, stack: np.ndarray) -> None:
-        rounded, scale, kept2, norms2, loss2 = self._summaries(stack)
+        rounded, scale, kept2, exact2, norms2, loss2 = self._summaries(stack)
         self.F[indices] = rounded
         self.kept2[indices] = kept2
         self.scale[indices] = scale
         self.norms2[indices] = norms2
         self.loss2[indices] = loss2
-        self.tail2[indices] = np.maximum(norms2 - kept2, 0.0)
+        self.tail2[indices] = np.maximum(norms2 - exact2, 0.0)
 
     def _summaries(self, stack: np.ndarray):
-        """Summaries of a stack of matrices (b, m, n) in double precision: the rounded,
-        normalised F_i transposed (b, s, m), their scales, ||F~_i||^2, ||A_i||^2 and the
-        squared rounding errors."""
-        norms2 = np.einsum("bij,bij->b", stack.real, stack.real)
-        if np.iscomplexobj(stack):
-            norms2 = norms2 + np.einsum("bij,bij->b", stack.imag, stack.imag)
-        u, sig, _ = np.linalg.svd(stack, full_matrices=False)
-        k = min(self.s, sig.shape[1])
-        exact = u[:, :, :k] * sig[:, None, :k]
+        """Summaries of a stack of matrices (b, m, n) in double precision: the rounded F_i
+        transposed (b, s, m) and their scales, then ||F~_i||^2, ||F_i||^2, ||A_i||^2 and the
+        squared rounding errors ||F~_i - F_i||^2."""
+        norms2 = _sqnorms(stack)
+        b, m, n = stack.shape
+        k = min(self.s, n)
+        if n <= m:
+            # F = A V_s with V_s the top eigenvectors of A^* A (n x n): A times orthonormal
+            # columns is a right-contraction however V_s is rounded, and the small Gram's
+            # eigh is cheaper than the SVD of A.
+            _, v = np.linalg.eigh(stack.conj().transpose(0, 2, 1) @ stack)  # ascending
+            exact = stack @ v[:, :, ::-1][:, :, :k]
+        else:
+            u, sig, _ = np.linalg.svd(stack, full_matrices=False)
+            exact = u[:, :, :k] * sig[:, None, :k]
+        exact2 = _sqnorms(exact)
         if self.store_dtype.kind == "i":
             # the largest entry maps to FIXED_POINT_MAX; rounding to nearest
             scale = np.abs(exact).max(axis=(1, 2), initial=0.0) / FIXED_POINT_MAX
             safe = np.where(scale > 0, scale, 1.0)
             rounded = np.rint(exact / safe[:, None, None]).astype(self.store_dtype)
         else:  # normalised, so no summary under- or overflows
-            scale = np.sqrt(np.sum(sig[:, :k] ** 2, axis=1))
-            safe = np.where(scale > 0, scale, 1.0)
+            safe = np.where(exact2 > 0, np.sqrt(exact2), 1.0)
             rounded = (exact / safe[:, None, None]).astype(self.store_dtype)
         back = rounded.astype(exact.dtype) * safe[:, None, None]
-        diff = back - exact
-        kept2 = np.einsum("bij,bij->b", back.real, back.real) + (
-            np.einsum("bij,bij->b", back.imag, back.imag) if np.iscomplexobj(back) else 0.0)
-        loss2 = np.einsum("bij,bij->b", diff.real, diff.real) + (
-            np.einsum("bij,bij->b", diff.imag, diff.imag) if np.iscomplexobj(diff) else 0.0)
-        out = np.zeros((len(stack), self.s, stack.shape[1]), dtype=self.store_dtype)
+        out = np.zeros((b, self.s, m), dtype=self.store_dtype)
         out[:, :k, :] = rounded.transpose(0, 2, 1)
-        return out, safe, kept2, norms2, loss2
+        return out, safe, _sqnorms(back), exact2, norms2, _sqnorms(back - exact)
 
     # -- the reader interface -------------------------------------------------------------
     def blocks_of(self, indices) -> np.ndarray:
