@@ -6,7 +6,7 @@
 
 Each run is `matclust cluster` in a subprocess (so its peak RSS is its own) at rank 8, eps 0.1,
 incremental/residual, --memory-limit 1GiB, on K matrices of 32 x 16 float32 from 500 random
-rank-6 subspaces plus 1% noise (bench/collections.py). The planted partition's compression ratio
+rank-6 subspaces plus 1% noise (bench/collections_builder.py). The planted partition's compression ratio
 is computed from the stored planted labels with the paper's definition.
 """
 

@@ -145,7 +145,8 @@ class SummaryReader:
             if np.all(widths == widths[0]):
                 b, n = len(batch), int(widths[0])
                 stack = data.reshape(source.m, b, n).transpose(1, 0, 2)
-                parts = [(batch.indices[p], stack[p]) for p in np.array_split(np.arange(b), CORES) if len(p)]
+                cuts = np.linspace(0, b, CORES + 1).astype(int)
+                parts = [(batch.indices[lo:hi], stack[lo:hi]) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
             else:
                 parts = [(batch.indices[j : j + 1], data[None, :, batch.offsets[j] : batch.offsets[j + 1]])
                          for j in range(len(batch))]
