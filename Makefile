@@ -27,8 +27,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
+# Long (about 10 minutes, 2.3 GB in bench/data): BENCH_ARGS="--quick" or "--paper-src DIR".
 bench: $(VENV)/.installed-test
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -260,10 +260,12 @@ class SummaryReader:
 
     @staticmethod
     def _captured(qh: np.ndarray, f: np.ndarray, out: np.ndarray) -> None:
-        """||Q^* F_j||_F^2 for stored (normalised) summaries f (b, s, m), into out (b,)."""
+        """||Q^* F_j||_F^2 for stored summaries f (b, s, m), into out (b,). The summaries are
+        scaled to O(1) entries, so single-precision squares neither under- nor overflow; they
+        are summed per matrix in double precision."""
         b, s, m = f.shape
         proj = f.reshape(b * s, m).astype(qh.dtype, copy=False) @ qh.T
-        sq = np.einsum("ij,ij->i", proj.real, proj.real, dtype=np.float64)
+        sq = np.square(proj.real)
         if np.iscomplexobj(proj):
-            sq += np.einsum("ij,ij->i", proj.imag, proj.imag, dtype=np.float64)
-        out[:] = sq.reshape(b, s).sum(axis=1)
+            sq += np.square(proj.imag)
+        out[:] = sq.reshape(b, -1).sum(axis=1, dtype=np.float64)
