@@ -98,7 +98,8 @@ def cli():
 @click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default="auto",
               show_default=True,
               help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
-                   "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit.")
+                   "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit "
+                   "or exceed 32 MiB.")
 @click.option("--clusters", "n_clusters", type=int, help="Number of clusters (--method random | kmeans).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random | kmeans.")
 @config_option

@@ -535,6 +535,23 @@ def test_auto_mode_picks_by_memory_limit(big_runs, tmp_path):
     assert small.fit(mats_small).report_["params"]["mode"] == "in-memory"
 
 
+@pytest.mark.parametrize("threshold,expected", [(2**20, "out-of-core"), (2**30, "in-memory")])
+def test_auto_mode_runs_large_collections_out_of_core(tmp_path, monkeypatch, threshold, expected):
+    """Above AUTO_OUT_OF_CORE_BYTES auto runs out of core even with room to spare (the limit
+    here is the default 1 GiB); below it, in memory. Either way the store honours eps."""
+    import matclust.api as api
+
+    mats, _ = planted_collection(400, 24, 16, 4, 3, 0.01, "float64", None, 2, 10.0)
+    inp = write_input(tmp_path / "in.h5", list(mats), "stack")
+    assert 400 * 24 * 16 * 8 > 2**20
+    monkeypatch.setattr(api, "AUTO_OUT_OF_CORE_BYTES", threshold)
+    with open_source(inp, DATASET) as src:
+        mc = MatrixClusterer(rank=4, eps=0.1, mode="auto").fit(src, str(tmp_path / "out.h5"))
+    assert mc.report_["params"]["mode"] == expected
+    assert read_store(tmp_path / "out.h5").params["mode"] == expected
+    assert verify_store(str(tmp_path / "out.h5"))["ok"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Quality against the in-memory mode
 # ---------------------------------------------------------------------------------------------
