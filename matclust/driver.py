@@ -202,6 +202,8 @@ class GreedyDriver:
     def _clusters(self) -> Iterator[FormedCluster]:
         cursor = 0
         discard = getattr(self.reader, "discard", None)
+        if discard is not None and not self.alive.all():  # clusters restored from a checkpoint
+            discard(np.flatnonzero(~self.alive))
         while True:
             while cursor < len(self._by_norm) and not self.alive[self._by_norm[cursor]]:
                 cursor += 1
