@@ -37,7 +37,8 @@ def all_threads():
 
 
 def on_all_cores(fn: Callable, items: Iterable) -> list:
-    """``[fn(x) for x in items]``, the items spread over the cores, BLAS single-threaded."""
+    """``[fn(x) for x in items]``, the items spread over the cores, BLAS single-threaded.
+    Not re-entrant: ``fn`` must not call it again (the pool's workers would wait on themselves)."""
     global _POOL
     items = list(items)
     with single_threaded():
