@@ -408,7 +408,8 @@ def _render_study(result, summary, console) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,
             oversampling, memory_limit, as_json, quiet):
-    """Run several methods on INPUT (nothing is written) and print one table."""
+    """Run several methods on INPUT and print one table (each run's store goes to a temporary
+    directory, deleted at the end)."""
     from matclust.compare import compare as run_compare
     from matclust.progress import RichProgress
     from matclust.sources import open_source

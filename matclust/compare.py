@@ -2,8 +2,10 @@
 
 A method is written ``METHOD[/ORDER]``: a bounded method (incremental, residual, weyl or a paper
 alias) with its candidate order, or a baseline (random, kmeans, hdbscan). A bounded method
-without an order runs with both orders. Nothing is written to disk; each run is a
-:class:`~matclust.api.MatrixClusterer` fit kept in memory.
+without an order runs with both orders. Each run is a :class:`~matclust.api.MatrixClusterer`
+fit that writes its store to a temporary directory (``$TMPDIR``), deleted at the end: so no
+run holds its clusters in memory, and a collection too large for the memory limit runs out of
+core as ``matclust cluster`` would (the row's ``mode`` says which).
 
 The random and kmeans baselines need a number of clusters: ``n_clusters``, or by default the
 number of clusters of the first bounded run (the baselines then get as many clusters as the
@@ -12,6 +14,8 @@ error-bounded method needed).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +28,7 @@ from matclust.errors import InputError
 DEFAULT_METHODS = ("incremental/residual", "incremental/norm", "residual/residual",
                    "residual/norm", "weyl/residual", "weyl/norm", "random", "kmeans")
 ROW_KEYS = ("method", "clusters", "singletons", "compression_ratio", "max_error", "over_eps",
-            "seconds")
+            "seconds", "mode")
 
 
 def parse_methods(tokens) -> list[tuple[str, str | None]]:
@@ -104,29 +108,32 @@ def compare(source, rank: int, eps: float, methods=None, *, n_clusters: int | No
     bounded = [p for p in pairs if p[0] not in BASELINES]
     baselines = [p for p in pairs if p[0] in BASELINES]
     results: dict[tuple, dict] = {}
-    for method, order in bounded + baselines:
-        clusters = None
-        if method in BASELINES and needs_clusters(method):
-            if n_clusters is None:
-                first = next((results[p] for p in bounded if p in results), None)
-                if first is None:
-                    raise InputError(f"--methods {method} needs --clusters N (or a bounded "
-                                     "method to take the number of clusters from)")
-                n_clusters = int(first["clusters"])
-                notes.append(f"random/kmeans given {n_clusters} clusters, as many as "
-                             f"{first['method']} formed")
-            clusters = min(int(n_clusters), source.K)
-        est = MatrixClusterer(rank=rank, eps=eps, method=method, order=order or "residual",
-                              patience=patience, oversampling=oversampling,
-                              memory_limit=memory_limit, n_clusters=clusters, random_state=seed)
-        rep = est.fit(source, progress=progress).report_
-        results[(method, order)] = {
-            "method": method_label(method, order),
-            "clusters": int(rep["clusters"]),
-            "singletons": int(rep["singletons"]),
-            "compression_ratio": float(rep["compression_ratio"]),
-            "max_error": float(rep["max_error"]),
-            "over_eps": int(rep["over_eps"]),
-            "seconds": float(rep["seconds"]),
-        }
+    with tempfile.TemporaryDirectory(prefix="matclust-compare-") as scratch:
+        for run, (method, order) in enumerate(bounded + baselines):
+            clusters = None
+            if method in BASELINES and needs_clusters(method):
+                if n_clusters is None:
+                    first = next((results[p] for p in bounded if p in results), None)
+                    if first is None:
+                        raise InputError(f"--methods {method} needs --clusters N (or a bounded "
+                                         "method to take the number of clusters from)")
+                    n_clusters = int(first["clusters"])
+                    notes.append(f"random/kmeans given {n_clusters} clusters, as many as "
+                                 f"{first['method']} formed")
+                clusters = min(int(n_clusters), source.K)
+            est = MatrixClusterer(rank=rank, eps=eps, method=method, order=order or "residual",
+                                  patience=patience, oversampling=oversampling,
+                                  memory_limit=memory_limit, n_clusters=clusters, random_state=seed)
+            store = os.path.join(scratch, f"run{run}.h5")
+            rep = est.fit(source, store, progress=progress).report_
+            results[(method, order)] = {
+                "method": method_label(method, order),
+                "clusters": int(rep["clusters"]),
+                "singletons": int(rep["singletons"]),
+                "compression_ratio": float(rep["compression_ratio"]),
+                "max_error": float(rep["max_error"]),
+                "over_eps": int(rep["over_eps"]),
+                "seconds": float(rep["seconds"]),
+                "mode": rep["params"]["mode"],
+            }
     return Comparison([results[p] for p in pairs], n_clusters, notes)

@@ -190,3 +190,31 @@ def test_compare_table_and_method_selection(planted_h5, cli):
     assert "unknown method" in res.stderr
     res = cli("compare", planted_h5, "--rank", 2, "--eps", 0.05, "--methods", "random", check=2)
     assert "--clusters" in res.stderr
+
+
+def test_compare_runs_within_the_memory_limit_and_leaves_nothing(tmp_path, monkeypatch):
+    """compare writes each run to a temporary store: a collection larger than the limit runs
+    out of core (as cluster would), the results equal a cluster run's, and the temporary
+    directory is gone afterwards."""
+    import tempfile
+
+    from matclust import MatrixClusterer
+    from matclust.compare import compare
+    from matclust.sample import planted_collection
+    from matclust.sources import ArraySource
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    mats, _ = planted_collection(6000, 40, 12, 4, 3, 0.01, "float64", None, 5, 10.0)
+    src = ArraySource(list(mats))
+    limit = 2**20  # the budget is then its 16 MiB floor, below the 22 MiB of matrices
+    result = compare(src, 4, 0.1, ["incremental/residual", "random"], n_clusters=7,
+                     memory_limit=limit)
+    bounded, random_row = result.rows
+    assert bounded["mode"] == "out-of-core" and bounded["over_eps"] == 0
+    assert random_row["mode"] == "in-memory" and random_row["clusters"] == 7
+    alone = MatrixClusterer(rank=4, eps=0.1, memory_limit=limit).fit(src, str(tmp_path / "a.h5"))
+    assert bounded["clusters"] == alone.n_clusters_
+    assert bounded["compression_ratio"] == pytest.approx(alone.compression_ratio_, rel=1e-12)
+    assert list(scratch.iterdir()) == []
