@@ -15,7 +15,6 @@ from matclust.checkpoint import OutputGuard
 from matclust.driver import ORDERS, GreedyDriver
 from matclust.encode import EncodedCluster, encode
 from matclust.engine.estimators import canonical_method, make_estimator
-from matclust.engine.linalg import as_compute
 from matclust.errors import InputError
 from matclust.report import build_report, cluster_stat
 from matclust.sources import ArraySource, MatrixSource
@@ -338,16 +337,14 @@ def as_source(X) -> MatrixSource:
 
 
 def scan_norms(reader: CachedReader, progress) -> np.ndarray:
-    """One pass over the collection: squared norms (and, through the source, NaN/Inf checks)."""
+    """One pass over the collection: squared norms (and, through the source, NaN/Inf checks).
+    The reader keeps the column norms of the batches it caches for its residual scans."""
     source = reader.source
     norms2 = np.empty(source.K, dtype=np.float64)
     progress.start("reading", source.K)
-    for batch in reader:
-        data = as_compute(batch.data)
-        col2 = np.einsum("ij,ij->j", data.real, data.real)
-        if np.iscomplexobj(data):
-            col2 += np.einsum("ij,ij->j", data.imag, data.imag)
-        norms2[batch.indices] = batch.reduce_columns(col2)
+    for k in range(len(reader)):
+        batch = reader.batch(k)
+        norms2[batch.indices] = batch.reduce_columns(reader.column_norms2(k, batch))
         progress.advance(len(batch))
     return norms2
 

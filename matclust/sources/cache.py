@@ -85,7 +85,7 @@ class CachedReader:
                 # wanted ones out is cheaper than the product over all.
                 batch, norms2 = batch.take(keep), None
             else:
-                norms2 = self._column_norms2(k, batch)
+                norms2 = self.column_norms2(k, batch)
             with all_threads():
                 out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data, norms2))
         return out[candidates]
@@ -103,7 +103,9 @@ class CachedReader:
         self._held -= batch.data.nbytes - compact.data.nbytes
         return compact
 
-    def _column_norms2(self, k: int, batch: Batch) -> np.ndarray:
+    def column_norms2(self, k: int, batch: Batch) -> np.ndarray:
+        """Squared norms of the columns of ``batch``, batch k as just returned by ``batch(k)``
+        (or compacted); kept while the batch is cached."""
         norms2 = self._norms2.get(k)
         if norms2 is None:
             norms2 = column_norms2(batch.data)
