@@ -293,16 +293,11 @@ class GreedyDriver:
         return max(1, int(np.searchsorted(np.cumsum(widths), limit, side="right")))
 
     def _extend_group(self, state, batch, j: int, take: int):
-        if take == 1:
-            return self._extend(state, batch.indices[j], batch.block(j))
+        """``state`` extended by the ``take`` blocks from position j of ``batch``, as one block."""
         idx = batch.indices[j : j + take]
         block = batch.data[:, batch.offsets[j] : batch.offsets[j + take]]
         loss2 = 0.0 if self._loss2 is None else float(self._loss2[idx].sum())
         return state.extend(block, float(self.norms2[idx].sum()), loss2)
-
-    def _extend(self, state, idx: int, block: np.ndarray):
-        loss2 = 0.0 if self._loss2 is None else float(self._loss2[idx])
-        return state.extend(block, float(self.norms2[idx]), loss2)
 
     def _candidates(self, seed: np.ndarray, seed_blocks, seed_state) -> Iterator[np.ndarray]:
         """Remaining indices in candidate order, in slices (reading is per slice)."""
