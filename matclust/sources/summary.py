@@ -134,8 +134,8 @@ class SummaryReader:
 
     # -- building -------------------------------------------------------------------------
     def _scan(self, progress) -> None:
-        """One pass: every matrix's summary. A batch's SVDs are split over the cores (numpy
-        releases the GIL in them; each part writes its own rows), BLAS single-threaded."""
+        """One pass: every matrix's summary. A batch is split over the cores (each part writes
+        its own rows)."""
         source = self.source
         if progress:
             progress.start("summarising", source.K)
@@ -223,11 +223,9 @@ class SummaryReader:
 
     def _compact(self) -> None:
         keep = np.flatnonzero(~self._gone[self.owner[: self.live]])
-        step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
         # Rows only move towards the front (keep[j] >= j), so copying front to back in
         # pieces never overwrites a row still to be moved, and needs no second array.
-        for lo in range(0, len(keep), step):
-            hi = min(lo + step, len(keep))
+        for lo, hi in self._pieces(len(keep)):
             self.F[lo:hi] = self.F[keep[lo:hi]]
         self.row[self.owner[: self.live]] = -1
         self.owner[: len(keep)] = self.owner[keep]
@@ -241,22 +239,25 @@ class SummaryReader:
         Every stored row is scanned (contiguous, no gathering), in cache-sized pieces split
         over the cores; candidates whose row was compacted away are scanned on their own."""
         qh = q.conj().T.astype(np.complex64 if np.iscomplexobj(q) else np.float32)
-        captured = np.empty(self.live, dtype=np.float64)
-        step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
-        pieces = [(lo, min(lo + step, self.live)) for lo in range(0, self.live, step)]
+        captured = np.empty(self.live, dtype=np.float64)  # of the stored (unscaled) rows
         on_all_cores(lambda piece: self._captured(qh, self.F[piece[0] : piece[1]],
-                                                  captured[piece[0] : piece[1]]), pieces)
+                                                  captured[piece[0] : piece[1]]),
+                     self._pieces(self.live))
         candidates = np.asarray(candidates, dtype=np.int64)
         rows = self.row[candidates]
         got = np.empty(len(candidates), dtype=np.float64)
         inside = rows >= 0
-        got[inside] = captured[rows[inside]]
+        got[inside] = captured[rows[inside]] * self.scale[candidates[inside]] ** 2
         if not inside.all():  # compacted away after discard(), yet asked for
             outside = np.flatnonzero(~inside)
             proj = q.conj().T @ self.blocks_of(candidates[outside])
-            got[outside] = np.sum(np.abs(proj) ** 2, axis=(1, 2)) / self.scale[candidates[outside]] ** 2
-        got *= self.scale[candidates] ** 2
+            got[outside] = np.sum(np.abs(proj) ** 2, axis=(1, 2))
         return np.maximum(self.kept2[candidates] - got + self.tail2[candidates], 0.0)
+
+    def _pieces(self, rows: int) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of at most SCAN_PIECE_NUMBERS stored numbers each."""
+        step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
+        return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
     @staticmethod
     def _captured(qh: np.ndarray, f: np.ndarray, out: np.ndarray) -> None:
