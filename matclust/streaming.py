@@ -51,6 +51,17 @@ def split_by_cluster(labels: np.ndarray, batch):
                                         grouped.offsets[a : b + 1] - first)
 
 
+def cluster_parts(source: MatrixSource, labels: np.ndarray, progress=None, phase: str = "reading"):
+    """One sequential pass over ``source``: (cluster id, sub-batch) for every cluster present in
+    each batch (see :func:`split_by_cluster`); ``progress`` counts the matrices passed."""
+    if progress:
+        progress.start(phase, source.K)
+    for batch in source.iter_batches():
+        yield from split_by_cluster(labels, batch)
+        if progress:
+            progress.advance(len(batch))
+
+
 class _ColumnSink:
     """Writes one cluster's (rows x N) array left to right, a storage chunk at a time.
 
@@ -137,15 +148,10 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
     bases: dict[int, np.ndarray] = {}
     for group in _groups_within(factored, planned, m, budget_bytes, source.dtype.kind == "c"):
         accs = {c: ExactBasis(m, rank, source.dtype) for c in group}
-        if progress:
-            progress.start("bases", source.K)
-        for batch in source.iter_batches():
-            for c, part in split_by_cluster(labels, batch):
-                acc = accs.get(c)
-                if acc is not None:
-                    acc.add(part.data)
-            if progress:
-                progress.advance(len(batch))
+        for c, part in cluster_parts(source, labels, progress, "bases"):
+            acc = accs.get(c)
+            if acc is not None:
+                acc.add(part.data)
         for c, acc in accs.items():
             basis, best = acc.basis_and_error()
             planned[c].best_error = best
@@ -179,25 +185,20 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
     # Patience singletons were never bounded (bound None): their exact e_r, the tightest bound,
     # from the matrix's own singular values (a singleton lies within one batch).
     tail2 = np.zeros(len(planned))
-    if progress:
-        progress.start("writing", source.K)
-    for batch in source.iter_batches():
-        for c, part in split_by_cluster(labels, batch):
-            data = as_compute(part.data)
-            norm2[c] += sqnorm(data)
-            if planned[c].bound is None:
-                tail2[c] += float(np.sum(np.sort(singular_values2(data))[::-1][rank:]))
-            if c in bases:
-                basis = bases[c]
-                coeffs = coefficients(as_compute(basis), data).astype(dtype)
-                err2[c] += sqnorm(data - as_compute(basis) @ as_compute(coeffs))
-                sinks[c].add(coeffs)
-            else:
-                raw = part.data.astype(dtype)
-                err2[c] += sqnorm(data - as_compute(raw))
-                sinks[c].add(raw)
-        if progress:
-            progress.advance(len(batch))
+    for c, part in cluster_parts(source, labels, progress, "writing"):
+        data = as_compute(part.data)
+        norm2[c] += sqnorm(data)
+        if planned[c].bound is None:
+            tail2[c] += float(np.sum(np.sort(singular_values2(data))[::-1][rank:]))
+        if c in bases:
+            basis = bases[c]
+            coeffs = coefficients(as_compute(basis), data).astype(dtype)
+            err2[c] += sqnorm(data - as_compute(basis) @ as_compute(coeffs))
+            sinks[c].add(coeffs)
+        else:
+            raw = part.data.astype(dtype)
+            err2[c] += sqnorm(data - as_compute(raw))
+            sinks[c].add(raw)
     for sink in sinks.values():
         sink.flush()
     for c, cl in enumerate(planned):

@@ -10,7 +10,7 @@ from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
 from matclust.sources import open_source
 from matclust.store import ResultStore
-from matclust.streaming import split_by_cluster
+from matclust.streaming import cluster_parts
 
 #: Orthonormality tolerance of a stored basis, in units of its precision's machine epsilon.
 ORTHO_ULPS = 1e3
@@ -62,19 +62,14 @@ def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, p
     labels = np.where(np.isin(store.labels, [c for c, info in enumerate(clusters) if info]),
                       store.labels, -1)
     cache = _StoredColumns(clusters, max(16 * 2**20, memory_limit // 4))
-    if progress:
-        progress.start("verifying", src.K)
-    for batch in src.iter_batches():
-        for c, part in split_by_cluster(labels, batch):
-            if c < 0:
-                continue
-            widths = np.diff(part.offsets)
-            cols = np.concatenate([np.arange(o, o + w) for o, w in zip(col_offset[part.indices], widths)])
-            data = as_compute(part.data)
-            norm2[c] += sqnorm(data)
-            err2[c] += sqnorm(data - cache.columns(c, cols))
-        if progress:
-            progress.advance(len(batch))
+    for c, part in cluster_parts(src, labels, progress, "verifying"):
+        if c < 0:
+            continue
+        widths = np.diff(part.offsets)
+        cols = np.concatenate([np.arange(o, o + w) for o, w in zip(col_offset[part.indices], widths)])
+        data = as_compute(part.data)
+        norm2[c] += sqnorm(data)
+        err2[c] += sqnorm(data - cache.columns(c, cols))
     errors = []
     for c in range(store.n_clusters):
         if not clusters[c]:
