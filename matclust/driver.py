@@ -270,16 +270,34 @@ class GreedyDriver:
             while j < len(batch):
                 take = self._group(batch, j, run)
                 trial = self._extend_group(state, batch, j, take)
-                if trial.bound <= self.eps:
-                    state = trial
+                if trial.bound > self.eps:
+                    # Blocks added together as one block are bounded at least as tightly as
+                    # one at a time (the state after each added block is below the sum of the
+                    # Grams in Loewner order), so the first block that fails in a group fails
+                    # on its own too: the cluster ends inside this group.
+                    take, trial = self._longest_fit(state, batch, j, take)
                     members.extend(int(i) for i in batch.indices[j : j + take])
-                    j += take
-                    run *= 2
-                elif take == 1:
-                    return np.array(members), state
-                else:  # one of them does not fit: find the first failure one at a time
-                    run = 1
+                    return np.array(members), trial
+                state = trial
+                members.extend(int(i) for i in batch.indices[j : j + take])
+                j += take
+                run *= 2
         return np.array(members), state
+
+    def _longest_fit(self, state, batch, j: int, take: int):
+        """The longest prefix of the ``take`` blocks at j (which do not fit together) whose
+        bound, added to ``state`` as one block, stays <= eps, and the state after it:
+        (0, state) when not even the first fits. Bisection: the bounded error energy only grows
+        with the prefix (the relative bound nearly so; any prefix found is within eps)."""
+        fits, fails, best = 0, take, state
+        while fails - fits > 1:
+            mid = (fits + fails) // 2
+            trial = self._extend_group(state, batch, j, mid)
+            if trial.bound <= self.eps:
+                fits, best = mid, trial
+            else:
+                fails = mid
+        return fits, best
 
     def _group(self, batch, j: int, run: int) -> int:
         """How many candidates from position j to add in one update: up to ``run``, within the
