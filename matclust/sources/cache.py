@@ -17,6 +17,10 @@ from matclust.blas import all_threads
 from matclust.engine.linalg import column_norms2, residual_columns2
 from matclust.sources.base import Batch, MatrixSource
 
+#: A cached batch is compacted once this share of its matrices is discarded. Scans multiply
+#: every column they hold, so a low share saves products; each compaction copies the rest.
+COMPACT_FRACTION = 0.125
+
 
 class CachedReader:
     """Chunk-aligned, LRU-cached access to a :class:`MatrixSource`.
@@ -94,7 +98,7 @@ class CachedReader:
         """Batch k without its discarded matrices, once they are the majority (kept so)."""
         batch = self.batch(k)
         live = ~self._gone[batch.indices]
-        if 2 * np.count_nonzero(live) >= len(batch) or k not in self._cache:
+        if np.count_nonzero(~live) <= COMPACT_FRACTION * len(batch) or k not in self._cache:
             return batch
         compact = batch.take(np.flatnonzero(live))
         if k in self._norms2:
