@@ -69,7 +69,7 @@ class CachedReader:
 
     def discard(self, indices) -> None:
         """Mark matrices as no longer needed (e.g. clustered and written). Cached batches that
-        are mostly such matrices are compacted, so residual scans neither copy nor multiply
+        are COMPACT_FRACTION or more such matrices are compacted, so residual scans neither copy nor multiply
         them again; should a discarded matrix be asked for after all, it is read again."""
         self._gone[np.asarray(indices, dtype=np.int64)] = True
 
@@ -95,7 +95,7 @@ class CachedReader:
         return out[candidates]
 
     def _compacted(self, k: int) -> Batch:
-        """Batch k without its discarded matrices, once they are the majority (kept so)."""
+        """Batch k without its discarded matrices, once they are COMPACT_FRACTION of it (kept so)."""
         batch = self.batch(k)
         live = ~self._gone[batch.indices]
         if np.count_nonzero(~live) <= COMPACT_FRACTION * len(batch) or k not in self._cache:
