@@ -68,9 +68,10 @@ class CachedReader:
             yield self.batch(k)
 
     def discard(self, indices) -> None:
-        """Mark matrices as no longer needed (e.g. clustered and written). Cached batches that
-        are COMPACT_FRACTION or more such matrices are compacted, so residual scans neither copy nor multiply
-        them again; should a discarded matrix be asked for after all, it is read again."""
+        """Mark matrices as no longer needed (e.g. clustered and written). A cached batch is
+        compacted once COMPACT_FRACTION of it is such matrices, so residual scans neither copy
+        nor multiply them again; should a discarded matrix be asked for after all, it is read
+        again."""
         self._gone[np.asarray(indices, dtype=np.int64)] = True
 
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
