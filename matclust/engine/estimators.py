@@ -19,6 +19,7 @@ import numpy as np
 from matclust.engine.linalg import (
     EPS,
     as_compute,
+    leading_directions,
     new_directions,
     project_out,
     relative_error,
@@ -227,6 +228,14 @@ class IncrementalState(_State):
             return IncrementalState(self.rank, self.keep, basis, mu, total2, self.size + 1,
                                     self.slack, self.loss2 + loss2)
         anorm = np.sqrt(a2)
+        if not q.shape[1] and a.shape[1]:
+            # From empty, G is diagonal in the block's own left singular vectors: they and
+            # their squared singular values are the new state, with nothing to rotate.
+            w, s, dropped = leading_directions(a, anorm, q.shape[0])
+            top = min(self.keep, len(s))
+            return IncrementalState(self.rank, self.keep, w[:, :top], s[:top] ** 2, total2,
+                                    self.size + 1, self._slack_after(anorm, dropped),
+                                    self.loss2 + loss2)
         qh = q.conj().T
         y = qh @ a
         resid = a - q @ y
@@ -247,11 +256,13 @@ class IncrementalState(_State):
             g[k1:, k1:] = b @ b.conj().T
         lam, v = self._top(np.linalg.eigh(g))
         basis = q @ v[:k1] + w @ v[k1:] if j else q @ v
+        return IncrementalState(self.rank, self.keep, basis, lam, total2, self.size + 1,
+                                self._slack_after(anorm, dropped), self.loss2 + loss2)
+
+    def _slack_after(self, anorm: float, dropped: float) -> float:
         # Dropping a residual of spectral size d perturbs the Gram by at most 2||A|| d + d^2;
         # charging it to every one of the r energies keeps L a guaranteed lower bound.
-        slack = self.slack + (2.0 * anorm * dropped + dropped**2 if dropped else 0.0)
-        return IncrementalState(self.rank, self.keep, basis, lam, total2, self.size + 1,
-                                slack, self.loss2 + loss2)
+        return self.slack + (2.0 * anorm * dropped + dropped**2 if dropped else 0.0)
 
     def _top(self, eig) -> tuple[np.ndarray, np.ndarray]:
         """The k largest eigenpairs of an eigh result (ascending), descending, clipped at 0."""

@@ -81,10 +81,8 @@ def new_directions(r: np.ndarray, scale: float, room: int, q: np.ndarray | None 
     if n == 0 or room <= 0:
         # Nothing can be kept: all of r is dropped (its Frobenius norm bounds its 2-norm).
         return r[:, :0], np.zeros((0, n), r.dtype), float(np.sqrt(sqnorm(r)))
-    u, s, _ = np.linalg.svd(r, full_matrices=False)
-    keep = min(int(np.count_nonzero(s > DROP_TOL * scale)), room)
-    dropped = float(s[keep]) if keep < len(s) else 0.0
-    w = u[:, :keep]
+    w, s, dropped = leading_directions(r, scale, room)
+    keep = len(s)
     # The repair costs a QR; it is needed only when some kept direction leans into span(Q),
     # which one small product measures.
     if q is not None and q.shape[1] and keep and np.abs(q.conj().T @ w).max() > LEAN_TOL:
@@ -93,6 +91,16 @@ def new_directions(r: np.ndarray, scale: float, room: int, q: np.ndarray | None 
         # r - W W^* r = (I - W W^*) kept + (I - W W^*) (the dropped part); bound both spectrally.
         dropped += float(np.sqrt(sqnorm(kept - w @ (w.conj().T @ kept))))
     return w, w.conj().T @ r, dropped
+
+
+def leading_directions(r: np.ndarray, scale: float, room: int):
+    """(U, s, dropped): the left singular vectors of r (m x n, n >= 1) whose singular value
+    exceeds DROP_TOL * scale, at most ``room`` of them, their singular values, and the largest
+    singular value not kept (0.0 when none is left out)."""
+    u, s, _ = np.linalg.svd(r, full_matrices=False)
+    keep = min(int(np.count_nonzero(s > DROP_TOL * scale)), room)
+    dropped = float(s[keep]) if keep < len(s) else 0.0
+    return u[:, :keep], s[:keep], dropped
 
 
 #: A column whose residual is below this fraction of its squared norm is recomputed from the
