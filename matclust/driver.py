@@ -259,7 +259,7 @@ class GreedyDriver:
         seed_blocks = seed_batch.blocks()
         # The seed as one block: it has at most r columns (or is one block), so every estimator
         # captures its energy exactly either way, and one update is cheaper than several.
-        state = self._extend_group(self.estimator.empty(), seed_batch, 0, len(seed))
+        state = self._prefixes(self.estimator.empty(), seed_batch, 0, len(seed)).state(len(seed))
         members = list(seed)
         if state.bound > self.eps:
             return np.array(members), state
@@ -269,35 +269,36 @@ class GreedyDriver:
             j = 0
             while j < len(batch):
                 take = self._group(batch, j, run)
-                trial = self._extend_group(state, batch, j, take)
-                if trial.bound > self.eps:
+                group = self._prefixes(state, batch, j, take)
+                if group.state(take).bound > self.eps:
                     # Blocks added together as one block are bounded at least as tightly as
                     # one at a time (the state after each added block is below the sum of the
                     # Grams in Loewner order), so the first block that fails in a group fails
                     # on its own too: the cluster ends inside this group.
-                    take, trial = self._longest_fit(state, batch, j, take)
+                    take = self._longest_fit(group)
                     members.extend(int(i) for i in batch.indices[j : j + take])
-                    return np.array(members), trial
-                state = trial
+                    return np.array(members), group.state(take) if take else state
+                state = group.state(take)
                 members.extend(int(i) for i in batch.indices[j : j + take])
                 j += take
                 run *= 2
         return np.array(members), state
 
-    def _longest_fit(self, state, batch, j: int, take: int):
-        """The longest prefix of the ``take`` blocks at j (which do not fit together) whose
-        bound, added to ``state`` as one block, stays <= eps, and the state after it:
-        (0, state) when not even the first fits. Bisection: the bounded error energy only grows
-        with the prefix (the relative bound nearly so; any prefix found is within eps)."""
-        fits, fails, best = 0, take, state
+    def _longest_fit(self, group) -> int:
+        """How many leading blocks of a group that does not fit do fit, added as one block
+        (0 when not even the first does). Bisection: the bounded error energy only grows with
+        the prefix (the relative bound nearly so; any prefix found is within eps)."""
+        fits, fails = 0, len(group)
         while fails - fits > 1:
             mid = (fits + fails) // 2
-            trial = self._extend_group(state, batch, j, mid)
-            if trial.bound <= self.eps:
-                fits, best = mid, trial
+            if group.bound(mid) <= self.eps:
+                fits = mid
             else:
                 fails = mid
-        return fits, best
+        # A prefix's bound may be computed without its state; the kept state's must agree.
+        while fits and group.state(fits).bound > self.eps:
+            fits -= 1
+        return fits
 
     def _group(self, batch, j: int, run: int) -> int:
         """How many candidates from position j to add in one update: up to ``run``, within the
@@ -310,12 +311,14 @@ class GreedyDriver:
         widths = np.diff(batch.offsets[j : j + run + 1])
         return max(1, int(np.searchsorted(np.cumsum(widths), limit, side="right")))
 
-    def _extend_group(self, state, batch, j: int, take: int):
-        """``state`` extended by the ``take`` blocks from position j of ``batch``, as one block."""
+    def _prefixes(self, state, batch, j: int, take: int):
+        """``state`` extended by the first p of the ``take`` blocks from position j of
+        ``batch``, taken together as one block (:class:`~matclust.engine.estimators.Prefixes`)."""
         idx = batch.indices[j : j + take]
-        block = batch.data[:, batch.offsets[j] : batch.offsets[j + take]]
-        loss2 = 0.0 if self._loss2 is None else float(self._loss2[idx].sum())
-        return state.extend(block, float(self.norms2[idx].sum()), loss2)
+        first = batch.offsets[j]
+        loss2 = np.zeros(take) if self._loss2 is None else self._loss2[idx]
+        return state.prefixes(batch.data[:, first : batch.offsets[j + take]],
+                              batch.offsets[j + 1 : j + take + 1] - first, self.norms2[idx], loss2)
 
     def _candidates(self, seed: np.ndarray, seed_blocks, seed_state) -> Iterator[np.ndarray]:
         """Remaining indices in candidate order, in slices (reading is per slice)."""

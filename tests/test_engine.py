@@ -669,3 +669,46 @@ def test_incremental_follows_its_definition(cplx):
             t = (v * mu) @ v.conj().T
             want = float(np.sum(mu[:r]))
             assert state.energy == pytest.approx(want, rel=1e-9, abs=1e-12 * state.norm2), trial
+
+
+@pytest.mark.parametrize("method", ["incremental", "residual", "weyl"])
+@pytest.mark.parametrize("cplx", [False, True])
+def test_prefixes_are_the_prefix_blocks_added_as_one(method, cplx):
+    """Prefixes(p) is the state extended by the first p blocks side by side, as one block: its
+    bound agrees with that extend's (the incremental estimator computes it from one shared
+    projection and eigvalsh alone), its energy with the dense definition, and the states
+    it hands out are the extend's. m = 12 and 60 take the full-space and projected paths."""
+    rng = np.random.default_rng(53 + cplx)
+    for trial in range(8):
+        m = (12, 60)[trial % 2]
+        r = int(rng.integers(1, 5))
+        est = make_estimator(method, r, m, cplx)
+        seed = random_blocks(rng, m, [r], cplx)[0]
+        base = est.start([seed])
+        widths = rng.integers(1, 5, size=6)
+        scales = 10.0 ** rng.uniform(-3, 1, len(widths))
+        if trial % 4 >= 2:  # near the seed's span: prefixes that fit and ones that do not
+            blocks = [seed[:, : min(n, r)] @ gauss(rng, (min(n, r), n), cplx) * s
+                      + 1e-3 * gauss(rng, (m, n), cplx) for n, s in zip(widths, scales)]
+        else:
+            blocks = random_blocks(rng, m, widths, cplx, scales=scales)
+        group = base.prefixes(np.hstack(blocks), np.cumsum(widths),
+                              [float(np.linalg.norm(b) ** 2) for b in blocks], np.zeros(len(blocks)))
+        for p in range(len(blocks), 0, -1):  # bounds first, before any state is formed
+            direct = base.extend(np.hstack(blocks[:p]))
+            # Bounds are sqrt(1 - energy / norm2): compare the energies' share, not its root.
+            assert abs(group.bound(p) ** 2 - direct.bound**2) < 1e-12, (trial, p)
+        for p in range(1, len(blocks) + 1):
+            direct = base.extend(np.hstack(blocks[:p]))
+            state = group.state(p)
+            assert abs(state.bound**2 - direct.bound**2) < 1e-12, (trial, p)
+            assert state.norm2 == pytest.approx(direct.norm2, rel=1e-12)
+            if method == "incremental":
+                dense = _concat([seed] + blocks[:p])
+                t = seed @ seed.conj().T
+                mu, v = np.linalg.eigh(t)
+                k = est.rank + est.oversampling
+                t = (v[:, ::-1][:, :k] * mu[::-1][:k]) @ v[:, ::-1][:, :k].conj().T
+                a = dense[:, seed.shape[1]:]
+                want = np.sort(np.linalg.eigvalsh(t + a @ a.conj().T))[::-1][:r].sum()
+                assert state.energy == pytest.approx(want, rel=1e-9, abs=1e-12 * state.norm2)

@@ -19,6 +19,7 @@ import numpy as np
 from matclust.engine.linalg import (
     EPS,
     as_compute,
+    column_norms2,
     leading_directions,
     new_directions,
     project_out,
@@ -56,18 +57,66 @@ class _State:
     @property
     def bound(self) -> float:
         """Guaranteed upper bound on the cluster's best rank-r relative error."""
-        energy = self.energy - ROUNDING_MARGIN * self.rank * EPS * self.norm2
-        if self.loss2 > 0.0:
-            energy = max(0.0, np.sqrt(max(energy, 0.0)) - np.sqrt(self.loss2)) ** 2
-        return relative_error(self.norm2, energy)
+        return bound_from(self.energy, self.rank, self.norm2, self.loss2)
 
     def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "_State":
         raise NotImplementedError
+
+    def prefixes(self, block: np.ndarray, ends, norms2, loss2) -> "Prefixes":
+        """The states after adding the first p of several blocks as one block, p = 1, 2, ...:
+        see :class:`Prefixes`."""
+        return Prefixes(self, block, ends, norms2, loss2)
 
     def top_basis(self) -> np.ndarray | None:
         """Orthonormal top-r left singular vectors of the blocks added so far, when the state
         tracks them exactly (None otherwise)."""
         return None
+
+
+def bound_from(energy: float, rank: int, norm2: float, loss2: float) -> float:
+    """The relative-error bound of a state with this energy lower bound (see _State)."""
+    energy = energy - ROUNDING_MARGIN * rank * EPS * norm2
+    if loss2 > 0.0:
+        energy = max(0.0, np.sqrt(max(energy, 0.0)) - np.sqrt(loss2)) ** 2
+    return relative_error(norm2, energy)
+
+
+class Prefixes:
+    """A state extended by the first p of several blocks taken together as one block, for each
+    p: the driver tries a group of candidates at once and, when the group does not fit, looks
+    for the longest prefix that does.
+
+    ``block`` holds the blocks side by side, block i ending at column ``ends[i]``; ``norms2``
+    and ``loss2`` are per block, as in ``_State.extend``. This generic form extends ``base``
+    once per prefix asked for; estimators that can share the work between prefixes override
+    :meth:`_state` and :meth:`bound`.
+    """
+
+    def __init__(self, base: _State, block: np.ndarray, ends, norms2, loss2):
+        self.base = base
+        self.block = block
+        self.ends = np.asarray(ends, dtype=np.int64)
+        self.norms2 = np.cumsum(norms2, dtype=np.float64)
+        self.loss2 = np.cumsum(loss2, dtype=np.float64)
+        self._states: dict[int, _State] = {}
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def state(self, p: int) -> _State:
+        """The state after the first p blocks (1 <= p <= len)."""
+        if p not in self._states:
+            self._states[p] = self._state(p)
+        return self._states[p]
+
+    def bound(self, p: int) -> float:
+        """The bound of :meth:`state` (p); it may be computed without forming the state, and
+        may then differ from the state's own in the last bits."""
+        return self.state(p).bound
+
+    def _state(self, p: int) -> _State:
+        return self.base.extend(self.block[:, : self.ends[p - 1]], float(self.norms2[p - 1]),
+                                float(self.loss2[p - 1]))
 
 
 class Estimator:
@@ -214,50 +263,11 @@ class IncrementalState(_State):
         return float(np.sum(self.lam[: self.rank])) - self.rank * self.slack
 
     def extend(self, block: np.ndarray, norm2: float | None = None, loss2: float = 0.0) -> "IncrementalState":
-        a = as_compute(block)
-        q = self.q
-        if q.dtype != a.dtype:
-            a = a.astype(np.result_type(a, q))
-            q = q.astype(a.dtype)
-        a2 = sqnorm(a)
-        total2 = self.norm2 + (a2 if norm2 is None else norm2)
-        if q.shape[0] <= q.shape[1] + a.shape[1]:
-            # The full space is no larger than [Q, new directions]: take the top k of
-            # Q diag(lam) Q^* + A A^* directly. Nothing is dropped, and no SVD is needed.
-            mu, basis = self._top(np.linalg.eigh((q * self.lam) @ q.conj().T + a @ a.conj().T))
-            return IncrementalState(self.rank, self.keep, basis, mu, total2, self.size + 1,
-                                    self.slack, self.loss2 + loss2)
-        anorm = np.sqrt(a2)
-        if not q.shape[1] and a.shape[1]:
-            # From empty, G is diagonal in the block's own left singular vectors: they and
-            # their squared singular values are the new state, with nothing to rotate.
-            w, s, dropped = leading_directions(a, anorm, q.shape[0])
-            top = min(self.keep, len(s))
-            return IncrementalState(self.rank, self.keep, w[:, :top], s[:top] ** 2, total2,
-                                    self.size + 1, self._slack_after(anorm, dropped),
-                                    self.loss2 + loss2)
-        qh = q.conj().T
-        y = qh @ a
-        resid = a - q @ y
-        y2 = qh @ resid  # second projection: keeps [Q, Q_R] orthonormal
-        resid -= q @ y2
-        y += y2
-        w, b, dropped = new_directions(resid, anorm, q.shape[0] - q.shape[1], q)
-        # G is [Q, W]^* (Q diag(lam) Q^* + A A^*) [Q, W], with A = Q Y + W B up to the dropped
-        # part; its eigen-decomposition gives the new tracked basis and energies.
-        k1, j = q.shape[1], b.shape[0]
-        g = np.empty((k1 + j, k1 + j), dtype=a.dtype)
-        g[:k1, :k1] = y @ y.conj().T
-        g[np.arange(k1), np.arange(k1)] += self.lam
-        if j:
-            cross = y @ b.conj().T
-            g[:k1, k1:] = cross
-            g[k1:, :k1] = cross.conj().T
-            g[k1:, k1:] = b @ b.conj().T
-        lam, v = self._top(np.linalg.eigh(g))
-        basis = q @ v[:k1] + w @ v[k1:] if j else q @ v
-        return IncrementalState(self.rank, self.keep, basis, lam, total2, self.size + 1,
-                                self._slack_after(anorm, dropped), self.loss2 + loss2)
+        norm2 = sqnorm(block) if norm2 is None else norm2
+        return _IncrementalPrefixes(self, block, [block.shape[1]], [norm2], [loss2]).state(1)
+
+    def prefixes(self, block, ends, norms2, loss2) -> "Prefixes":
+        return _IncrementalPrefixes(self, block, ends, norms2, loss2)
 
     def _slack_after(self, anorm: float, dropped: float) -> float:
         # Dropping a residual of spectral size d perturbs the Gram by at most 2||A|| d + d^2;
@@ -276,6 +286,90 @@ class IncrementalState(_State):
         if self.size != 1 or self.slack or not self.q.shape[1]:
             return None
         return self.q[:, : min(self.rank, int(np.count_nonzero(self.lam > 0)) or 1)]
+
+
+class _IncrementalPrefixes(Prefixes):
+    """Prefixes of a group for the incremental estimator, sharing one projection of the whole
+    group: the first p blocks' Gram in the basis [Q, W] of the group (W spanning its new
+    directions) is diag(lam, 0) + Z_p Z_p^*, Z_p the coordinates of their columns. Its top-r
+    eigenvalues alone (eigvalsh) give a prefix's bound; the eigenvectors are computed only for
+    the state that is kept.
+    """
+
+    def __init__(self, base: "IncrementalState", block, ends, norms2, loss2):
+        super().__init__(base, block, ends, norms2, loss2)
+        a, q = as_compute(block), base.q
+        if q.dtype != a.dtype:  # real state, complex block (or the reverse): widen both
+            a = a.astype(np.result_type(a, q))
+            q = q.astype(a.dtype)
+        self.a, self.q = a, q
+        # ||A_p||_F of each prefix: the scale of what may be dropped, and of the slack.
+        self.anorms = np.sqrt(np.cumsum(column_norms2(a))[self.ends - 1]) if a.shape[1] else np.zeros(len(self.ends))
+        m, k1 = q.shape
+        if m <= k1 + a.shape[1]:
+            # The full space is no larger than [Q, new directions]: the top k of
+            # Q diag(lam) Q^* + A_p A_p^* directly. Nothing is dropped, and no SVD is needed.
+            self.mode, self.tracked = "full", (q * base.lam) @ q.conj().T
+        elif not k1 and a.shape[1]:
+            # From empty, G is diagonal in the block's own left singular vectors: they and
+            # their squared singular values are the state, with nothing to rotate.
+            self.mode = "empty"
+        else:
+            self.mode = "projected"
+            qh = q.conj().T
+            y = qh @ a
+            resid = a - q @ y
+            y2 = qh @ resid  # second projection: keeps [Q, W] orthonormal
+            resid -= q @ y2
+            y += y2
+            # Directions are dropped relative to the whole group's norm; what a prefix's
+            # columns have outside W is no larger than the group's (a column subset).
+            self.w, b, self.dropped = new_directions(resid, self.anorms[-1], m - k1, q)
+            self.z = np.vstack([y, b])  # A = [Q, W] Z up to the dropped part
+
+    def _gram(self, p: int) -> np.ndarray:
+        cols = self.ends[p - 1]
+        if self.mode == "full":
+            a = self.a[:, :cols]
+            return self.tracked + a @ a.conj().T
+        z = self.z[:, :cols]
+        g = z @ z.conj().T
+        k1 = self.q.shape[1]
+        g[np.arange(k1), np.arange(k1)] += self.base.lam
+        return g
+
+    def _slack(self, p: int) -> float:
+        dropped = self.dropped if self.mode == "projected" else 0.0
+        return self.base._slack_after(float(self.anorms[p - 1]), dropped)
+
+    def bound(self, p: int) -> float:
+        if p in self._states or self.mode == "empty":
+            return self.state(p).bound
+        base = self.base
+        mu = np.linalg.eigvalsh(self._gram(p))
+        energy = float(np.sum(np.clip(mu[::-1][: base.rank], 0.0, None))) - base.rank * self._slack(p)
+        return bound_from(energy, base.rank, base.norm2 + float(self.norms2[p - 1]),
+                          base.loss2 + float(self.loss2[p - 1]))
+
+    def _state(self, p: int) -> "IncrementalState":
+        base = self.base
+        if self.mode == "empty":
+            a = self.a[:, : self.ends[p - 1]]
+            w, s, dropped = leading_directions(a, float(self.anorms[p - 1]), a.shape[0])
+            top = min(base.keep, len(s))
+            basis, lam = w[:, :top], s[:top] ** 2
+            slack = base._slack_after(float(self.anorms[p - 1]), dropped)
+        else:
+            lam, v = base._top(np.linalg.eigh(self._gram(p)))
+            k1 = self.q.shape[1]
+            if self.mode == "full":
+                basis = v
+            else:
+                basis = self.q @ v[:k1] + self.w @ v[k1:] if self.w.shape[1] else self.q @ v
+            slack = self._slack(p)
+        return IncrementalState(base.rank, base.keep, basis, lam,
+                                base.norm2 + float(self.norms2[p - 1]), base.size + 1, slack,
+                                base.loss2 + float(self.loss2[p - 1]))
 
 
 #: Columns added at once in the full-space regime, per row of the blocks.
