@@ -188,7 +188,9 @@ class GreedyDriver:
         # Descending norm; ties broken by index so the result is deterministic.
         self._by_norm = by_norm_descending(self.norms2)
         self._loss2 = getattr(self.reader, "loss2", None)
-        self._last_size = 0  # members of the last cluster: how far the next order is likely read
+        # Members of the last cluster: how far the next order is likely read, and how many
+        # candidates to try at once first. Part of the loop's state (see restore).
+        self._last_size = 0
 
     # -- the loop -----------------------------------------------------------------------
     def clusters(self) -> Iterator[FormedCluster]:
@@ -233,12 +235,14 @@ class GreedyDriver:
     def restore(self, formed: list[tuple[np.ndarray, bool]]) -> None:
         """Continue after clusters formed earlier (members, grew), e.g. from a checkpoint.
 
-        The loop is deterministic given which matrices remain and the seed-only streak, so a
-        resumed run forms exactly the clusters an uninterrupted run would have formed next.
+        The loop is deterministic given which matrices remain, the seed-only streak and the
+        last cluster's size, so a resumed run forms exactly the clusters an uninterrupted run
+        would have formed next.
         """
         for members, grew in formed:
             self.alive[np.asarray(members, dtype=np.int64)] = False
             self.seed_only_streak = 0 if grew else self.seed_only_streak + 1
+            self._last_size = len(members)
 
     def rebuild(self, members, bound: float | None, grew: bool) -> FormedCluster:
         """A cluster formed earlier (final members in column order, its bound, whether it grew),
@@ -263,7 +267,11 @@ class GreedyDriver:
         members = list(seed)
         if state.bound > self.eps:
             return np.array(members), state
-        run = 1  # candidates tried together; grows while they are admitted
+        # Candidates tried together; doubles while they are admitted. Consecutive clusters
+        # tend to grow alike, so the first try is about as many as the last cluster admitted
+        # (a try that overshoots costs a few eigenvalue probes, one that undershoots a whole
+        # update).
+        run = max(1, self._last_size - len(seed))
         for batch_indices in self._candidates(seed, seed_blocks, state):
             batch = self.reader.get(batch_indices)
             j = 0
