@@ -474,10 +474,9 @@ def _terminate_cleanly() -> None:
     output's lock released and its checkpoint kept for ``--resume``. Exit 143."""
     import signal
 
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
+    from matclust.progress import terminate
 
     try:
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, lambda signum, frame: terminate(signum))
     except ValueError:  # not the main thread (the CLI run inside a test harness)
         pass

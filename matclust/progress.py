@@ -5,6 +5,18 @@ from __future__ import annotations
 import sys
 
 
+_terminated_by: int | None = None
+
+
+def terminate(signum: int) -> None:
+    """SIGTERM's handler: unwind now (exit 128 + signum), and again at the next progress
+    step should Python drop this exception (it does when the signal lands in a weakref
+    callback or a finalizer: "Exception ignored in ...", and the run would go on)."""
+    global _terminated_by
+    _terminated_by = signum
+    raise SystemExit(128 + signum)
+
+
 class RichProgress:
     """Implements the ``start(phase, total)`` / ``advance(n)`` protocol with a rich bar
     showing done / total and an ETA."""
@@ -41,5 +53,7 @@ class RichProgress:
             self._task = self._progress.add_task(phase, total=total)
 
     def advance(self, n: int = 1) -> None:
+        if _terminated_by is not None:
+            raise SystemExit(128 + _terminated_by)
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
