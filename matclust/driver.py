@@ -24,9 +24,13 @@ from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
 from matclust.engine.linalg import as_compute, residual_columns2, sqnorm
+from matclust.sources.base import Batch
 from matclust.sources.cache import CachedReader
 
 ORDERS = ("residual", "norm")
+#: A cluster's columns are kept as they are admitted, up to this size, so that its exact basis
+#: and its encoding do not gather them again.
+KEEP_MEMBERS_BYTES = 32 << 20
 
 
 @dataclass
@@ -45,6 +49,7 @@ class FormedCluster:
     best_error: float = 0.0
     trimmed: int = 0  # members handed back because the exact error exceeded eps (should be 0)
     grew: bool = True  # False when no candidate was admitted beyond the seed (patience counts these)
+    batch: Batch | None = None  # the members' columns as read, when the driver kept them
 
 
 def worth_factoring(rank: int, m: int, columns: int, size: int) -> bool:
@@ -215,13 +220,13 @@ class GreedyDriver:
                 yield from self._singletons(self._by_norm[cursor:])
                 return
             seed = self._seed(cursor)
-            members, state = self._grow(seed)
+            members, state, kept = self._grow(seed)
             bound = state.bound
             if self._loss2 is not None and int(self.widths[members].sum()) <= self.rank:
                 # Stand-in blocks carry their rounding loss into the bound (Mirsky), but a
                 # cluster of <= r real columns keeps all its energy at rank r: e_r = 0 exactly.
                 bound = 0.0
-            cluster = self._finalize(members, bound)
+            cluster = self._finalize(members, bound, kept)
             cluster.grew = len(cluster.members) > len(seed)
             self.seed_only_streak = 0 if cluster.grew else self.seed_only_streak + 1
             self.alive[cluster.members] = False
@@ -265,8 +270,20 @@ class GreedyDriver:
         # captures its energy exactly either way, and one update is cheaper than several.
         state = self._prefixes(self.estimator.empty(), seed_batch, 0, len(seed)).state(len(seed))
         members = list(seed)
+        # The real columns, when the driver runs on them (not on out-of-core stand-ins).
+        kept = [seed_batch.data] if self.exact_check else None
+        kept_bytes = seed_batch.data.nbytes
+
+        def admit(batch, j, take):
+            nonlocal kept, kept_bytes
+            members.extend(int(i) for i in batch.indices[j : j + take])
+            if kept is not None:
+                kept.append(batch.data[:, batch.offsets[j] : batch.offsets[j + take]])
+                kept_bytes += kept[-1].nbytes
+                kept = kept if kept_bytes <= KEEP_MEMBERS_BYTES else None
+
         if state.bound > self.eps:
-            return np.array(members), state
+            return np.array(members), state, kept
         # Candidates tried together; doubles while they are admitted. Consecutive clusters
         # tend to grow alike, so the first try is about as many as the last cluster admitted
         # (a try that overshoots costs a few eigenvalue probes, one that undershoots a whole
@@ -284,13 +301,13 @@ class GreedyDriver:
                     # Grams in Loewner order), so the first block that fails in a group fails
                     # on its own too: the cluster ends inside this group.
                     take = self._longest_fit(group)
-                    members.extend(int(i) for i in batch.indices[j : j + take])
-                    return np.array(members), group.state(take) if take else state
+                    admit(batch, j, take)
+                    return np.array(members), group.state(take) if take else state, kept
                 state = group.state(take)
-                members.extend(int(i) for i in batch.indices[j : j + take])
+                admit(batch, j, take)
                 j += take
                 run *= 2
-        return np.array(members), state
+        return np.array(members), state, kept
 
     def _longest_fit(self, group) -> int:
         """How many leading blocks of a group that does not fit do fit, added as one block
@@ -353,25 +370,35 @@ class GreedyDriver:
         return ascending_pieces(candidates, residual2, first=max(256, 2 * self._last_size))
 
     # -- the exact check ----------------------------------------------------------------
-    def _finalize(self, members: np.ndarray, bound: float) -> FormedCluster:
+    def _finalize(self, members: np.ndarray, bound: float, kept=None) -> FormedCluster:
+        """The cluster with its exact basis; ``kept``: its members' columns, in order, if the
+        driver kept them."""
         trimmed = 0
+        batch = None
+        if kept is not None:
+            offsets = np.concatenate([[0], np.cumsum(self.widths[members])]).astype(np.int64)
+            batch = Batch(members, np.hstack(kept), offsets)
         while True:
             columns = int(self.widths[members].sum())
             factored = worth_factoring(self.rank, self.m, columns, len(members))
             if not factored or not self.exact_check:
-                return FormedCluster(members, columns, bound, factored, trimmed=trimmed)
+                return FormedCluster(members, columns, bound, factored, trimmed=trimmed, batch=batch)
             acc = ExactBasis(self.m, self.rank, self.reader.source.dtype)
-            for chunk in np.array_split(members, max(1, len(members) // 4096)):
-                acc.add(self.reader.get(chunk).data)
+            if batch is not None:
+                acc.add(batch.data)
+            else:
+                for chunk in np.array_split(members, max(1, len(members) // 4096)):
+                    acc.add(self.reader.get(chunk).data)
             basis, best = acc.basis_and_error()
             if best <= self.eps:
                 # After a trim the estimator's bound was for a larger cluster; the exact error
                 # is then the only bound we hold.
                 bound = max(bound, best) if trimmed else bound
-                return FormedCluster(members, columns, bound, True, basis, best, trimmed)
+                return FormedCluster(members, columns, bound, True, basis, best, trimmed, batch=batch)
             # Not reachable with exact arithmetic; guards the guarantee against rounding.
             members = members[:-1]
             trimmed += 1
+            batch = None
 
     def _singletons(self, rest: np.ndarray) -> Iterator[FormedCluster]:
         for idx in rest:

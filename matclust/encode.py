@@ -59,7 +59,7 @@ def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator, 
     With ``error_control=False`` (the baselines) a factored cluster is stored factored whatever
     its error; the report then counts it over eps and ``verify`` fails the store.
     """
-    batch = reader.get(cluster.members)
+    batch = cluster.batch if cluster.batch is not None else reader.get(cluster.members)
     dtype = reader.source.storage_dtype
     bound = cluster.bound
     if bound is None:

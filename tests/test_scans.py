@@ -128,3 +128,58 @@ def test_ascending_pieces_is_the_full_stable_order():
         want = candidates[np.lexsort((candidates, key[candidates]))]
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got, by_ascending(candidates, key))
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_driver_emits_the_members_columns_and_trims_what_the_exact_check_rejects(keep_bytes, monkeypatch):
+    """An estimator whose bound is far too optimistic (the true one halved) admits clusters
+    over eps; the driver's exact check must hand members back until the exact error (numpy's
+    SVD of the concatenation) is within eps. The columns the driver hands on with a cluster
+    (kept as admitted, or read again after a trim or past the keep limit) are its members'."""
+    from matclust import driver as drv
+    from matclust.engine import exact_error, make_estimator
+
+    if keep_bytes is not None:
+        monkeypatch.setattr(drv, "KEEP_MEMBERS_BYTES", keep_bytes)
+    rng = np.random.default_rng(8)
+    mats = [rng.standard_normal((10, 3)) for _ in range(60)]
+    source = ArraySource(mats)
+    reader = CachedReader(source, 1 << 30)
+    norms2 = np.array([np.sum(a**2) for a in mats])
+    estimator = make_estimator("incremental", 2, 10)
+
+    class Optimistic:
+        rank, group_columns = estimator.rank, estimator.group_columns
+
+        def empty(self):
+            return Halved(estimator.empty())
+
+    class Halved:
+        def __init__(self, state):
+            self.state = state
+
+        bound = property(lambda self: self.state.bound / 2)
+        top_basis = lambda self: self.state.top_basis()  # noqa: E731
+
+        def prefixes(self, block, ends, norms2, loss2):
+            inner = self.state.prefixes(block, ends, norms2, loss2)
+
+            class Wrapped:
+                __len__ = inner.__len__
+                state = lambda _, p: Halved(inner.state(p))  # noqa: E731
+                bound = lambda _, p: inner.bound(p) / 2  # noqa: E731
+
+            return Wrapped()
+
+    eps = 0.6
+    driver = drv.GreedyDriver(reader, norms2, source.widths, Optimistic(), eps)
+    clusters = list(driver.clusters())
+    assert sum(c.trimmed for c in clusters) > 0
+    assert sorted(np.concatenate([c.members for c in clusters]).tolist()) == list(range(60))
+    for c in clusters:
+        if c.factored:
+            assert exact_error([mats[i] for i in c.members], 2) <= eps + 1e-12
+        if c.batch is not None:
+            np.testing.assert_array_equal(c.batch.indices, c.members)
+            np.testing.assert_array_equal(c.batch.data, np.hstack([mats[i] for i in c.members]))
+    assert any(c.batch is not None for c in clusters) == (keep_bytes is None)
