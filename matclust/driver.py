@@ -354,10 +354,15 @@ class GreedyDriver:
             pieces = [ascending[remaining_mask[ascending]]]
         else:
             pieces = self._by_residual(seed_state.top_basis(), seed_blocks, remaining_mask)
-        step = 64
+        # Read in slices of 16, 32, then 64 candidates: most clusters end within the first
+        # few, and gathering columns costs in proportion to how many.
+        step = 16
         for ordered in pieces:
-            for start in range(0, len(ordered), step):
+            start = 0
+            while start < len(ordered):
                 yield ordered[start : start + step]
+                start += step
+                step = min(2 * step, 64)
 
     def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray) -> Iterator[np.ndarray]:
         """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's top-r basis
