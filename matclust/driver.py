@@ -220,8 +220,7 @@ class GreedyDriver:
                 yield from self._singletons(self._by_norm[cursor:])
                 return
             seed = self._seed(cursor)
-            members, state, kept = self._grow(seed)
-            bound = state.bound
+            members, bound, kept = self._grow(seed)
             if self._loss2 is not None and int(self.widths[members].sum()) <= self.rank:
                 # Stand-in blocks carry their rounding loss into the bound (Mirsky), but a
                 # cluster of <= r real columns keeps all its energy at rank r: e_r = 0 exactly.
@@ -264,6 +263,8 @@ class GreedyDriver:
         return pack_seed(self._by_norm[cursor:], self.widths, self.rank, self.alive)
 
     def _grow(self, seed: np.ndarray):
+        """A cluster from a seed: its members in the order admitted, its bound, and their
+        columns in that order if the driver kept them (else None)."""
         seed_batch = self.reader.get(seed)
         seed_blocks = seed_batch.blocks()
         # The seed as one block: it has at most r columns (or is one block), so every estimator
@@ -283,7 +284,7 @@ class GreedyDriver:
                 kept = kept if kept_bytes <= KEEP_MEMBERS_BYTES else None
 
         if state.bound > self.eps:
-            return np.array(members), state, kept
+            return np.array(members), state.bound, kept
         # Candidates tried together; doubles while they are admitted. Consecutive clusters
         # tend to grow alike, so the first try is about as many as the last cluster admitted
         # (a try that overshoots costs a few eigenvalue probes, one that undershoots a whole
@@ -300,14 +301,15 @@ class GreedyDriver:
                     # one at a time (the state after each added block is below the sum of the
                     # Grams in Loewner order), so the first block that fails in a group fails
                     # on its own too: the cluster ends inside this group.
+                    # Only the bound is needed from here: no eigenvectors for the last state.
                     take = self._longest_fit(group)
                     admit(batch, j, take)
-                    return np.array(members), group.state(take) if take else state, kept
+                    return np.array(members), group.bound(take) if take else state.bound, kept
                 state = group.state(take)
                 admit(batch, j, take)
                 j += take
                 run *= 2
-        return np.array(members), state, kept
+        return np.array(members), state.bound, kept
 
     def _longest_fit(self, group) -> int:
         """How many leading blocks of a group that does not fit do fit, added as one block
@@ -320,9 +322,6 @@ class GreedyDriver:
                 fits = mid
             else:
                 fails = mid
-        # A prefix's bound may be computed without its state; the kept state's must agree.
-        while fits and group.state(fits).bound > self.eps:
-            fits -= 1
         return fits
 
     def _group(self, batch, j: int, run: int) -> int:
