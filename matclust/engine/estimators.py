@@ -6,7 +6,8 @@ proofs; the comments here only mark where numerics could break them and what gua
 
 Usage pattern (the greedy driver's): ``state = est.start(seed_blocks)``, then for each candidate
 ``trial = state.extend(block)``; keep ``trial`` if ``trial.bound <= eps``. ``extend`` never
-modifies ``state``, so a rejected candidate costs nothing to undo.
+modifies ``state``, so a rejected candidate costs nothing to undo. ``state.prefixes(...)``
+extends by the first p of several blocks taken together, for each p (the driver's groups).
 """
 
 from __future__ import annotations
