@@ -6,9 +6,14 @@ and Error-Constrained Clustering" (arXiv:2601.11626).
 
 __version__ = "0.1.0"
 
-try:  # the API imports everything; keep the engine importable while it is missing
-    from matclust.api import MatrixClusterer  # noqa: E402
-except ModuleNotFoundError:
-    pass
-
 __all__ = ["MatrixClusterer", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that the command line can configure the BLAS library before
+    # numpy loads it (see matclust.cli).
+    if name == "MatrixClusterer":
+        from matclust.api import MatrixClusterer
+
+        return MatrixClusterer
+    raise AttributeError(f"module 'matclust' has no attribute {name!r}")

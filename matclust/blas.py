@@ -11,6 +11,9 @@ busy. So clustering runs with BLAS on one thread, and only large work uses every
 * work that is mostly not BLAS (widening two-byte summaries, batched small SVDs) is cut into
   pieces that run on all cores at once (:func:`on_all_cores`; numpy releases the GIL in its
   loops and in LAPACK): the summary scan ran 1.5x faster so.
+
+Between threaded products OpenBLAS's idle thread busy-waits; the command line shortens that
+(see the top of :mod:`matclust.cli`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -655,3 +657,18 @@ def test_sample_dtypes_then_cluster(tmp_path, dtype):
     run_inprocess(*cluster_cmd(dest, out, rank=3, eps=0.1), check=0)
     check_store(out, dest, rank=3, eps=0.1, method="incremental", order="residual")
     run_inprocess("verify", out, "--quiet", check=0)
+
+
+def test_cli_sets_the_blas_thread_timeout_before_numpy_loads():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it: importing matclust
+    must not load numpy, so that the CLI can shorten how long idle BLAS threads spin; a value
+    the user set is kept."""
+    code = ("import os, sys; import matclust; assert 'numpy' not in sys.modules; "
+            "import matclust.cli; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "16"
+    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "20"
