@@ -305,7 +305,8 @@ class _IncrementalPrefixes(Prefixes):
             q = q.astype(a.dtype)
         self.a, self.q = a, q
         # ||A_p||_F of each prefix: the scale of what may be dropped, and of the slack.
-        self.anorms = np.sqrt(np.cumsum(column_norms2(a))[self.ends - 1]) if a.shape[1] else np.zeros(len(self.ends))
+        column2 = np.cumsum(column_norms2(a)) if a.shape[1] else np.zeros(1)
+        self.anorms = np.sqrt(column2[np.maximum(self.ends - 1, 0)])
         m, k1 = q.shape
         if m <= k1 + a.shape[1]:
             # The full space is no larger than [Q, new directions]: the top k of
