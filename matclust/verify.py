@@ -9,6 +9,7 @@ import numpy as np
 from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
 from matclust.sources import open_source
+from matclust.sources.base import column_ranges
 from matclust.store import ResultStore
 from matclust.streaming import cluster_parts
 
@@ -65,8 +66,7 @@ def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, p
     for c, part in cluster_parts(src, labels, progress, "verifying"):
         if c < 0:
             continue
-        widths = np.diff(part.offsets)
-        cols = np.concatenate([np.arange(o, o + w) for o, w in zip(col_offset[part.indices], widths)])
+        cols = column_ranges(col_offset[part.indices], np.diff(part.offsets))
         data = as_compute(part.data)
         norm2[c] += sqnorm(data)
         err2[c] += sqnorm(data - cache.columns(c, cols))

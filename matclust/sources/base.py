@@ -63,13 +63,18 @@ def is_supported_dtype(dtype: np.dtype) -> bool:
     return True
 
 
+def column_ranges(firsts: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The ranges [firsts[k], firsts[k] + widths[k]) one after another, as one index array."""
+    widths = np.asarray(widths, dtype=np.int64)
+    starts = np.cumsum(widths) - widths
+    # Output column t of range k is firsts[k] + (t - starts[k]).
+    return np.repeat(np.asarray(firsts, dtype=np.int64) - starts, widths) + np.arange(int(widths.sum()))
+
+
 def columns_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The column indices, in order, of the matrices at ``positions`` of a side-by-side layout
     with the given ``offsets``."""
-    widths = np.diff(offsets)[positions]
-    starts = np.cumsum(widths) - widths
-    # Output column t of position k comes from column offsets[k] + (t - starts[k]).
-    return np.repeat(offsets[positions] - starts, widths) + np.arange(int(widths.sum()))
+    return column_ranges(offsets[positions], np.diff(offsets)[positions])
 
 
 @dataclass
