@@ -7,7 +7,6 @@ import resource
 import sys
 
 
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

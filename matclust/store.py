@@ -61,9 +61,10 @@ class _Hdf5Backend(_Backend):
         if group is None:
             import h5py
 
-            parent, name = self._parent(head)
+            parent, head_leaf = self._parent(head)
             # Low level, as in write(): require_group costs ~0.2 ms per cluster.
-            group = parent[name] if name in parent else h5py.Group(h5py.h5g.create(parent.id, name.encode()))
+            group = parent[head_leaf] if head_leaf in parent \
+                else h5py.Group(h5py.h5g.create(parent.id, head_leaf.encode()))
             self._groups[head] = group
         return group, leaf
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-
 from matclust.errors import InputError
 from matclust.sources.base import MatrixSource
 
