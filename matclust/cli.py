@@ -107,6 +107,14 @@ def cli():
               help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
                    "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit "
                    "or exceed 32 MiB.")
+@click.option("--guarantee", type=click.Choice(["matrix", "cluster"]), default="matrix",
+              show_default=True,
+              help="matrix: every matrix within eps of itself, as stored; cluster: every cluster "
+                   "(the paper's guarantee).")
+@click.option("--encoding", type=click.Choice(["compact", "plain"]), default="compact",
+              show_default=True,
+              help="compact: the smallest store (quantised codes within the error budget); plain: "
+                   "float bases and coefficients at the input's precision (matclust/1 layout).")
 @click.option("--clusters", "n_clusters", type=int, help="Number of clusters (--method random | kmeans).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random | kmeans.")
 @config_option
@@ -117,8 +125,8 @@ def cli():
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run on OUTPUT from its checkpoint (same input and options).")
 def cluster(input, output, rank, eps, method, order, dataset, transpose, patience, oversampling,
-            memory_limit, mode, n_clusters, seed, config, report_path, as_json, quiet, overwrite,
-            resume):
+            memory_limit, mode, guarantee, encoding, n_clusters, seed, config, report_path, as_json,
+            quiet, overwrite, resume):
     """Cluster the matrices in INPUT and write the result store OUTPUT."""
     from matclust.api import MatrixClusterer
     from matclust.progress import RichProgress
@@ -132,7 +140,8 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
         raise InputError(f"{output}: output exists; pass --overwrite to replace it")
     clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
                                 oversampling=oversampling, memory_limit=parse_size(memory_limit),
-                                n_clusters=n_clusters, random_state=seed, mode=mode)
+                                n_clusters=n_clusters, random_state=seed, mode=mode,
+                                guarantee=guarantee, encoding=encoding)
     clusterer._validated()  # bad parameters fail before the input is opened
     with open_source(input, dataset, transpose) as source:
         extra = {"config": os.path.abspath(config) if config else None}
@@ -170,11 +179,17 @@ def verify(output, input_path, dataset, as_json, quiet):
     else:
         console = _console()
         status = "[green]OK[/green]" if result["ok"] else "[red]FAILED[/red]"
-        console.print(f"{status}: {result['clusters']} clusters, max error "
-                      f"{result['max_error']:.4g} (eps {result['eps']:g}), "
+        guarantee = result.get("guarantee", "cluster")
+        worst = result.get("worst_matrix")
+        matrix = (f", worst matrix {worst}: {result['max_matrix_error']:.4g}"
+                  if worst is not None else "")
+        console.print(f"{status}: {result['clusters']} clusters ({guarantee} guarantee), max "
+                      f"cluster error {result['max_error']:.4g} (eps {result['eps']:g}){matrix}, "
                       f"{len(result['over_eps'])} over eps")
         for c in result["over_eps"][:20]:
-            console.print(f"  cluster {c}: error {result['errors'][c]:.4g} > eps")
+            what = "matrix" if guarantee == "matrix" and "worst_matrix" in result else "cluster"
+            error = result["errors"][c] if what == "cluster" else None
+            console.print(f"  {what} {c}: error {error if error is not None else '> eps'}")
         for problem in result["problems"]:
             console.print(f"  {problem}")
     sys.exit(0 if result["ok"] else 1)
@@ -262,7 +277,11 @@ def _result_summary(path: str, fmt: str):
                 "method": store.params.get("method"), "order": store.params.get("order"),
                 "rank": store.params.get("rank"), "eps": store.params.get("eps"),
                 "K": r["K"], "m": r["m"], "clusters": r["clusters"], "singletons": r["singletons"],
-                "compression_ratio": r["compression_ratio"], "max_error": r["max_error"]}
+                "compression_ratio": r["compression_ratio"], "max_error": r["max_error"],
+                "format": store.format, "guarantee": r.get("guarantee", "cluster"),
+                "encoding": r.get("encoding", "plain"),
+                "max_matrix_error": r.get("max_matrix_error"), "file_bytes": r.get("file_bytes"),
+                "bytes_ratio": r.get("bytes_ratio")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
-from matclust.engine.linalg import as_compute, residual_columns2, sqnorm
+from matclust.engine.linalg import as_compute, column_norms2, residual_columns2, sqnorm
 from matclust.sources.base import Batch
 from matclust.sources.cache import CachedReader
 
@@ -166,6 +166,11 @@ class GreedyDriver:
         Compute each factored cluster's exact basis and check its exact error before emitting
         it. Off when the reader serves summaries (out of core): the bases are then computed
         afterwards in sequential passes (:mod:`matclust.streaming`).
+    evict_above : float, optional
+        With the exact check: a member whose own relative error against the cluster's exact
+        basis exceeds this goes back to the pool (it is clustered again later), and the basis
+        is computed again without it, until no member exceeds it (the per-matrix guarantee;
+        the cluster's first member always stays).
 
     Notes
     -----
@@ -183,6 +188,7 @@ class GreedyDriver:
     patience: int = 10
     progress: Callable[[int], None] | None = None
     exact_check: bool = True
+    evict_above: float | None = None
     alive: np.ndarray = field(init=False)
     seed_only_streak: int = field(init=False, default=0)
 
@@ -394,6 +400,15 @@ class GreedyDriver:
                 for chunk in np.array_split(members, max(1, len(members) // 4096)):
                     acc.add(self.reader.get(chunk).data)
             basis, best = acc.basis_and_error()
+            if best <= self.eps and self.evict_above is not None:
+                if batch is None:
+                    batch = self.reader.get(members)
+                over = self._members_over(basis, batch)
+                if over.any():
+                    keep = np.flatnonzero(~over)
+                    members, batch = members[keep], batch.take(keep)
+                    trimmed += int(over.sum())
+                    continue
             if best <= self.eps:
                 # After a trim the estimator's bound was for a larger cluster; the exact error
                 # is then the only bound we hold.
@@ -403,6 +418,17 @@ class GreedyDriver:
             members = members[:-1]
             trimmed += 1
             batch = None
+
+    def _members_over(self, basis: np.ndarray, batch: Batch) -> np.ndarray:
+        """Which members' own error against ``basis`` exceeds ``evict_above`` (never the
+        first: the seed's largest block anchors the cluster)."""
+        data = as_compute(batch.data)
+        resid = data - basis @ (basis.conj().T @ data)
+        err2 = batch.reduce_columns(column_norms2(resid))
+        norm2 = batch.reduce_columns(column_norms2(data))
+        over = err2 > self.evict_above ** 2 * norm2
+        over[0] = False
+        return over
 
     def _singletons(self, rest: np.ndarray) -> Iterator[FormedCluster]:
         for idx in rest:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from matclust.driver import FormedCluster
-from matclust.engine.exact import coefficients, residual_norm2
-from matclust.engine.linalg import as_compute, sqnorm
+from matclust.engine.exact import coefficients
+from matclust.engine.linalg import as_compute, column_norms2, sqnorm
 from matclust.sources.cache import CachedReader
 
 
@@ -28,6 +28,7 @@ class EncodedCluster:
     coefficients: np.ndarray | None = None  # (r_c, N_c), storage dtype
     raw: np.ndarray | None = None  # (m, N_c), storage dtype
     stored_numbers: int | None = None  # when the arrays went straight to disk (out of core)
+    max_matrix_error: float = 0.0  # the largest relative error of one member, as stored
 
     rank: int = -1  # columns of the basis (0 when raw); derived from the arrays when held
 
@@ -53,11 +54,13 @@ class EncodedCluster:
 
 
 def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator, *,
-           error_control: bool = True) -> EncodedCluster:
+           error_control: bool = True, per_matrix: bool = False) -> EncodedCluster:
     """Compute what a cluster stores, and the exact error of exactly that.
 
     With ``error_control=False`` (the baselines) a factored cluster is stored factored whatever
-    its error; the report then counts it over eps and ``verify`` fails the store.
+    its error; the report then counts it over eps and ``verify`` fails the store. With
+    ``per_matrix`` every member must be within eps as stored, else the cluster is stored raw
+    (the driver evicts members above eps first, so only rounding can cause that).
     """
     batch = cluster.batch if cluster.batch is not None else reader.get(cluster.members)
     dtype = reader.source.storage_dtype
@@ -69,19 +72,35 @@ def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator, 
     if cluster.factored:
         basis = np.ascontiguousarray(cluster.basis.astype(dtype))
         coeffs = np.ascontiguousarray(coefficients(as_compute(basis), data).astype(dtype))
-        error = _relative(residual_norm2(basis, coeffs, data), norm2)
-        if error <= eps or not error_control:
+        diff = data - as_compute(basis) @ as_compute(coeffs)
+        worst = worst_member(batch, diff)
+        error = _relative(sqnorm(diff), norm2)
+        if (error <= eps and (worst <= eps or not per_matrix)) or not error_control:
             # The estimator bounds e_r(S); what is stored also carries rounding to the storage
             # precision, so the reported bound is the larger of the two (both are <= eps).
             return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
-                                  basis=basis, coefficients=coeffs)
+                                  basis=basis, coefficients=coeffs, max_matrix_error=worst)
     raw = np.ascontiguousarray(batch.data.astype(dtype))
+    worst = worst_member(batch, data - as_compute(raw))
     error = _relative(sqnorm(data - as_compute(raw)), norm2)
-    if error > eps:
+    if error > eps or worst > eps:
         # Only integers beyond 2**24 round in float32; store those exactly instead.
         raw = np.ascontiguousarray(batch.data.astype(np.float64))
+        worst = worst_member(batch, data - raw)
         error = _relative(sqnorm(data - raw), norm2)
-    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error, raw=raw)
+    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error, raw=raw,
+                          max_matrix_error=worst)
+
+
+def worst_member(batch, diff: np.ndarray) -> float:
+    """The largest relative error ||A_i - A~_i|| / ||A_i|| of the members of ``batch``, given
+    the stored columns' differences ``diff`` (zero members: 0 if stored exactly, else 1)."""
+    err2 = batch.reduce_columns(column_norms2(diff))
+    norm2 = batch.reduce_columns(column_norms2(as_compute(batch.data)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1.0)),
+                       np.where(err2 > 0, 1.0, 0.0))
+    return float(rel.max(initial=0.0))
 
 
 def _relative(err2: float, norm2: float) -> float:

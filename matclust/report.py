@@ -41,8 +41,9 @@ def _finite(x: float) -> float:
 
 def build_report(params: dict, K: int, m: int, rank: int, eps: float, stats: list[dict],
                  stored_numbers: int, input_itemsize: int, stored_itemsize: int,
-                 seconds: float) -> dict:
-    """Assemble the report from the per-cluster stats."""
+                 seconds: float, max_matrix_error: float = 0.0) -> dict:
+    """Assemble the report from the per-cluster stats. ``file_bytes`` and ``bytes_ratio``
+    are filled in once the store is written (0 without one)."""
     input_numbers = m * sum(s["columns"] for s in stats)
     paper = sum(paper_params(rank, m, s["columns"], s["size"]) for s in stats)
     return {
@@ -56,6 +57,11 @@ def build_report(params: dict, K: int, m: int, rank: int, eps: float, stats: lis
         "input_bytes": int(input_numbers * input_itemsize),
         "stored_bytes": int(stored_numbers * stored_itemsize),
         "max_error": max((s["error"] for s in stats), default=0.0),
+        "max_matrix_error": _finite(max_matrix_error),
+        "guarantee": params.get("guarantee", "cluster"),
+        "encoding": params.get("encoding", "plain"),
+        "file_bytes": 0,
+        "bytes_ratio": 0.0,
         "over_eps": sum(1 for s in stats if s["error"] > eps),
         "eps": float(eps),
         "seconds": round(float(seconds), 3),
@@ -83,7 +89,10 @@ def render_table(report: dict, console) -> None:
         ("compression ratio (paper)", f"{report['compression_ratio']:.3f}"),
         ("stored ratio", f"{report['stored_ratio']:.3f}"),
         ("input / stored bytes", f"{report['input_bytes']:,} / {report['stored_bytes']:,}"),
-        ("max error", f"{report['max_error']:.3g}"),
+        ("guarantee / encoding", f"{report.get('guarantee')} / {report.get('encoding')}"),
+        ("file bytes (ratio)", f"{report.get('file_bytes', 0):,} ({report.get('bytes_ratio', 0):.2f})"),
+        ("max error (cluster / matrix)",
+         f"{report['max_error']:.3g} / {report.get('max_matrix_error', 0):.3g}"),
         ("clusters over eps", str(report.get("over_eps", 0))),
         ("seconds", f"{report['seconds']:.2f}"),
         ("peak RSS (MiB)", f"{report['peak_rss_mb']:.0f}"),

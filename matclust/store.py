@@ -20,7 +20,9 @@ import numpy as np
 
 from matclust.errors import InputError
 
-FORMAT = "matclust/1"
+#: The format this version writes, and every format it reads (docs/format.md).
+FORMAT = "matclust/2"
+READABLE_FORMATS = ("matclust/1", "matclust/2")
 
 
 def is_hdf5_name(path) -> bool:
@@ -48,6 +50,8 @@ class _Backend:
 class _Hdf5Backend(_Backend):
     def __init__(self, path: str, mode: str):
         import h5py
+
+        import hdf5plugin  # noqa: F401  (registers the zstd filter of compact stores)
 
         # The newest file format indexes large groups (one per cluster) with B-trees: creating
         # 14,000 clusters took 12 s with the default format.
@@ -96,6 +100,17 @@ class _Hdf5Backend(_Backend):
         if data.size:
             dset.write(h5s.ALL, h5s.ALL, data)
 
+    def write_compressed(self, name: str, data: np.ndarray) -> None:
+        group, leaf = self._parent(name)
+        group.create_dataset(leaf, data=data, **_hdf5_compression(data))
+
+    def create_appendable(self, name: str, dtype, chunk: int):
+        group, leaf = self._parent(name)
+        dtype = np.dtype(dtype)
+        return _Hdf5Appendable(group.create_dataset(
+            leaf, shape=(0,), maxshape=(None,), dtype=dtype,
+            **{**_hdf5_compression(np.zeros(1, dtype)), "chunks": (chunk,)}))
+
     def write_strings(self, name: str, values) -> None:
         import h5py
 
@@ -109,6 +124,28 @@ class _Hdf5Backend(_Backend):
 
     def close(self) -> None:
         self.root.close()
+
+
+def _hdf5_compression(data: np.ndarray) -> dict:
+    """Byte shuffle, then zstd (hdf5plugin's filter 32015): h5py reads it once hdf5plugin is
+    imported. Scalars and empty arrays are stored plainly."""
+    if data.ndim == 0 or data.size == 0:
+        return {}
+    import hdf5plugin
+
+    from matclust.compact import ZSTD_LEVEL
+
+    return {"shuffle": data.dtype.itemsize > 1, "chunks": True, **hdf5plugin.Zstd(clevel=ZSTD_LEVEL)}
+
+
+class _Hdf5Appendable:
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def append(self, data: np.ndarray) -> None:
+        n = self.dataset.shape[0]
+        self.dataset.resize((n + len(data),))
+        self.dataset[n:] = data
 
 
 class _ZarrBackend(_Backend):
@@ -131,6 +168,16 @@ class _ZarrBackend(_Backend):
         if data.size:
             arr[...] = data
 
+    def write_compressed(self, name: str, data: np.ndarray) -> None:
+        arr = self.root.create_array(name, shape=data.shape, dtype=data.dtype, chunks="auto",
+                                     compressors=_zarr_compression(data.dtype))
+        if data.size:
+            arr[...] = data
+
+    def create_appendable(self, name: str, dtype, chunk: int):
+        return self.root.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,),
+                                      compressors=_zarr_compression(np.dtype(dtype)))
+
     def write_strings(self, name: str, values) -> None:
         arr = self.root.create_array(name, shape=(len(values),), dtype=str)
         if len(values):
@@ -146,6 +193,16 @@ class _ZarrBackend(_Backend):
         pass
 
 
+def _zarr_compression(dtype: np.dtype) -> list:
+    """Zarr's Blosc codec: byte shuffle and zstd, the same pipeline as the HDF5 stores."""
+    from zarr.codecs import BloscCodec
+
+    from matclust.compact import ZSTD_LEVEL
+
+    return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, typesize=np.dtype(dtype).itemsize,
+                       shuffle="shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle")]
+
+
 def _backend(path: str, mode: str):
     return _backend_for(path, path, mode)
 
@@ -153,6 +210,16 @@ def _backend(path: str, mode: str):
 def _backend_for(name: str, path: str, mode: str):
     """The backend the output name asks for, opened at ``path`` (the name may be a temporary)."""
     return (_Hdf5Backend if is_hdf5_name(name) else _ZarrBackend)(path, mode)
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes of a file, or of every file under a directory (a Zarr store)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    return total
 
 
 def _remove(path: str) -> None:
@@ -293,8 +360,16 @@ class ResultWriter:
     def set_json(self, key: str, value: dict) -> None:
         self._backend.set_attr(key, json.dumps(value, allow_nan=False))
 
-    def write_array(self, name: str, data: np.ndarray) -> None:
-        self._backend.write(name, np.ascontiguousarray(data))
+    def write_array(self, name: str, data: np.ndarray, compress: bool = False) -> None:
+        data = np.ascontiguousarray(data)
+        if compress:
+            self._backend.write_compressed(name, data)
+        else:
+            self._backend.write(name, data)
+
+    def create_appendable(self, name: str, dtype, chunk: int):
+        """An empty compressed 1-D array grown by ``append(values)``."""
+        return self._backend.create_appendable(name, dtype, chunk)
 
     def create_array(self, name: str, shape, dtype, chunks=None):
         """An empty array to be filled slice by slice (for data that is streamed)."""
@@ -302,6 +377,27 @@ class ResultWriter:
 
     def write_strings(self, name: str, values) -> None:
         self._backend.write_strings(name, list(values))
+
+    def set_report(self, report: dict) -> None:
+        """The report attribute, with ``file_bytes``: the store's size on disk as written
+        (the report's own digits included: measured again until it no longer changes) and
+        ``bytes_ratio`` = input_bytes / file_bytes."""
+        self._backend.flush()
+        compact = report.get("encoding") == "compact"
+        # A compact store keeps its per-cluster statistics as arrays (docs/format.md): as JSON,
+        # 250,000 clusters' statistics would outweigh the store.
+        stored = {k: v for k, v in report.items() if k != "cluster_stats"} if compact else report
+        for _ in range(3):
+            size = disk_bytes(self.temp)
+            for doc in (report, stored):
+                doc["file_bytes"] = int(size)
+                doc["bytes_ratio"] = report["input_bytes"] / size if size else 0.0
+                if compact:  # what the matrices take on disk is the store itself
+                    doc["stored_bytes"] = int(size)
+            self.set_json("report", stored)
+            self._backend.flush()
+            if disk_bytes(self.temp) == size:
+                break
 
     # -- completion ------------------------------------------------------------------------
     def commit(self) -> None:
@@ -335,16 +431,26 @@ class ResultStore:
         except Exception as exc:
             raise InputError(f"{self.path}: not a readable matclust result store: {exc}") from None
         attrs = self._backend.attrs()
-        if attrs.get("format") != FORMAT:
+        if attrs.get("format") not in READABLE_FORMATS:
             raise InputError(f"{self.path}: not a matclust result store (format attribute missing)")
         if attrs.get("complete") is not True:
             raise InputError(f"{self.path}: incomplete result store (no 'complete' attribute)")
+        self.format = attrs.get("format")
         self.params: dict[str, Any] = json.loads(attrs["params"])
         self.report: dict[str, Any] = json.loads(attrs["report"])
-        self.labels = np.asarray(self._backend.get("labels")[...], dtype=np.int64)
+        self.compact = None
+        if self.params.get("encoding") == "compact":
+            from matclust.format2 import CompactReader
+
+            bases = self._backend.get("bases")
+            self.compact = CompactReader(self._backend, bases.shape[0], bases.dtype.kind == "c")
+            self.labels, self.widths = self.compact.labels, self.compact.widths
+            self.n_clusters = self.compact.n_clusters
+        else:
+            self.labels = np.asarray(self._backend.get("labels")[...], dtype=np.int64)
+            self.widths = np.asarray(self._backend.get("widths")[...], dtype=np.int64)
+            self.n_clusters = len(self._backend.keys("clusters"))
         self.names = self._backend.read_strings("names") if self._backend.has("names") else None
-        self.widths = np.asarray(self._backend.get("widths")[...], dtype=np.int64)
-        self.n_clusters = len(self._backend.keys("clusters"))
 
     def handles(self, c: int) -> dict:
         """Lazy arrays of cluster c (members, and basis + coefficients or raw): sliceable

@@ -24,10 +24,10 @@ import numpy as np
 
 from matclust.blas import single_threaded
 from matclust.driver import FormedCluster
-from matclust.encode import EncodedCluster
+from matclust.encode import EncodedCluster, worst_member
 from matclust.engine import ExactBasis
 from matclust.engine.exact import coefficients, pending_limit
-from matclust.engine.linalg import as_compute, singular_values2, sqnorm
+from matclust.engine.linalg import as_compute, column_norms2, singular_values2, sqnorm
 from matclust.sources.base import Batch, MatrixSource
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
@@ -106,23 +106,93 @@ class _ColumnSink:
             self.array = self.buffer = None
 
 
-def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int, eps: float,
-                  writer, budget_bytes: int, progress=None):
-    """Compute bases, coefficients and exact errors of planned clusters; write them.
-
-    Returns (labels, list of EncodedCluster without their arrays, stored numbers). The arrays go
-    to ``writer`` (required: out-of-core results are never held in memory).
-    """
-    K = source.K
+def _labels_of(planned: list[FormedCluster], K: int) -> np.ndarray:
+    """Sort every cluster's members (one slice per batch) and label the input."""
     labels = np.full(K, -1, dtype=np.int64)
     for c, cluster in enumerate(planned):
         cluster.members = np.sort(cluster.members)
         labels[cluster.members] = c
+    return labels
 
+
+def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int, eps: float,
+                  writer, budget_bytes: int, progress=None, per_matrix: bool = False):
+    """Compute bases, coefficients and exact errors of planned clusters; write them.
+
+    Returns (labels, list of EncodedCluster without their arrays). The arrays go to ``writer``
+    (required: out-of-core results are never held in memory). With ``per_matrix``, one more
+    pass finds the members whose own error against their cluster's stored basis exceeds eps
+    and stores them as raw singletons (the others keep the basis: their errors do not change).
+    """
+    labels = _labels_of(planned, source.K)
     with single_threaded():  # many small products: see matclust.blas
         bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress)
+        if per_matrix and bases:
+            planned, bases = _evict_members(source, planned, labels, bases, eps, progress)
+            labels = _labels_of(planned, source.K)
         return labels, _write_clusters(source, planned, labels, bases, rank, writer,
                                        budget_bytes, progress)
+
+
+def _evict_members(source, planned, labels, bases, eps, progress):
+    """One pass: members of factored clusters whose error as stored exceeds eps leave as
+    singletons (appended to the plan, in index order)."""
+    dtype = source.storage_dtype
+    stored = {c: as_compute(b.astype(dtype)) for c, b in bases.items()}
+    out: list[np.ndarray] = []
+    for c, part in cluster_parts(source, labels, progress, "checking"):
+        basis = stored.get(c)
+        if basis is None:
+            continue
+        data = as_compute(part.data)
+        coeffs = coefficients(basis, data).astype(dtype)
+        err2 = part.reduce_columns(column_norms2(data - basis @ as_compute(coeffs)))
+        norm2 = part.reduce_columns(column_norms2(data))
+        out.append(part.indices[err2 > eps * eps * norm2])
+    evicted = np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+    if not len(evicted):
+        return planned, bases
+    gone = np.zeros(source.K, dtype=bool)
+    gone[evicted] = True
+    for c, cluster in enumerate(planned):
+        if c in bases:
+            cluster.members = cluster.members[~gone[cluster.members]]
+            cluster.columns = int(source.widths[cluster.members].sum())
+    # Clusters left empty are dropped; one left with a single member is stored raw.
+    kept, kept_bases = [], {}
+    for c, cluster in enumerate(planned):
+        if not len(cluster.members):
+            continue
+        if c in bases and len(cluster.members) >= 2:
+            kept_bases[len(kept)] = bases[c]
+        cluster.factored = len(kept) in kept_bases
+        kept.append(cluster)
+    singles = [FormedCluster(np.array([i]), int(source.widths[i]), None, False, grew=False)
+               for i in evicted]
+    return kept + singles, kept_bases
+
+
+def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], rank: int,
+                          form_eps: float, sink, budget_bytes: int, progress=None) -> None:
+    """The compact encoding of planned clusters: pass 1 as :func:`store_planned`; pass 2
+    encodes each input batch's share of every cluster (:mod:`matclust.compact`; a member
+    evicted there is stored alone at once) and appends the codes in index order."""
+    labels = _labels_of(planned, source.K)
+    encoder, out = sink.encoder, sink.out
+    with single_threaded():
+        bases = _exact_bases(source, planned, labels, rank, form_eps, budget_bytes, progress)
+        rounded, cid = {}, {}
+        for c in sorted(bases):
+            rounded[c] = encoder.rounded(bases.pop(c))
+            cid[c] = out.new_cluster(rounded[c], planned[c].bound or 0.0)
+        for c, part in cluster_parts(source, labels, progress, "writing"):
+            group, alone = encoder.encode_cluster(part.indices, part.data, part.offsets,
+                                                  rounded.get(c), planned[c].bound,
+                                                  whole=False)
+            if group is not None:
+                sink._add(group, cid[c])
+            for g in alone:
+                sink._add(g)
 
 
 def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: bool):
@@ -182,6 +252,7 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
             sinks[c] = _ColumnSink(writer, f"{prefix}/raw", m, cl.columns, dtype, width)
     err2 = np.zeros(len(planned))
     norm2 = np.zeros(len(planned))
+    worst = np.zeros(len(planned))
     # Patience singletons were never bounded (bound None): their exact e_r, the tightest bound,
     # from the matrix's own singular values (a singleton lies within one batch).
     tail2 = np.zeros(len(planned))
@@ -193,12 +264,14 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
         if c in bases:
             basis = bases[c]
             coeffs = coefficients(as_compute(basis), data).astype(dtype)
-            err2[c] += sqnorm(data - as_compute(basis) @ as_compute(coeffs))
+            diff = data - as_compute(basis) @ as_compute(coeffs)
             sinks[c].add(coeffs)
         else:
             raw = part.data.astype(dtype)
-            err2[c] += sqnorm(data - as_compute(raw))
+            diff = data - as_compute(raw)
             sinks[c].add(raw)
+        err2[c] += sqnorm(diff)
+        worst[c] = max(worst[c], worst_member(part, diff))
     for sink in sinks.values():
         sink.flush()
     for c, cl in enumerate(planned):
@@ -209,5 +282,6 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
         numbers = basis.size + basis.shape[1] * cl.columns if basis is not None else m * cl.columns
         encoded.append(EncodedCluster(cl.members, cl.columns, max(bound, error), error,
                                       stored_numbers=numbers,
-                                      rank=0 if basis is None else basis.shape[1]))
+                                      rank=0 if basis is None else basis.shape[1],
+                                      max_matrix_error=float(worst[c])))
     return encoded

@@ -47,7 +47,83 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = 2**30,
                           dataset if dataset is not None else params.get("dataset"),
                           bool(params.get("transpose", False)))
         with src:
+            if store.compact is not None:
+                return _verify_compact(store, src, eps, params.get("guarantee", "cluster"),
+                                       progress)
             return _verify(store, src, eps, int(params["rank"]), memory_limit, progress)
+
+
+def _verify_compact(store: ResultStore, src, eps: float, guarantee: str, progress) -> dict:
+    """Decode every matrix of a compact store and compare it with the input, in one pass.
+
+    Errors are computed per matrix on both sides scaled by the same power of two (exact), so
+    no magnitude under- or overflows; cluster errors combine them at a common scale."""
+    reader = store.compact
+    problems = reader.consistency_problems()
+    if len(store.labels) != src.K:
+        raise InputError(f"{store.path}: has {len(store.labels)} labels but the input "
+                         f"{src.where} has {src.K} matrices")
+    if not problems and np.any(store.widths != src.widths):
+        j = int(np.flatnonzero(store.widths != src.widths)[0])
+        problems.append(f"widths disagree with the input (matrix {j}: {store.widths[j]} stored, "
+                        f"{src.widths[j]} in the input)")
+    K = src.K
+    shift = np.zeros(K, dtype=np.int64)
+    err2 = np.zeros(K)
+    norm2 = np.zeros(K)
+    if not problems:
+        if progress:
+            progress.start("verifying", K)
+        for batch in src.iter_batches():
+            start, stop = int(batch.indices[0]), int(batch.indices[-1]) + 1
+            for j, (i, decoded) in enumerate(reader.decode_range(start, stop)):
+                a = as_compute(batch.block(j))
+                shift[i], err2[i], norm2[i] = scaled_error2(a, decoded)
+            if progress:
+                progress.advance(len(batch))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        matrix_errors = np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1)),
+                                 np.where(err2 > 0, np.inf, 0.0))
+    # Cluster errors: every member's sums brought to the cluster's largest scale.
+    C = store.n_clusters
+    top = np.full(C, np.iinfo(np.int64).min)
+    labels = np.clip(store.labels, 0, max(C - 1, 0))
+    np.maximum.at(top, labels, shift)
+    e2 = np.zeros(C)
+    n2 = np.zeros(C)
+    np.add.at(e2, labels, np.ldexp(err2, 2 * (shift - top[labels])))
+    np.add.at(n2, labels, np.ldexp(norm2, 2 * (shift - top[labels])))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cluster_errors = np.where(n2 > 0, np.sqrt(e2 / np.where(n2 > 0, n2, 1)),
+                                  np.where(e2 > 0, np.inf, 0.0))
+    checked = matrix_errors if guarantee == "matrix" else cluster_errors
+    over = [int(c) for c in np.flatnonzero(~(checked <= eps))] if not problems else []
+    worst = int(np.argmax(matrix_errors)) if K and not problems else None
+    finite = cluster_errors[np.isfinite(cluster_errors)]
+    return {
+        "ok": not over and not problems,
+        "clusters": C,
+        "eps": eps,
+        "guarantee": guarantee,
+        "max_error": float(finite.max(initial=0.0)),
+        "max_matrix_error": float(matrix_errors[worst]) if worst is not None else 0.0,
+        "worst_matrix": worst,
+        "over_eps": over,
+        "problems": problems,
+        "errors": [float(e) if np.isfinite(e) else None for e in cluster_errors],
+    }
+
+
+def scaled_error2(a: np.ndarray, decoded: np.ndarray) -> tuple[int, float, float]:
+    """(s, ||A - D||^2, ||A||^2) with both sides scaled by 2^-s, s the binary exponent of the
+    largest |entry| of A (or of D when A is zero): exact scaling, so neither sum under- or
+    overflows whatever the magnitude."""
+    peak = float(np.max(np.abs(a))) if a.size else 0.0
+    if peak == 0.0:
+        peak = float(np.max(np.abs(decoded))) if decoded.size else 0.0
+    s = int(np.frexp(peak)[1]) if peak > 0 and np.isfinite(peak) else 0
+    a_s, d_s = np.ldexp(a, -s), np.ldexp(decoded, -s)
+    return s, sqnorm(a_s - d_s), sqnorm(a_s)
 
 
 def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, progress) -> dict:
@@ -192,6 +268,14 @@ def reconstruct(path, indices=None):
         if len(bad):
             raise InputError(f"{path}: index {bad[0]} out of range (the store holds K = {K})")
         transpose = bool(store.params.get("transpose", False))
+        if store.compact is not None:
+            dtype = np.dtype(store.params.get("stored_dtype", "float64"))
+            out = {}
+            for i in np.unique(wanted):
+                for _, block in store.compact.decode_range(int(i), int(i) + 1):
+                    block = block.astype(dtype)
+                    out[int(i)] = block.T if transpose else block
+            return [(int(i), out[int(i)]) for i in wanted], store.names, store.params
         out: dict[int, np.ndarray] = {}
         for c in np.unique(store.labels[wanted]):
             cluster = store.cluster(int(c))

@@ -1,0 +1,231 @@
+"""The compact encoding (store format matclust/2): what each formed cluster becomes on disk.
+
+A cluster formed by the greedy driver (its truncation error within ``TRUNCATION_SHARE`` of the
+error budget, see :func:`formation_eps`) is stored with its basis rounded to
+:func:`~matclust.engine.budget.basis_dtype_for`, least-squares coefficients against the rounded
+basis, and integer codes with a step per matrix that spends what is left of the budget
+(:mod:`matclust.engine.budget`). With ``guarantee="matrix"`` a member whose own truncation
+error leaves too little of its budget is *evicted* and stored alone; a matrix stored alone gets
+its own rank (or its raw entries quantised), whichever is estimated smallest. Every encoding
+is checked on decoded values before it is accepted.
+
+The layout on disk is in docs/format.md; :class:`CompactWriter` writes it and
+:class:`CompactReader` decodes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from matclust.engine import budget as qb
+from matclust.engine.linalg import column_norms2, compute_dtype
+
+log = logging.getLogger(__name__)
+
+GUARANTEES = ("matrix", "cluster")
+ENCODINGS = ("compact", "plain")
+#: Share of eps^2 ||A||^2 a cluster's truncation may use when clusters are formed for the
+#: compact encoding: clusters are formed at sqrt(0.81) eps = 0.9 eps, the rest of the budget
+#: goes to quantisation. (bench/compression.py measures the trade-off.)
+TRUNCATION_SHARE = 0.81
+#: A member stays in its cluster while its own truncation uses at most this share of its
+#: budget (a little above TRUNCATION_SHARE: the rounded basis adds a little).
+EVICT_SHARE = 0.9
+#: Zstd level of the compressed arrays (levels above ~10 gained < 1 % on the bench collections).
+ZSTD_LEVEL = 9
+#: Codes per chunk of the codes array.
+CODE_CHUNK = 1 << 20
+
+
+def formation_eps(eps: float, encoding: str) -> float:
+    """The error the greedy driver forms clusters at: eps for plain storage; less for the
+    compact encoding, which keeps part of the budget for quantisation."""
+    return eps * float(np.sqrt(TRUNCATION_SHARE)) if encoding == "compact" else eps
+
+
+def max_code_bound(eps: float, max_count: int) -> float:
+    """An upper bound on |code| of any encoding :func:`matclust.engine.budget.quantise` can
+    accept for matrices of at most ``max_count`` codes: |C_i| <= ||A_i|| (1 + 1e-2), and the
+    smallest step it may try is 2^-4.07 times the safe step 2 sqrt(b_i / count), where every
+    budget b_i >= (1 - EVICT_SHARE) eps^2 ||A_i||^2 (per matrix, or shared in proportion to
+    the squared norms from a cluster that keeps that share).
+
+    Note the encoder keeps 4 units of the output precision off eps; negligible here."""
+    return 1.01 * 2 ** (4 + 1 / 16) * np.sqrt(max_count / ((1 - EVICT_SHARE) * eps * eps)) / 2 + 2
+
+
+@dataclass
+class StoredGroup:
+    """One stored cluster: members (ascending input indices), the rounded basis (None: raw
+    entries), the quantised codes, and its statistics."""
+
+    members: np.ndarray
+    widths: np.ndarray
+    basis: np.ndarray | None
+    quantised: qb.Quantised
+    bound: float
+    basis_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: The group was encoded scaled by 2^-shift (a matrix alone); norms are scaled back.
+    shift: int = 0
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[1]
+
+    @property
+    def norm2(self) -> float:
+        return float(self.quantised.norm2.sum())
+
+    @property
+    def norm(self) -> float:
+        """||M||_F of the stored members, in the input's scale."""
+        return float(np.ldexp(np.sqrt(self.norm2), self.shift))
+
+    @property
+    def error(self) -> float:
+        total = self.norm2
+        return float(np.sqrt(self.quantised.err2.sum() / total)) if total > 0 else 0.0
+
+    @property
+    def matrix_errors(self) -> np.ndarray:
+        n2 = self.quantised.norm2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(n2 > 0, np.sqrt(self.quantised.err2 / np.where(n2 > 0, n2, 1)), 0.0)
+
+
+class CompactEncoder:
+    """Encodes formed clusters and lone matrices (see the module docstring).
+
+    Parameters
+    ----------
+    eps : float
+        The guarantee's relative error bound.
+    guarantee : {"matrix", "cluster"}
+    rank : int
+        The largest rank of any basis.
+    m : int
+        Rows of every matrix.
+    storage_dtype : numpy dtype
+        What reconstruct writes; its rounding is left room below eps.
+    """
+
+    def __init__(self, eps: float, guarantee: str, rank: int, m: int, storage_dtype):
+        self.guarantee = guarantee
+        self.rank = int(rank)
+        self.m = int(m)
+        storage_dtype = np.dtype(storage_dtype)
+        self.complex = storage_dtype.kind == "c"
+        self.basis_dtype = qb.basis_dtype_for(eps, self.complex)
+        # reconstruct rounds to the output precision: leave that room (a few units of it).
+        self.eps = float(eps) - 4 * float(np.finfo(storage_dtype).eps)
+
+    # -- one formed cluster -------------------------------------------------------------
+    def rounded(self, basis: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(basis.astype(self.basis_dtype))
+
+    def encode_cluster(self, members: np.ndarray, data: np.ndarray, offsets: np.ndarray,
+                       basis: np.ndarray | None, bound: float | None,
+                       whole: bool = True) -> tuple[StoredGroup | None, list[StoredGroup]]:
+        """``members`` ascending, ``data`` their columns side by side (``offsets``), ``basis``
+        the cluster's exact top-r basis or None (not worth factoring). Returns the cluster's
+        stored group (None when no member stays in it) and the groups of the matrices stored
+        alone. With ``whole=False`` the members are one part of a cluster (out of
+        core: one input batch's share), whose group stays even with one member; with the
+        cluster guarantee each part then meets eps on its own."""
+        data = np.asarray(data, dtype=compute_dtype(data.dtype))
+        if basis is None or (whole and len(members) < 2):
+            return None, [self.encode_alone(i, data[:, offsets[j]: offsets[j + 1]])
+                          for j, i in enumerate(members)]
+        rounded = basis if basis.dtype == self.basis_dtype else self.rounded(basis)
+        coeffs, trunc2 = qb.truncation(rounded, data, offsets)
+        norm2 = qb.per_matrix(column_norms2(data), offsets)
+        keep = self._keep(data, offsets, norm2, trunc2)
+        if whole and keep.sum() < 2:
+            keep[:] = False
+        kept = np.flatnonzero(keep)
+        group = None
+        if len(kept):
+            cols = _columns(offsets, kept)
+            sub_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])]).astype(np.int64)
+            # Per-matrix budgets first, with either guarantee (every per-matrix encoding meets
+            # the cluster guarantee too, so that one never needs more bytes); the cluster
+            # guarantee falls back to sharing the cluster's budget where a member's own is spent.
+            q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, False,
+                            coeffs[:, cols], trunc2[kept])
+            if q is None and self.guarantee == "cluster":
+                q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, True,
+                                coeffs[:, cols], trunc2[kept])
+            if q is None:
+                keep[:] = False
+            else:
+                # The energy captured along each stored direction (later merges use it).
+                rows2 = np.sum(np.abs(coeffs[:, cols]) ** 2, axis=1)
+                group = StoredGroup(members[kept], np.diff(sub_offsets), rounded, q,
+                                    max(float(bound or 0.0), 0.0), np.sqrt(rows2))
+        alone = [self.encode_alone(members[j], data[:, offsets[j]: offsets[j + 1]])
+                 for j in np.flatnonzero(~keep)]
+        return group, alone
+
+    def _keep(self, data, offsets, norm2, trunc2) -> np.ndarray:
+        eps2 = self.eps * self.eps
+        # A non-zero matrix whose squared norm underflows (or nearly) cannot share a budget
+        # computed in this scale; alone, it is rescaled.
+        tiny = norm2 < qb.TINY_NORM2
+        nonzero = qb.per_matrix(np.count_nonzero(data, axis=0).astype(np.float64), offsets) > 0
+        keep = ~(tiny & nonzero)
+        if self.guarantee == "matrix":
+            return keep & (trunc2 <= EVICT_SHARE * eps2 * norm2)
+        # cluster: drop the members worst off until the cluster leaves room for quantisation
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(norm2 > 0, trunc2 / np.where(norm2 > 0, norm2, 1), 0.0)
+        for j in np.argsort(-rel, kind="stable"):
+            if trunc2[keep].sum() <= EVICT_SHARE * eps2 * norm2[keep].sum():
+                break
+            keep[j] = False
+        return keep
+
+    # -- one matrix alone ------------------------------------------------------------------
+    def encode_alone(self, index: int, block: np.ndarray) -> StoredGroup:
+        """One matrix at its own rank (or raw), rescaled by a power of two so that neither its
+        norm nor its budget under- or overflows; the step absorbs the scale exactly."""
+        block = np.asarray(block, dtype=compute_dtype(block.dtype))
+        peak = float(np.max(np.abs(block))) if block.size else 0.0
+        width = block.shape[1]
+        offsets = np.array([0, width], dtype=np.int64)
+        if peak == 0.0:
+            q = qb.Quantised(np.zeros((self.m * (2 if self.complex else 1), width), np.int64),
+                             np.array([qb.ZERO_STEP], np.int16), np.zeros(1), np.zeros(1))
+            return StoredGroup(np.array([index]), np.array([width]), None, q, 0.0)
+        shift = int(np.frexp(peak)[1])
+        scaled = np.ldexp(block, -shift)
+        u, s, _ = np.linalg.svd(scaled, full_matrices=False)
+        k = qb.own_rank(s ** 2, self.m, width, self.rank, self.eps, EVICT_SHARE,
+                        self.basis_dtype.itemsize, self.complex)
+        q, basis = None, None
+        if k:
+            basis = np.ascontiguousarray(u[:, :k].astype(self.basis_dtype))
+            q = qb.quantise(basis, scaled, offsets, self.eps)
+        if q is None:
+            basis = None
+            q = qb.quantise(None, scaled, offsets, self.eps)
+        if q is None:  # cannot happen: the raw safe step bounds every entry's rounding
+            raise RuntimeError(f"matrix {index}: no encoding met eps")
+        exps = q.exponents.astype(np.int64)
+        q.exponents = np.where(exps == qb.ZERO_STEP, exps,
+                               np.clip(exps + qb.STEP_GRID * shift, qb.ZERO_STEP + 1,
+                                       np.iinfo(np.int16).max)).astype(np.int16)
+        # Norms and errors in the matrix's own scale: only their ratio is used.
+        group = StoredGroup(np.array([index]), np.array([width]), basis, q, 0.0, shift=shift)
+        if basis is not None:
+            group.basis_norms = s[:k]  # in the matrix's own scale, like its norms
+        group.bound = group.error
+        return group
+
+
+def _columns(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    from matclust.sources.base import columns_of
+
+    return columns_of(offsets, positions)

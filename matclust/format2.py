@@ -1,0 +1,239 @@
+"""The compact layout of a matclust/2 store (docs/format.md): writing and decoding.
+
+Flat arrays instead of one group per cluster: a store of 250,000 clusters is a handful of
+compressed arrays, and matrix i's codes are found from the labels, widths and ranks alone.
+
+* ``labels`` (K,) int64, ``widths`` (K,) int64, ``names`` (K,) for group inputs;
+* ``step_exponents`` (K,) int16: matrix i's step is 2^(e_i / 16) (``-32768``: zero);
+* ``codes`` (T,) unsigned, zig-zag mapped: matrix i's codes are the next
+  rows_i * n_i (twice that for complex data) values, matrices in index order, each as a
+  (rows_i, n_i) array in row-major order (complex: the real rows, then the imaginary ones);
+  rows_i = cluster_ranks[labels[i]], or m where that rank is 0 (raw entries);
+* ``cluster_ranks`` (C,) int32; ``bases`` (m, R): the bases of the clusters with rank > 0 side
+  by side, in cluster order; A_i = bases[:, b_c : b_c + r_c] @ (step_i * Z_i), or step_i * Z_i;
+* ``cluster_norms`` (C,) float64: ||M_c||_F of each cluster; ``basis_norms`` (R,) float64: the
+  norm captured along each stored basis column; ``cluster_errors``, ``cluster_bounds`` (C,)
+  float32, rounded up: the stored relative error of each cluster and its bound.
+
+Every array but ``labels``/``widths``-sized metadata is compressed with byte shuffle + zstd
+(h5py with hdf5plugin; zarr's Blosc codec).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from matclust.compact import CODE_CHUNK, StoredGroup
+from matclust.engine import budget as qb
+
+ARRAYS = ("labels", "widths", "step_exponents", "codes", "cluster_ranks", "bases",
+          "cluster_norms", "basis_norms", "cluster_errors", "cluster_bounds")
+
+
+def _round_up32(x) -> np.ndarray:
+    """float32 values never below ``x`` (reported errors must not shrink)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = x.astype(np.float32)
+    return np.where(y.astype(np.float64) < x, np.nextafter(y, np.float32(np.inf)), y).astype(np.float32)
+
+
+class CompactWriter:
+    """Collects stored groups and writes the compact arrays.
+
+    A cluster is declared (:meth:`new_cluster`) and its members arrive as groups
+    (:meth:`add_part`), in one piece (in memory) or one per input batch (out of core). Codes
+    reach the store in matrix index order, appended as soon as every matrix before them is
+    encoded, so a pass over the input in index order holds only one batch's codes; the
+    in-memory path, which forms clusters in any order, holds them until the end. Clusters left
+    without members (all evicted) are dropped and the ids closed up when finishing.
+    """
+
+    def __init__(self, writer, K: int, m: int, widths: np.ndarray, complex_data: bool,
+                 code_dtype, basis_dtype):
+        self.writer = writer
+        self.K, self.m = int(K), int(m)
+        self.widths = np.asarray(widths, dtype=np.int64)
+        self.code_dtype = np.dtype(code_dtype)
+        self.basis_dtype = np.dtype(basis_dtype)
+        self.labels = np.full(self.K, -1, dtype=np.int64)
+        self.exponents = np.zeros(self.K, dtype=np.int16)
+        self._pending: dict[int, np.ndarray] = {}
+        self._next = 0
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._codes = writer.create_appendable("codes", self.code_dtype, CODE_CHUNK) \
+            if writer is not None else None
+        self.clusters: list[dict] = []
+        self.code_count = 0
+
+    # -- clusters and their parts ---------------------------------------------------------
+    def new_cluster(self, basis: np.ndarray | None, bound: float = 0.0, shift: int = 0) -> int:
+        self.clusters.append({"basis": basis, "bound": float(bound), "shift": int(shift),
+                              "norm2": 0.0, "err2": 0.0, "size": 0, "columns": 0,
+                              "rows2": None if basis is None else np.zeros(basis.shape[1])})
+        return len(self.clusters) - 1
+
+    def add(self, group: StoredGroup) -> int:
+        """A group that is a whole cluster of its own; returns its id."""
+        cid = self.new_cluster(group.basis, group.bound, group.shift)
+        self.add_part(cid, group)
+        return cid
+
+    def add_part(self, cid: int, group: StoredGroup) -> None:
+        info = self.clusters[cid]
+        info["norm2"] += group.norm2
+        info["err2"] += float(group.quantised.err2.sum())
+        info["size"] += len(group.members)
+        info["columns"] += int(group.widths.sum())
+        info["bound"] = max(info["bound"], group.bound)
+        if info["rows2"] is not None and len(group.basis_norms):
+            info["rows2"] += np.asarray(group.basis_norms, dtype=np.float64) ** 2
+        self.labels[group.members] = cid
+        self.exponents[group.members] = group.quantised.exponents
+        offsets = np.concatenate([[0], np.cumsum(group.widths)]).astype(np.int64)
+        for j, i in enumerate(group.members):
+            self._pending[int(i)] = group.quantised.matrix_codes(offsets, j)
+        self._drain()
+
+    def stats(self) -> list[dict]:
+        """Per non-empty cluster, in id order: size, columns, rank, bound, error, stored."""
+        out = []
+        for info in self.clusters:
+            if info["size"] == 0:
+                continue
+            error = float(np.sqrt(info["err2"] / info["norm2"])) if info["norm2"] > 0 else 0.0
+            rank = 0 if info["basis"] is None else int(info["basis"].shape[1])
+            out.append({"id": len(out), "size": info["size"], "columns": info["columns"],
+                        "rank": rank, "bound": max(info["bound"], error), "error": error,
+                        "stored": "factored" if rank else "raw"})
+        return out
+
+    @property
+    def stored_numbers(self) -> int:
+        return self.code_count + sum(i["basis"].size for i in self.clusters
+                                     if i["size"] and i["basis"] is not None)
+
+    # -- codes, in index order --------------------------------------------------------------
+    def _drain(self) -> None:
+        while self._next in self._pending:
+            codes = self._pending.pop(self._next)
+            self._buffer.append(qb.zigzag(codes.ravel()))
+            self._buffered += codes.size
+            self.code_count += codes.size
+            self._next += 1
+            if self._buffered >= CODE_CHUNK:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer or self._codes is None:
+            return
+        flat = np.concatenate(self._buffer)
+        if flat.size and flat.max() > np.iinfo(self.code_dtype).max:
+            raise RuntimeError(f"codes exceed {self.code_dtype} (a bound was wrong)")
+        # Whole chunks only until the end, so no chunk is compressed twice.
+        keep = len(flat) - len(flat) % CODE_CHUNK if self._next < self.K else len(flat)
+        if keep:
+            self._codes.append(flat[:keep].astype(self.code_dtype))
+        self._buffer = [flat[keep:]] if keep < len(flat) else []
+        self._buffered = len(flat) - keep
+
+    def finish(self, names=None) -> np.ndarray:
+        """Write every array but ``codes`` (already written) once every matrix is encoded;
+        returns the final labels."""
+        if self._next != self.K:
+            raise RuntimeError(f"matrix {self._next} was never encoded")
+        self._flush()
+        used = [c for c, info in enumerate(self.clusters) if info["size"]]
+        renumber = np.full(len(self.clusters), -1, dtype=np.int64)
+        renumber[used] = np.arange(len(used))
+        self.labels = renumber[self.labels]
+        kept = [self.clusters[c] for c in used]
+        bases = [i["basis"] for i in kept if i["basis"] is not None]
+        stats = self.stats()
+        w = self.writer
+        if w is None:  # results kept in memory (the API without an output store)
+            return self.labels
+        w.write_array("labels", self.labels, compress=True)
+        w.write_array("widths", self.widths, compress=True)
+        w.write_array("step_exponents", self.exponents, compress=True)
+        w.write_array("cluster_ranks", np.array([s["rank"] for s in stats], dtype=np.int32),
+                      compress=True)
+        stacked = np.hstack(bases) if bases else np.zeros((self.m, 0))
+        w.write_array("bases", stacked.astype(self.basis_dtype), compress=True)
+        norms = [float(np.ldexp(np.sqrt(i["norm2"]), i["shift"])) for i in kept]
+        w.write_array("cluster_norms", np.asarray(norms, dtype=np.float64), compress=True)
+        rows = [np.ldexp(np.sqrt(i["rows2"]), i["shift"]) for i in kept if i["basis"] is not None]
+        w.write_array("basis_norms", np.concatenate(rows) if rows else np.zeros(0), compress=True)
+        w.write_array("cluster_errors", _round_up32([s["error"] for s in stats]), compress=True)
+        w.write_array("cluster_bounds", _round_up32([s["bound"] for s in stats]), compress=True)
+        if names is not None:
+            w.write_strings("names", names)
+        return self.labels
+
+
+class CompactReader:
+    """Decodes matrices of a compact store (read through a store backend)."""
+
+    def __init__(self, backend, m: int, complex_data: bool):
+        get = backend.get
+        self.m = int(m)
+        self.complex = bool(complex_data)
+        self.labels = np.asarray(get("labels")[...], dtype=np.int64)
+        self.widths = np.asarray(get("widths")[...], dtype=np.int64)
+        self.exponents = np.asarray(get("step_exponents")[...], dtype=np.int64)
+        self.ranks = np.asarray(get("cluster_ranks")[...], dtype=np.int64)
+        self._codes = get("codes")
+        self._bases_handle = get("bases")
+        self._bases = None
+        self.basis_offsets = np.concatenate([[0], np.cumsum(self.ranks)]).astype(np.int64)
+        rows = np.where(self.ranks[self.labels] > 0, self.ranks[self.labels], self.m)
+        self.code_offsets = np.concatenate(
+            [[0], np.cumsum(rows * self.widths * (2 if self.complex else 1))]).astype(np.int64)
+        self.rows = rows
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.ranks)
+
+    def basis(self, c: int) -> np.ndarray | None:
+        if self.ranks[c] == 0:
+            return None
+        if self._bases is None:
+            self._bases = np.asarray(self._bases_handle[...])
+        return self._bases[:, self.basis_offsets[c]: self.basis_offsets[c + 1]]
+
+    def decode_range(self, start: int, stop: int):
+        """(index, matrix) for matrices start..stop-1, decoded in double precision."""
+        lo, hi = self.code_offsets[start], self.code_offsets[stop]
+        flat = qb.unzigzag(np.asarray(self._codes[lo:hi])) if hi > lo else np.zeros(0, np.int64)
+        steps = qb.step_values(self.exponents[start:stop])
+        for j, i in enumerate(range(start, stop)):
+            a, b = self.code_offsets[i] - lo, self.code_offsets[i + 1] - lo
+            codes = flat[a:b].reshape(self.rows[i] * (2 if self.complex else 1), self.widths[i])
+            yield i, qb.decode(self.basis(int(self.labels[i])), codes, steps[j], self.complex)
+
+    def consistency_problems(self) -> list[str]:
+        """What the decoder relies on, checked: sizes agree, labels in range, codes complete."""
+        problems = []
+        K, C = len(self.labels), len(self.ranks)
+        if len(self.widths) != K or len(self.exponents) != K:
+            problems.append(f"labels ({K}), widths ({len(self.widths)}) and step_exponents "
+                            f"({len(self.exponents)}) differ in length")
+            return problems
+        if K and (self.labels.min() < 0 or self.labels.max() >= C):
+            problems.append(f"labels outside 0..{C - 1}")
+            return problems
+        if C and len(np.unique(self.labels)) != C:
+            problems.append("some cluster has no member")
+        if np.any(self.widths < 1):
+            problems.append("widths must be >= 1")
+        if np.any(self.ranks < 0):
+            problems.append("negative cluster rank")
+        if self._codes.shape[0] != self.code_offsets[-1]:
+            problems.append(f"codes holds {self._codes.shape[0]} values; labels, widths and ranks "
+                            f"need {self.code_offsets[-1]}")
+        shape = tuple(self._bases_handle.shape)
+        if shape != (self.m, int(self.basis_offsets[-1])):
+            problems.append(f"bases has shape {shape}; the ranks need ({self.m}, "
+                            f"{int(self.basis_offsets[-1])})")
+        return problems

@@ -1,0 +1,116 @@
+"""Where formed clusters go: the plain matclust/1 arrays or the compact encoding.
+
+One sink per run. Both clustering paths feed it: the in-memory driver hands over each cluster
+as it is formed (:meth:`consume`), the out-of-core planner the whole plan
+(:meth:`store_planned`), and :meth:`finish` returns the labels, the per-cluster statistics, the
+stored numbers and the largest error of any one matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from matclust.compact import CompactEncoder, max_code_bound
+from matclust.encode import EncodedCluster, encode
+from matclust.engine import budget as qb
+from matclust.format2 import CompactWriter
+from matclust.report import cluster_stat
+
+
+class PlainSink:
+    """Basis and coefficients (or raw columns) at the input's precision, one group per cluster."""
+
+    def __init__(self, source, params, estimator, writer):
+        self.source, self.params, self.estimator, self.writer = source, params, estimator, writer
+        self.labels = np.full(source.K, -1, dtype=np.int64)
+        self.encoded: list[EncodedCluster] = []
+        self.kept: list[EncodedCluster] = []
+
+    def consume(self, formed, reader) -> None:
+        enc = encode(formed, reader, self.params["eps"], self.estimator,
+                     error_control=self.estimator is not None,
+                     per_matrix=self.params["guarantee"] == "matrix")
+        cid = len(self.encoded)
+        self.labels[enc.members] = cid
+        if self.writer is not None:
+            write_cluster(self.writer, cid, enc)
+            enc = enc.on_disk()  # written: keep the numbers, not the arrays
+        else:
+            self.kept.append(enc)
+        self.encoded.append(enc)
+
+    def store_planned(self, planned, form_eps, budget, progress) -> None:
+        from matclust.streaming import store_planned
+
+        self.labels, self.encoded = store_planned(
+            self.source, planned, self.params["rank"], self.params["eps"], self.writer, budget,
+            progress, per_matrix=self.params["guarantee"] == "matrix")
+
+    def finish(self):
+        if self.writer is not None:
+            self.writer.write_array("labels", self.labels)
+            self.writer.write_array("widths", self.source.widths.astype(np.int64))
+            if self.source.names is not None:
+                self.writer.write_strings("names", self.source.names)
+        stats = [cluster_stat(cid, enc) for cid, enc in enumerate(self.encoded)]
+        numbers = sum(enc.numbers for enc in self.encoded)
+        worst = max((enc.max_matrix_error for enc in self.encoded), default=0.0)
+        return self.labels, stats, numbers, worst
+
+
+def write_cluster(writer, cid: int, enc: EncodedCluster) -> None:
+    prefix = f"clusters/{cid}"
+    writer.write_array(f"{prefix}/members", enc.members.astype(np.int64))
+    if enc.basis is not None:
+        writer.write_array(f"{prefix}/basis", enc.basis)
+        writer.write_array(f"{prefix}/coefficients", enc.coefficients)
+    else:
+        writer.write_array(f"{prefix}/raw", enc.raw)
+
+
+class CompactSink:
+    """The compact encoding (:mod:`matclust.compact`) into the matclust/2 arrays
+    (:mod:`matclust.format2`)."""
+
+    def __init__(self, source, params, writer):
+        self.source, self.params, self.writer = source, params, writer
+        complex_data = source.dtype.kind == "c"
+        self.encoder = CompactEncoder(params["eps"], params["guarantee"], params["rank"],
+                                      source.m, source.storage_dtype)
+        parts = 2 if complex_data else 1
+        widest = int(source.widths.max())
+        most = parts * max(source.m, params["rank"]) * widest  # codes of one matrix, at most
+        self.out = CompactWriter(writer, source.K, source.m, source.widths, complex_data,
+                                 qb.code_dtype(max_code_bound(params["eps"], most)),
+                                 self.encoder.basis_dtype)
+        self.kept = []  # the stored groups, when there is no store to hold them
+        self.worst = 0.0
+
+    def _add(self, group, cid=None) -> None:
+        if cid is None:
+            self.out.add(group)
+        else:
+            self.out.add_part(cid, group)
+        if len(group.members):
+            self.worst = max(self.worst, float(group.matrix_errors.max()))
+        if self.writer is None:
+            self.kept.append(group)
+
+    def consume(self, formed, reader) -> None:
+        batch = formed.batch if formed.batch is not None else reader.get(formed.members)
+        batch = batch.take(np.argsort(batch.indices, kind="stable"))
+        basis = formed.basis if formed.factored else None
+        group, alone = self.encoder.encode_cluster(batch.indices, batch.data, batch.offsets,
+                                                   basis, formed.bound)
+        for g in ([group] if group is not None else []) + alone:
+            self._add(g)
+
+    def store_planned(self, planned, form_eps, budget, progress) -> None:
+        from matclust.streaming import store_planned_compact
+
+        store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
+                              budget, progress)
+
+    def finish(self):
+        labels = self.out.finish(self.source.names)
+        return labels, self.out.stats(), self.out.stored_numbers, self.worst
