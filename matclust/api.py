@@ -21,7 +21,7 @@ from matclust.report import build_report
 from matclust.sources import ArraySource, MatrixSource
 from matclust.sources.cache import CachedReader
 from matclust.sources.summary import SummaryReader
-from matclust.store import ResultWriter
+from matclust.store import FORMAT, PLAIN_FORMAT, ResultWriter
 
 MODES = ("auto", "in-memory", "out-of-core")
 
@@ -269,7 +269,8 @@ class MatrixClusterer:
                                       params["order"], params["patience"], progress.advance,
                                       evict_above=evict_above)
 
-        writer = ResultWriter(output, overwrite) if output is not None else None
+        writer = ResultWriter(output, overwrite, FORMAT if compact else PLAIN_FORMAT) \
+            if output is not None else None
         sink = (CompactSink(source, params, writer) if compact
                 else PlainSink(source, params, estimator, writer))
         with writer if writer is not None else nullcontext():
@@ -285,8 +286,6 @@ class MatrixClusterer:
                                   source.storage_dtype.itemsize, time.perf_counter() - started,
                                   max_matrix_error)
             if writer is not None:
-                if source.names is not None and not compact:
-                    writer.write_strings("names", source.names)
                 writer.set_json("params", params)
                 writer.set_report(report)
                 writer.commit()

@@ -200,7 +200,7 @@ class CompactEncoder:
                              np.array([qb.ZERO_STEP], np.int16), np.zeros(1), np.zeros(1))
             return StoredGroup(np.array([index]), np.array([width]), None, q, 0.0)
         shift = int(np.frexp(peak)[1])
-        scaled = np.ldexp(block, -shift)
+        scaled = qb.scaled_pow2(block, -shift)
         u, s, _ = np.linalg.svd(scaled, full_matrices=False)
         k = qb.own_rank(s ** 2, self.m, width, self.rank, self.eps, EVICT_SHARE,
                         self.basis_dtype.itemsize, self.complex)

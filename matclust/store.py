@@ -20,8 +20,10 @@ import numpy as np
 
 from matclust.errors import InputError
 
-#: The format this version writes, and every format it reads (docs/format.md).
+#: The format this version writes (matclust/1 for --encoding plain, whose arrays are exactly
+#: that layout, so older readers still take them), and every format it reads (docs/format.md).
 FORMAT = "matclust/2"
+PLAIN_FORMAT = "matclust/1"
 READABLE_FORMATS = ("matclust/1", "matclust/2")
 
 
@@ -336,7 +338,7 @@ class ResultWriter:
     the temporary. Use as a context manager: an exception aborts.
     """
 
-    def __init__(self, path, overwrite: bool = False):
+    def __init__(self, path, overwrite: bool = False, fmt: str = FORMAT):
         self.path = os.path.abspath(os.fspath(path))
         if os.path.lexists(self.path) and not overwrite:
             raise InputError(f"{path}: output exists; pass --overwrite to replace it")
@@ -346,7 +348,7 @@ class ResultWriter:
         self.temp = hidden_sibling(self.path, f"tmp-{os.getpid()}")
         _remove(self.temp)
         self._backend = _backend_for(self.path, self.temp, "w")
-        self._backend.set_attr("format", FORMAT)
+        self._backend.set_attr("format", fmt)
         self._backend.set_attr("complete", False)
 
     def __enter__(self):

@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from matclust.engine import budget as qb
 from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
 from matclust.sources import open_source
@@ -122,7 +123,7 @@ def scaled_error2(a: np.ndarray, decoded: np.ndarray) -> tuple[int, float, float
     if peak == 0.0:
         peak = float(np.max(np.abs(decoded))) if decoded.size else 0.0
     s = int(np.frexp(peak)[1]) if peak > 0 and np.isfinite(peak) else 0
-    a_s, d_s = np.ldexp(a, -s), np.ldexp(decoded, -s)
+    a_s, d_s = qb.scaled_pow2(a, -s), qb.scaled_pow2(decoded, -s)
     return s, sqnorm(a_s - d_s), sqnorm(a_s)
 
 

@@ -30,6 +30,9 @@ class CliResult:
     stdout: str
     stderr: str
 
+    def json(self):
+        return _strict_json(self.stdout)
+
     def __str__(self) -> str:  # shown in assertion messages
         return (f"matclust {' '.join(map(str, self.args))}\n  exit {self.returncode}\n"
                 f"  stdout: {self.stdout[-2000:]!r}\n  stderr: {self.stderr[-2000:]!r}")
@@ -502,3 +505,77 @@ def tamper_coefficient(store_path) -> int:
 @pytest.fixture
 def tamper():
     return tamper_coefficient
+
+
+# ---------------------------------------------------------------------------------------------
+# The compact layout (docs/format.md), decoded with numpy + h5py/hdf5plugin or zarr alone
+# ---------------------------------------------------------------------------------------------
+def decode_compact(path):
+    """(attrs, labels, every matrix decoded in float64/complex128) of a compact store, following
+    docs/format.md only: codes zig-zag mapped, matrices in index order, each (rows, n_i)
+    row-major (complex: real rows then imaginary rows), step 2^(e/16), -32768 meaning 0."""
+    path = os.fspath(path)
+    names = ("labels", "widths", "step_exponents", "codes", "cluster_ranks", "bases")
+    if _is_h5(path):
+        import h5py
+        import hdf5plugin  # noqa: F401
+
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            arr = {k: f[k][...] for k in names}
+    else:
+        import zarr
+
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs)
+        arr = {k: root[k][...] for k in names}
+    labels = arr["labels"].astype(np.int64)
+    ranks = arr["cluster_ranks"].astype(np.int64)
+    bases = arr["bases"]
+    m = bases.shape[0]
+    cplx = bases.dtype.kind == "c"
+    u = arr["codes"].astype(np.uint64)
+    codes = (u >> np.uint64(1)).astype(np.int64) ^ -(u & np.uint64(1)).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(ranks)])
+    pos = 0
+    out = []
+    for i, (c, n) in enumerate(zip(labels, arr["widths"].astype(np.int64))):
+        r = int(ranks[c])
+        rows = (r if r else m) * (2 if cplx else 1)
+        z = codes[pos: pos + rows * n].reshape(rows, n).astype(np.float64)
+        pos += rows * n
+        e = int(arr["step_exponents"][i])
+        z = z * (0.0 if e == -32768 else 2.0 ** (e / 16))
+        if cplx:
+            z = z[: rows // 2] + 1j * z[rows // 2:]
+        out.append(bases[:, starts[c]: starts[c] + r].astype(z.dtype if cplx else np.float64) @ z
+                   if r else z)
+    assert pos == len(codes), f"{len(codes) - pos} codes left over"
+    return attrs, labels, out
+
+
+def check_compact(store_path, mats, eps, guarantee="matrix"):
+    """Every matrix (or every cluster) of a compact store within eps of the input ``mats``
+    (computed here with numpy, in double precision); returns the per-matrix errors."""
+    attrs, labels, decoded = decode_compact(store_path)
+    assert attrs["format"] == "matclust/2" and attrs["complete"] in (True, 1)
+    assert len(decoded) == len(mats)
+    err2 = np.array([sq(np.asarray(a, np.complex128 if np.iscomplexobj(a) else np.float64) - d)
+                     for a, d in zip(mats, decoded)])
+    norm2 = np.array([sq(a) for a in mats])
+    rel = np.sqrt(np.where(norm2 > 0, err2 / np.where(norm2 > 0, norm2, 1), np.where(err2 > 0, np.inf, 0)))
+    if guarantee == "matrix":
+        assert rel.max() <= eps, f"matrix {int(np.argmax(rel))} has error {rel.max()} > {eps}"
+    else:
+        for c in np.unique(labels):
+            sel = labels == c
+            e = np.sqrt(err2[sel].sum() / norm2[sel].sum()) if norm2[sel].sum() > 0 else 0.0
+            assert e <= eps, f"cluster {c} has error {e} > {eps}"
+    return rel
+
+
+#: The paper's setting: its per-cluster guarantee, stored as float bases and coefficients
+#: (matclust/1 layout). The tests of the paper's method run with it; tests/test_compact.py
+#: covers the default compact encoding and the per-matrix guarantee.
+PAPER = ("--guarantee", "cluster", "--encoding", "plain")
+PAPER_PARAMS = {"guarantee": "cluster", "encoding": "plain"}

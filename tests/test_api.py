@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (
+from conftest import (PAPER, PAPER_PARAMS,
     best_error,
     check_partition,
     concat,
@@ -82,7 +82,7 @@ def test_fit_3d_array(method, order):
     X, _ = planted()
     assert isinstance(X, np.ndarray) and X.ndim == 3
     eps = 0.05 if method == "incremental" else 0.25  # residual and weyl bounds are loose
-    clf = MatrixClusterer(rank=3, eps=eps, method=method, order=order).fit(X)
+    clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=eps, method=method, order=order).fit(X)
     check_fit(clf, list(X), rank=3, eps=eps, stored_dtype=np.float64)
     assert clf.report_["params"]["method"] == method and clf.report_["params"]["order"] == order
     assert any(e.basis is not None for e in clf.clusters_), "no factored cluster"
@@ -94,7 +94,7 @@ def test_fit_3d_array(method, order):
 def test_fit_list_of_variable_width_arrays(dtype, stored):
     mats, _ = planted(K=60, m=10, n=2, n_max=6, dtype=dtype, seed=1)
     assert isinstance(mats, list) and len({a.shape[1] for a in mats}) > 1
-    clf = MatrixClusterer(rank=3, eps=0.08).fit(mats)
+    clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.08).fit(mats)
     check_fit(clf, mats, rank=3, eps=0.08, stored_dtype=stored)
     factored = [e for e in clf.clusters_ if e.basis is not None]
     assert factored, "no factored cluster"
@@ -104,8 +104,8 @@ def test_fit_list_of_variable_width_arrays(dtype, stored):
 
 def test_fit_predict_and_determinism():
     X, _ = planted(seed=2)
-    a = MatrixClusterer(rank=3, eps=0.05).fit_predict(X)
-    b = MatrixClusterer(rank=3, eps=0.05).fit(X).labels_
+    a = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit_predict(X)
+    b = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(X).labels_
     np.testing.assert_array_equal(a, b)
 
 
@@ -113,8 +113,8 @@ def test_fit_does_not_modify_input():
     X, _ = planted(seed=3)
     before = X.copy()
     mats = [a.copy() for a in X]
-    MatrixClusterer(rank=3, eps=0.05).fit(X)
-    MatrixClusterer(rank=3, eps=0.05).fit(mats)
+    MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(X)
+    MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(mats)
     np.testing.assert_array_equal(X, before)
     for a, b in zip(mats, before):
         np.testing.assert_array_equal(a, b)
@@ -122,8 +122,8 @@ def test_fit_does_not_modify_input():
 
 def test_list_and_array_give_the_same_clustering():
     X, _ = planted(seed=4)
-    a = MatrixClusterer(rank=3, eps=0.05).fit(X)
-    b = MatrixClusterer(rank=3, eps=0.05).fit(list(X))
+    a = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(X)
+    b = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(list(X))
     np.testing.assert_array_equal(a.labels_, b.labels_)
     assert [s["error"] for s in a.cluster_stats_] == pytest.approx([s["error"] for s in b.cluster_stats_])
 
@@ -132,8 +132,8 @@ def test_list_and_array_give_the_same_clustering():
                                              ("residuals", "residual"), ("max_norm", "weyl")])
 def test_method_aliases(alias, canonical):
     X, _ = planted(K=50, seed=5)
-    a = MatrixClusterer(rank=3, eps=0.3, method=alias).fit(X)
-    b = MatrixClusterer(rank=3, eps=0.3, method=canonical).fit(X)
+    a = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.3, method=alias).fit(X)
+    b = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.3, method=canonical).fit(X)
     assert a.report_["params"]["method"] == canonical
     np.testing.assert_array_equal(a.labels_, b.labels_)
 
@@ -147,7 +147,7 @@ def test_planted_compression_ratio():
     groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     assert all(best_error([X[i] for i in g], rank) <= eps for g in groups)
     planted_cr = paper_ratio(m, rank, [[4] * len(g) for g in groups])
-    clf = MatrixClusterer(rank=rank, eps=eps, method="incremental", order="residual").fit(X)
+    clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=rank, eps=eps, method="incremental", order="residual").fit(X)
     check_fit(clf, list(X), rank=rank, eps=eps)
     assert clf.compression_ratio_ >= 0.8 * planted_cr, \
         f"compression ratio {clf.compression_ratio_:.3f} < 0.8 x planted {planted_cr:.3f}"
@@ -159,7 +159,7 @@ def test_weyl_and_others_on_wide_blocks(method):
     rng = np.random.default_rng(7)
     X = rng.standard_normal((50, 12, 10)) * np.exp(rng.uniform(-1, 1, (50, 1, 1)))
     for eps in (0.7, 0.8):
-        clf = MatrixClusterer(rank=3, eps=eps, method=method, order="norm").fit(X)
+        clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=eps, method=method, order="norm").fit(X)
         check_fit(clf, list(X), rank=3, eps=eps)
 
 
@@ -172,12 +172,12 @@ def test_exactly_low_rank_collection(cplx):
     X = [basis @ (rng.standard_normal((2, w)) + (1j * rng.standard_normal((2, w)) if cplx else 0))
          for w in rng.integers(1, 6, size=60)]
     eps = 1e-6
-    clf = MatrixClusterer(rank=2, eps=eps, method="incremental").fit(X)
+    clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=eps, method="incremental").fit(X)
     check_fit(clf, X, rank=2, eps=eps)
     assert clf.n_clusters_ == 1, f"exactly rank-2 data formed {clf.n_clusters_} clusters"
     assert clf.cluster_stats_[0]["error"] < 1e-10
     for method in ("residual", "weyl"):
-        check_fit(MatrixClusterer(rank=2, eps=eps, method=method).fit(X), X, rank=2, eps=eps)
+        check_fit(MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=eps, method=method).fit(X), X, rank=2, eps=eps)
 
 
 def test_rank_deficient_duplicates_and_zero_matrices():
@@ -188,7 +188,7 @@ def test_rank_deficient_duplicates_and_zero_matrices():
     X = base + [b.copy() for b in base] + [np.zeros((m, 4)) for _ in range(3)] + \
         [np.hstack([b, b]) [:, :4] for b in base[:3]]
     for method in ("incremental", "residual", "weyl"):
-        clf = MatrixClusterer(rank=3, eps=0.05, method=method).fit(X)
+        clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05, method=method).fit(X)
         check_fit(clf, X, rank=3, eps=0.05)
 
 
@@ -196,16 +196,16 @@ def test_patience_shortcut_still_honours_contract():
     """Random data admits nothing: patience turns the rest into singletons, all valid."""
     X = np.random.default_rng(10).standard_normal((40, 8, 3))
     for patience in (0, 1, 3):
-        clf = MatrixClusterer(rank=2, eps=0.05, patience=patience).fit(X)
+        clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.05, patience=patience).fit(X)
         check_fit(clf, list(X), rank=2, eps=0.05)
         assert clf.report_["params"]["patience"] == patience
 
 
 def test_fit_to_store_matches_in_memory_result(tmp_path):
     X, _ = planted(K=60, seed=11)
-    mem = MatrixClusterer(rank=3, eps=0.05).fit(X)
+    mem = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(X)
     out = tmp_path / "api.h5"
-    disk = MatrixClusterer(rank=3, eps=0.05).fit(X, str(out))
+    disk = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(X, str(out))
     np.testing.assert_array_equal(mem.labels_, disk.labels_)
     st = read_store(out)
     assert st.attrs["format"] == "matclust/1" and st.attrs["complete"] is True
@@ -216,9 +216,9 @@ def test_fit_to_store_matches_in_memory_result(tmp_path):
         np.testing.assert_array_equal(enc.members, cl["members"])
     # an existing output needs overwrite=True
     with pytest.raises(InputError):
-        MatrixClusterer(rank=3, eps=0.1).fit(X, str(out))
+        MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.1).fit(X, str(out))
     assert read_store(out).params["eps"] == 0.05
-    MatrixClusterer(rank=3, eps=0.1).fit(X, str(out), overwrite=True)
+    MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.1).fit(X, str(out), overwrite=True)
     assert read_store(out).params["eps"] == 0.1
 
 
@@ -240,7 +240,7 @@ def test_bad_parameters_raise_input_error(kwargs):
     X, _ = planted(K=10, seed=12)
     params = {"rank": 3, "eps": 0.05, **kwargs}
     with pytest.raises(InputError):
-        MatrixClusterer(**params).fit(X)
+        MatrixClusterer(**{**PAPER_PARAMS, **params}).fit(X)
 
 
 @pytest.mark.parametrize("bad", ["2d", "4d", "rows", "nan", "inf", "empty", "empty3d", "strings",
@@ -260,20 +260,20 @@ def test_bad_input_raises_input_error(bad):
         "nocols": [np.ones((4, 2)), np.ones((4, 0))],
     }[bad]
     with pytest.raises(InputError):
-        MatrixClusterer(rank=2, eps=0.1).fit(X)
+        MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.1).fit(X)
 
 
 def test_nan_error_names_the_matrix():
     X = np.ones((6, 4, 3))
     X[4, 2, 1] = np.nan
     with pytest.raises(InputError, match="4"):
-        MatrixClusterer(rank=2, eps=0.1).fit(X)
+        MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.1).fit(X)
 
 
 def test_errors_report_recomputed_per_cluster():
     """cluster_stats_ error equals ||A - U C|| / ||A|| from the returned arrays; bound >= e_r."""
     X, _ = planted(K=70, seed=14, noise=0.02)
-    clf = MatrixClusterer(rank=3, eps=0.06).fit(X)
+    clf = MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.06).fit(X)
     for enc, stat in zip(clf.clusters_, clf.cluster_stats_):
         blocks = [X[i] for i in enc.members]
         M = concat(blocks)

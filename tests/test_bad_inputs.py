@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_matclust, tree_digest
+from conftest import PAPER, PAPER_PARAMS, run_matclust, tree_digest
 
 RNG = np.random.default_rng(0)
 
@@ -246,17 +246,17 @@ def test_bad_input_exits_2_naming_the_culprit(tmp_path, case_id, build, extra, e
     inp = build(tmp_path)
     args = extra[1:] if extra[:1] == ["!"] else ARGS + extra
     before = listing(tmp_path)
-    res = run_matclust("cluster", inp, *args, "--quiet", cwd=tmp_path)
+    res = run_matclust("cluster", *PAPER, inp, *args, "--quiet", cwd=tmp_path)
     check_rejected(res, tmp_path, before, expected)
 
 
 @pytest.mark.parametrize("out", ["out.h5", "out.zarr"])
 def test_existing_output_without_overwrite_is_left_untouched(tmp_path, out):
     inp = ok_input(tmp_path)
-    run_matclust("cluster", inp, "-o", out, "--rank", "2", "--eps", "0.3", "--quiet",
+    run_matclust("cluster", *PAPER, inp, "-o", out, "--rank", "2", "--eps", "0.3", "--quiet",
                  cwd=tmp_path, check=0)
     before = listing(tmp_path)
-    res = run_matclust("cluster", inp, "-o", out, "--rank", "3", "--eps", "0.1", "--quiet",
+    res = run_matclust("cluster", *PAPER, inp, "-o", out, "--rank", "3", "--eps", "0.1", "--quiet",
                        cwd=tmp_path)
     check_rejected(res, tmp_path, before, [out, "output exists", "--overwrite"])
 
@@ -264,14 +264,14 @@ def test_existing_output_without_overwrite_is_left_untouched(tmp_path, out):
 def test_json_mode_keeps_stdout_empty_on_error(tmp_path):
     inp = nan(tmp_path)
     before = listing(tmp_path)
-    res = run_matclust("cluster", inp, *ARGS, "--json", cwd=tmp_path)
+    res = run_matclust("cluster", *PAPER, inp, *ARGS, "--json", cwd=tmp_path)
     check_rejected(res, tmp_path, before, ["matrix 7 "])
 
 
 def test_output_folder_missing(tmp_path):
     inp = ok_input(tmp_path)
     before = listing(tmp_path)
-    res = run_matclust("cluster", inp, "-o", "no/such/dir/out.h5", "--rank", "2", "--eps", "0.1",
+    res = run_matclust("cluster", *PAPER, inp, "-o", "no/such/dir/out.h5", "--rank", "2", "--eps", "0.1",
                        cwd=tmp_path)
     check_rejected(res, tmp_path, before, ["no/such/dir/out.h5", "does not exist"])
 
@@ -296,6 +296,6 @@ def test_input_error_mid_run_leaves_nothing(tmp_path, monkeypatch):
     for out in ("mid.h5", "mid.zarr"):
         calls.clear()
         with pytest.raises(InputError, match="simulated"):
-            matclust.MatrixClusterer(rank=2, eps=0.05, patience=0).fit(X, tmp_path / out)
+            matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.05, patience=0).fit(X, tmp_path / out)
         assert len(calls) == 3
         assert os.listdir(tmp_path) == [], sorted(os.listdir(tmp_path))

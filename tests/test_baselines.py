@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import concat, load_input, read_store, sq, wide
+from conftest import PAPER, PAPER_PARAMS, concat, load_input, read_store, sq, wide
 from matclust.api import MatrixClusterer
 from matclust.cli import main
 
@@ -84,7 +84,7 @@ def near_duplicates_h5(tmp_path_factory):
                                           ("hdbscan", [])])
 def test_baseline_store_is_valid_and_verify_is_honest(method, extra, planted_h5, tmp_path, cli):
     out = tmp_path / f"{method}.h5"
-    res = cli("cluster", planted_h5, "-o", out, "--rank", 2, "--eps", 0.05, "--method", method,
+    res = cli("cluster", *PAPER, planted_h5, "-o", out, "--rank", 2, "--eps", 0.05, "--method", method,
               *extra, "--json", check=0)
     report = json.loads(res.stdout)
     st, errors = _check_baseline_store(out, planted_h5, rank=2, eps=0.05, method=method)
@@ -102,7 +102,7 @@ def test_baseline_store_is_valid_and_verify_is_honest(method, extra, planted_h5,
 
 def test_kmeans_within_eps_verifies(near_duplicates_h5, tmp_path, cli):
     out = tmp_path / "km.zarr"
-    res = cli("cluster", near_duplicates_h5, "-o", out, "--rank", 2, "--eps", 0.05,
+    res = cli("cluster", *PAPER, near_duplicates_h5, "-o", out, "--rank", 2, "--eps", 0.05,
               "--method", "kmeans", "--clusters", 4, "--seed", 1, "--json", check=0)
     report = json.loads(res.stdout)
     assert report["clusters"] == 4 and report["over_eps"] == 0 and report["max_error"] < 0.01
@@ -111,8 +111,8 @@ def test_kmeans_within_eps_verifies(near_duplicates_h5, tmp_path, cli):
 
 
 def test_random_is_reproducible_with_seed(planted_h5):
-    a = MatrixClusterer(rank=2, eps=0.05, method="random", n_clusters=5, random_state=3)
-    b = MatrixClusterer(rank=2, eps=0.05, method="random", n_clusters=5, random_state=3)
+    a = MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.05, method="random", n_clusters=5, random_state=3)
+    b = MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.05, method="random", n_clusters=5, random_state=3)
     la = a.fit_predict(np.stack(load_input(planted_h5)[0]))
     lb = b.fit_predict(np.stack(load_input(planted_h5)[0]))
     assert np.array_equal(la, lb) and len(np.unique(la)) == 5
@@ -123,9 +123,9 @@ def test_random_accepts_variable_widths_kmeans_does_not(tmp_path, cli):
     from conftest import write_planted
 
     path, mats, _ = write_planted(tmp_path / "var.h5", K=30, m=8, n=2, n_max=5, layout="group")
-    cli("cluster", path, "-o", tmp_path / "r.h5", "--rank", 2, "--eps", 0.1, "--method", "random",
+    cli("cluster", *PAPER, path, "-o", tmp_path / "r.h5", "--rank", 2, "--eps", 0.1, "--method", "random",
         "--clusters", 3, check=0)
-    res = cli("cluster", path, "-o", tmp_path / "k.h5", "--rank", 2, "--eps", 0.1,
+    res = cli("cluster", *PAPER, path, "-o", tmp_path / "k.h5", "--rank", 2, "--eps", 0.1,
               "--method", "kmeans", "--clusters", 3, check=2)
     assert res.stderr.startswith("error:") and "equal widths" in res.stderr
     assert str(path) in res.stderr or "var.h5" in res.stderr
@@ -133,13 +133,13 @@ def test_random_accepts_variable_widths_kmeans_does_not(tmp_path, cli):
 
 
 def test_clusters_option_rules(planted_h5, tmp_path, cli):
-    res = cli("cluster", planted_h5, "-o", tmp_path / "a.h5", "--rank", 2, "--eps", 0.05,
+    res = cli("cluster", *PAPER, planted_h5, "-o", tmp_path / "a.h5", "--rank", 2, "--eps", 0.05,
               "--method", "kmeans", check=2)
     assert "--clusters" in res.stderr
-    res = cli("cluster", planted_h5, "-o", tmp_path / "b.h5", "--rank", 2, "--eps", 0.05,
+    res = cli("cluster", *PAPER, planted_h5, "-o", tmp_path / "b.h5", "--rank", 2, "--eps", 0.05,
               "--clusters", 3, check=2)
     assert "--clusters" in res.stderr
-    res = cli("cluster", planted_h5, "-o", tmp_path / "c.h5", "--rank", 2, "--eps", 0.05,
+    res = cli("cluster", *PAPER, planted_h5, "-o", tmp_path / "c.h5", "--rank", 2, "--eps", 0.05,
               "--method", "random", "--clusters", 1000, check=2)
     assert "K = 60" in res.stderr
 
@@ -148,14 +148,14 @@ def test_missing_scikit_learn_is_a_clear_error(planted_h5, tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
     with pytest.raises(SystemExit) as exc:
-        main(["cluster", str(planted_h5), "-o", str(tmp_path / "k.h5"), "--rank", "2",
+        main(["cluster", *PAPER, str(planted_h5), "-o", str(tmp_path / "k.h5"), "--rank", "2",
               "--eps", "0.05", "--method", "kmeans", "--clusters", "3", "--quiet"])
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert err.startswith("error:") and "scikit-learn" in err and "matclust[baselines]" in err
     # random needs no extra
     with pytest.raises(SystemExit) as exc:
-        main(["cluster", str(planted_h5), "-o", str(tmp_path / "r.h5"), "--rank", "2",
+        main(["cluster", *PAPER, str(planted_h5), "-o", str(tmp_path / "r.h5"), "--rank", "2",
               "--eps", "0.05", "--method", "random", "--clusters", "3", "--quiet"])
     assert exc.value.code == 0
 
@@ -214,7 +214,7 @@ def test_compare_runs_within_the_memory_limit_and_leaves_nothing(tmp_path, monke
     bounded, random_row = result.rows
     assert bounded["mode"] == "out-of-core" and bounded["over_eps"] == 0
     assert random_row["mode"] == "in-memory" and random_row["clusters"] == 7
-    alone = MatrixClusterer(rank=4, eps=0.1, memory_limit=limit).fit(src, str(tmp_path / "a.h5"))
+    alone = MatrixClusterer(guarantee="cluster", encoding="plain", rank=4, eps=0.1, memory_limit=limit).fit(src, str(tmp_path / "a.h5"))
     assert bounded["clusters"] == alone.n_clusters_
     assert bounded["compression_ratio"] == pytest.approx(alone.compression_ratio_, rel=1e-12)
     assert list(scratch.iterdir()) == []

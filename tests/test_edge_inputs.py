@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import check_store, read_store, run_matclust
+from conftest import PAPER, PAPER_PARAMS, check_store, read_store, run_matclust
 from matclust.sample import planted_collection
 
 RANK, EPS = 2, 0.05
@@ -26,7 +26,7 @@ def cluster_ok(inp, out, cwd, *extra, rank=RANK, eps=EPS, group=False, dataset="
     """Run, then check the store against the contract and with ``matclust verify``."""
     from matclust.verify import verify_store
 
-    run_matclust("cluster", inp, "-o", out, "--rank", rank, "--eps", eps, "--quiet", *extra,
+    run_matclust("cluster", *PAPER, inp, "-o", out, "--rank", rank, "--eps", eps, "--quiet", *extra,
                  cwd=cwd, check=0)
     out = os.path.join(cwd, out)
     st, errors = check_store(out, os.path.join(cwd, inp), rank=rank, eps=eps,

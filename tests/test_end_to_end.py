@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (
+from conftest import (PAPER, PAPER_PARAMS,
     best_error,
     check_store,
     check_stored_dtypes,
@@ -42,7 +42,7 @@ ORDERS = ("residual", "norm")
 
 
 def cluster_cmd(inp, out, *, rank, eps, method=None, order=None, extra=()):
-    args = ["cluster", inp, "-o", out, "--rank", rank, "--eps", eps, "--quiet"]
+    args = ["cluster", *PAPER, inp, "-o", out, "--rank", rank, "--eps", eps, "--quiet"]
     if method:
         args += ["--method", method]
     if order:
@@ -309,7 +309,7 @@ def test_config_toml_and_flags_override(tmp_path, small_input):
     out = tmp_path / "from_config.h5"
     cfg.write_text(f'output = "{out}"\nrank = 2\neps = 0.2\nmethod = "residuals"\n'
                    f'order = "norm"\npatience = 4\nmemory-limit = "64MiB"\nquiet = true\n')
-    res = run_matclust("cluster", small_input, "--config", cfg, check=0)
+    res = run_matclust("cluster", *PAPER, small_input, "--config", cfg, check=0)
     assert res.stdout == "", "quiet = true in the config must silence stdout"
     st, _ = check_store(out, small_input, rank=2, eps=0.2, method="residual", order="norm",
                         patience=4)
@@ -317,7 +317,7 @@ def test_config_toml_and_flags_override(tmp_path, small_input):
 
     # flags override the file, whichever side of --config they are on
     out2 = tmp_path / "override.zarr"
-    run_matclust("cluster", small_input, "--eps", 0.1, "--config", cfg, "-o", out2,
+    run_matclust("cluster", *PAPER, small_input, "--eps", 0.1, "--config", cfg, "-o", out2,
                  "--method", "weyl", check=0)
     check_store(out2, small_input, rank=2, eps=0.1, method="weyl", order="norm", patience=4)
     assert not os.path.exists(out) or read_store(out).params["method"] == "residual"
@@ -330,7 +330,7 @@ def test_config_accepts_option_spellings(tmp_path, small_input):
     out = tmp_path / "o.h5"
     cfg.write_text(f'rank = 2\neps = 0.1\nreport = "{rep_file}"\njson = true\n'
                    f'output = "{out}"\nmemory_limit = "256MiB"\n')
-    res = run_matclust("cluster", small_input, "--config", cfg)
+    res = run_matclust("cluster", *PAPER, small_input, "--config", cfg)
     assert res.returncode == 0, f"config keys named like the options were refused:\n{res}"
     assert json.loads(res.stdout) == json.loads(rep_file.read_text()) == read_store(out).report
 
@@ -339,7 +339,7 @@ def test_config_unknown_key_exits_2(tmp_path, small_input):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('rank = 2\neps = 0.1\nrnak_typo = 3\n')
     out = tmp_path / "out.h5"
-    res = run_matclust("cluster", small_input, "-o", out, "--config", cfg)
+    res = run_matclust("cluster", *PAPER, small_input, "-o", out, "--config", cfg)
     assert_error_line(res, "rnak_typo")
     assert not os.path.exists(out)
 
@@ -347,7 +347,7 @@ def test_config_unknown_key_exits_2(tmp_path, small_input):
 def test_json_prints_exactly_the_report(tmp_path, small_input):
     out = tmp_path / "out.h5"
     rep_file = tmp_path / "report.json"
-    res = run_matclust("cluster", small_input, "-o", out, "--rank", 2, "--eps", 0.1, "--json",
+    res = run_matclust("cluster", *PAPER, small_input, "-o", out, "--rank", 2, "--eps", 0.1, "--json",
                        "--report", rep_file, check=0)
     doc = json.loads(res.stdout)  # the whole of stdout is one JSON document
     decoder = json.JSONDecoder()
@@ -363,7 +363,7 @@ def test_json_prints_exactly_the_report(tmp_path, small_input):
 
 
 def test_json_on_error_prints_nothing_on_stdout(tmp_path, small_input):
-    res = run_matclust("cluster", small_input, "-o", tmp_path / "o.h5", "--rank", 2,
+    res = run_matclust("cluster", *PAPER, small_input, "-o", tmp_path / "o.h5", "--rank", 2,
                        "--eps", 7, "--json")
     assert_error_line(res, "eps")
     assert res.stdout == ""
@@ -372,14 +372,14 @@ def test_json_on_error_prints_nothing_on_stdout(tmp_path, small_input):
 def test_report_file_and_quiet(tmp_path, small_input):
     out = tmp_path / "out.zarr"
     rep_file = tmp_path / "report.json"
-    res = run_matclust("cluster", small_input, "-o", out, "--rank", 2, "--eps", 0.1, "--quiet",
+    res = run_matclust("cluster", *PAPER, small_input, "-o", out, "--rank", 2, "--eps", 0.1, "--quiet",
                        "--report", rep_file, check=0)
     assert res.stdout == ""
     assert json.loads(rep_file.read_text()) == read_store(out).report
 
 
 def test_default_output_is_a_table_not_json(tmp_path, small_input):
-    res = run_matclust("cluster", small_input, "-o", tmp_path / "o.h5", "--rank", 2,
+    res = run_matclust("cluster", *PAPER, small_input, "-o", tmp_path / "o.h5", "--rank", 2,
                        "--eps", 0.1, check=0)
     assert "compression" in res.stdout
 
@@ -387,13 +387,13 @@ def test_default_output_is_a_table_not_json(tmp_path, small_input):
 @pytest.mark.parametrize("ext", [".h5", ".zarr"])
 def test_overwrite(tmp_path, small_input, ext):
     out = tmp_path / f"out{ext}"
-    run_matclust("cluster", small_input, "-o", out, "--rank", 2, "--eps", 0.1, "--quiet", check=0)
+    run_matclust("cluster", *PAPER, small_input, "-o", out, "--rank", 2, "--eps", 0.1, "--quiet", check=0)
     before = tree_digest(out)
-    res = run_matclust("cluster", small_input, "-o", out, "--rank", 2, "--eps", 0.2, "--quiet")
+    res = run_matclust("cluster", *PAPER, small_input, "-o", out, "--rank", 2, "--eps", 0.2, "--quiet")
     assert_error_line(res, str(out))
     assert tree_digest(out) == before, "an existing OUTPUT was modified without --overwrite"
 
-    run_matclust("cluster", small_input, "-o", out, "--rank", 2, "--eps", 0.2, "--quiet",
+    run_matclust("cluster", *PAPER, small_input, "-o", out, "--rank", 2, "--eps", 0.2, "--quiet",
                  "--overwrite", check=0)
     st, _ = check_store(out, small_input, rank=2, eps=0.2, method="incremental", order="residual")
     leftovers = [f for f in os.listdir(tmp_path) if "tmp" in f]
@@ -403,7 +403,7 @@ def test_overwrite(tmp_path, small_input, ext):
 def test_overwrite_refuses_foreign_file(tmp_path, small_input):
     out = tmp_path / "precious.h5"
     out.write_text("not a matclust store\n")
-    res = run_matclust("cluster", small_input, "-o", out, "--rank", 2, "--eps", 0.1)
+    res = run_matclust("cluster", *PAPER, small_input, "-o", out, "--rank", 2, "--eps", 0.1)
     assert_error_line(res, str(out))
     assert out.read_text() == "not a matclust store\n"
 
@@ -461,10 +461,10 @@ def test_several_candidates_need_dataset(tmp_path):
 
     with h5py.File(two, "a") as f:
         f.create_dataset("b", data=np.ones((6, 4, 2)))
-    res = run_matclust("cluster", two, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
+    res = run_matclust("cluster", *PAPER, two, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
     assert_error_line(res, str(two), "a", "b")
     out = tmp_path / "o.h5"
-    run_matclust("cluster", two, "-o", out, "--rank", 2, "--eps", 0.3, "--dataset", "a",
+    run_matclust("cluster", *PAPER, two, "-o", out, "--rank", 2, "--eps", 0.3, "--dataset", "a",
                  "--quiet", check=0)
     check_store(out, two, dataset="a", rank=2, eps=0.3, method="incremental", order="residual")
 
@@ -482,28 +482,28 @@ def test_bad_usage_exits_2(tmp_path, small_input, args, words):
         base[k] = v
     flat = [x for kv in base.items() for x in kv]
     out = tmp_path / "o.h5"
-    res = run_matclust("cluster", small_input, "-o", out, *flat)
+    res = run_matclust("cluster", *PAPER, small_input, "-o", out, *flat)
     assert_error_line(res, *words)
     assert not os.path.exists(out)
 
 
 def test_bad_input_exits_2(tmp_path):
     missing = tmp_path / "missing.h5"
-    res = run_matclust("cluster", missing, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
+    res = run_matclust("cluster", *PAPER, missing, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
     assert_error_line(res, str(missing))
     bad = tmp_path / "bools.h5"
     import h5py
 
     with h5py.File(bad, "w") as f:
         f.create_dataset("matrices", data=np.zeros((4, 3, 2), dtype=bool))
-    res = run_matclust("cluster", bad, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
+    res = run_matclust("cluster", *PAPER, bad, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
     assert_error_line(res, str(bad), "matrices")
     nan = tmp_path / "nan.h5"
     data = np.ones((5, 3, 2))
     data[3, 1, 1] = np.nan
     with h5py.File(nan, "w") as f:
         f.create_dataset("matrices", data=data)
-    res = run_matclust("cluster", nan, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
+    res = run_matclust("cluster", *PAPER, nan, "-o", tmp_path / "o.h5", "--rank", 2, "--eps", 0.1)
     assert_error_line(res, str(nan), "matrices", "3")
 
 
@@ -531,7 +531,7 @@ def test_verify_json_and_other_cwd(tmp_path, small_input):
     work = tmp_path / "work"
     work.mkdir()
     os.replace(small_input, work / "in.h5")
-    run_matclust("cluster", "in.h5", "-o", "out.h5", "--rank", 2, "--eps", 0.1, "--quiet",
+    run_matclust("cluster", *PAPER, "in.h5", "-o", "out.h5", "--rank", 2, "--eps", 0.1, "--quiet",
                  cwd=work, check=0)
     res = run_matclust("verify", work / "out.h5", "--json", cwd=tmp_path)
     assert res.returncode == 0, f"verify from another directory failed:\n{res}"

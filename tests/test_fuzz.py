@@ -86,7 +86,7 @@ def check_fit(X, rank, eps, method, order, patience, out_ext):
         layout = "stack" if isinstance(X, np.ndarray) else "group"
         write_collection(inp, X, layout=layout, dataset="matrices")
         out = os.path.join(tmp, "result" + out_ext)
-        fitted = matclust.MatrixClusterer(rank=rank, eps=eps, method=method, order=order,
+        fitted = matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=rank, eps=eps, method=method, order=order,
                                           patience=patience).fit(X, out)
         labels = fitted.labels_
         assert labels.shape == (K,) and labels.min() == 0
@@ -127,8 +127,8 @@ def test_scaling_by_a_power_of_two_keeps_the_labels(X, rank, eps, exponent):
     if np.abs(X).max(initial=0.0) * factor > 1e300 or \
             (np.abs(X[X != 0]).min(initial=np.inf) * factor < 1e-290):
         return
-    a = matclust.MatrixClusterer(rank=rank, eps=eps).fit(X)
-    b = matclust.MatrixClusterer(rank=rank, eps=eps).fit(X * factor)
+    a = matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=rank, eps=eps).fit(X)
+    b = matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=rank, eps=eps).fit(X * factor)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     for sa, sb in zip(a.cluster_stats_, b.cluster_stats_):
         assert sa["size"] == sb["size"] and sa["stored"] == sb["stored"]

@@ -19,7 +19,7 @@ import pytest
 
 import matclust.sources.base as sources_base
 import matclust.streaming as streaming
-from conftest import (check_partition, check_stored_dtypes, concat, load_input, read_store,
+from conftest import (PAPER, PAPER_PARAMS,check_partition, check_stored_dtypes, concat, load_input, read_store,
                       run_matclust, sq, wide)
 from matclust import MatrixClusterer
 from matclust.api import BASELINE_BYTES, PER_MATRIX_BYTES
@@ -122,7 +122,7 @@ def check_out_of_core_store(store_path, input_path, *, rank, eps, method="increm
 def fit_out_of_core(input_path, out, *, transpose=False, **params):
     src = open_source(input_path, DATASET, transpose)
     with src:
-        return MatrixClusterer(mode="out-of-core", **params).fit(src, str(out))
+        return MatrixClusterer(guarantee="cluster", encoding="plain", mode="out-of-core", **params).fit(src, str(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_small_eps_quality_on_exactly_low_rank(tmp_path):
     mats, _ = planted_collection(300, 12, 3, 3, 2, 0.0, "float64", None, 0, 10.0)
     inp = write_input(tmp_path / "in.h5", list(mats), "stack")
     params = dict(rank=3, eps=1e-4)
-    mem = MatrixClusterer(mode="in-memory", **params).fit(list(mats), str(tmp_path / "a.h5"))
+    mem = MatrixClusterer(guarantee="cluster", encoding="plain", mode="in-memory", **params).fit(list(mats), str(tmp_path / "a.h5"))
     ooc = fit_out_of_core(inp, tmp_path / "b.h5", **params)
     assert ooc.compression_ratio_ >= 0.97 * mem.compression_ratio_
 
@@ -455,7 +455,7 @@ def big_runs(tmp_path_factory):
         for name, limit in (("default", 2**30), ("small", 2**20)):
             start = len(readers)
             with open_source(inp, DATASET) as src:
-                mc = MatrixClusterer(rank=BIG["rank"], eps=BIG["eps"], mode="auto",
+                mc = MatrixClusterer(guarantee="cluster", encoding="plain", rank=BIG["rank"], eps=BIG["eps"], mode="auto",
                                      memory_limit=limit).fit(src, str(tmp / f"{name}.h5"))
             runs[name] = (mc, readers[start:], tmp / f"{name}.h5")
     return inp, [np.asarray(a) for a in mats], runs
@@ -512,7 +512,7 @@ def test_half_precision_quality_at_small_eps(big_runs, tmp_path):
     inp, _, runs = big_runs
     params = dict(rank=BIG["rank"], eps=0.02)
     with open_source(inp, DATASET) as src:
-        mem = MatrixClusterer(mode="in-memory", **params).fit(src, str(tmp_path / "a.h5"))
+        mem = MatrixClusterer(guarantee="cluster", encoding="plain", mode="in-memory", **params).fit(src, str(tmp_path / "a.h5"))
     ooc = fit_out_of_core(inp, tmp_path / "b.h5", memory_limit=2**20, **params)
     assert ooc.compression_ratio_ >= 0.97 * mem.compression_ratio_
 
@@ -530,7 +530,7 @@ def test_auto_mode_picks_by_memory_limit(big_runs, tmp_path):
     assert any(np.any(np.diff(cl["members"]) < 0) for cl in st.clusters)
     assert all(norms[cl["members"][0]] == norms[cl["members"]].max() for cl in st.clusters)
     # without an output store, auto stays in memory whatever the limit
-    small = MatrixClusterer(rank=4, eps=0.1, mode="auto", memory_limit=2**20)
+    small = MatrixClusterer(guarantee="cluster", encoding="plain", rank=4, eps=0.1, mode="auto", memory_limit=2**20)
     mats_small = [a[:, :4] for a in mats[:200]]
     assert small.fit(mats_small).report_["params"]["mode"] == "in-memory"
 
@@ -546,7 +546,7 @@ def test_auto_mode_runs_large_collections_out_of_core(tmp_path, monkeypatch, thr
     assert 400 * 24 * 16 * 8 > 2**20
     monkeypatch.setattr(api, "AUTO_OUT_OF_CORE_BYTES", threshold)
     with open_source(inp, DATASET) as src:
-        mc = MatrixClusterer(rank=4, eps=0.1, mode="auto").fit(src, str(tmp_path / "out.h5"))
+        mc = MatrixClusterer(guarantee="cluster", encoding="plain", rank=4, eps=0.1, mode="auto").fit(src, str(tmp_path / "out.h5"))
     assert mc.report_["params"]["mode"] == expected
     assert read_store(tmp_path / "out.h5").params["mode"] == expected
     assert verify_store(str(tmp_path / "out.h5"))["ok"]
@@ -571,7 +571,7 @@ def test_quality_matches_in_memory(tmp_path, case):
     mats = list(mats)
     inp = write_input(tmp_path / "in.h5", mats, layout)  # a Zarr group of 2000 arrays is slow
     with open_source(inp, DATASET) as src:
-        mem = MatrixClusterer(rank=rank, eps=eps, mode="in-memory").fit(src, str(tmp_path / "a.h5"))
+        mem = MatrixClusterer(guarantee="cluster", encoding="plain", rank=rank, eps=eps, mode="in-memory").fit(src, str(tmp_path / "a.h5"))
     ooc = fit_out_of_core(inp, tmp_path / "b.zarr", rank=rank, eps=eps)
     assert ooc.compression_ratio_ >= 0.97 * mem.compression_ratio_, (
         ooc.compression_ratio_, mem.compression_ratio_)
@@ -594,7 +594,7 @@ def test_memory_limit_too_small_for_one_direction(tmp_path):
     X = np.broadcast_to(np.ones(1, np.float32), (K, m, 1))  # no memory behind it
     out = tmp_path / "out.h5"
     with pytest.raises(InputError, match=r"65600 matrices of 64 rows .*raise --memory-limit"):
-        MatrixClusterer(rank=2, eps=0.1, mode="out-of-core", memory_limit=2**20).fit(X, str(out))
+        MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.1, mode="out-of-core", memory_limit=2**20).fit(X, str(out))
     assert not out.exists()
 
 
@@ -606,7 +606,7 @@ def test_memory_limit_too_small_through_the_cli(tmp_path):
     with h5py.File(inp, "w") as f:  # never written: the file stays tiny
         f.create_dataset(DATASET, shape=(K, m, 1), dtype="float32", chunks=(4096, m, 1))
     out = tmp_path / "out.h5"
-    res = run_matclust("cluster", inp, "-o", out, "--rank", 2, "--eps", 0.1,
+    res = run_matclust("cluster", *PAPER, inp, "-o", out, "--rank", 2, "--eps", 0.1,
                        "--mode", "out-of-core", "--memory-limit", "1MiB", check=2)
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and str(inp) in line and "--memory-limit" in line, res
@@ -616,12 +616,12 @@ def test_memory_limit_too_small_through_the_cli(tmp_path):
 def test_out_of_core_needs_an_output_store():
     X = np.random.default_rng(0).standard_normal((10, 4, 2))
     with pytest.raises(InputError, match="output store"):
-        MatrixClusterer(rank=2, eps=0.1, mode="out-of-core").fit(X)
+        MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.1, mode="out-of-core").fit(X)
 
 
 def test_out_of_core_rejects_baselines(tmp_path):
     X = np.random.default_rng(0).standard_normal((10, 4, 2))
     with pytest.raises(InputError, match="out-of-core"):
-        MatrixClusterer(rank=2, eps=0.1, method="random", n_clusters=2,
+        MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.1, method="random", n_clusters=2,
                         mode="out-of-core").fit(X, str(tmp_path / "o.h5"))
     assert not (tmp_path / "o.h5").exists()

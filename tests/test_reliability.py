@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import read_store, run_matclust, tree_digest, write_planted
+from conftest import PAPER, PAPER_PARAMS, read_store, run_matclust, tree_digest, write_planted
 
 RANK, EPS = 3, 0.05
 BIG = dict(K=6000, m=24, n=6, subspaces=600, rank=3, noise=0.01, dtype="float32", seed=7)
@@ -43,7 +43,7 @@ def spawn(*args, cwd) -> subprocess.Popen:
 
 
 def cluster_args(inp, out, *extra, eps=EPS):
-    return ["cluster", inp, "-o", out, "--rank", RANK, "--eps", eps, "--quiet", *extra]
+    return ["cluster", *PAPER, inp, "-o", out, "--rank", RANK, "--eps", eps, "--quiet", *extra]
 
 
 #: Runs the CLI after replacing one step of the commit with a SIGKILL of this very process.
@@ -400,7 +400,7 @@ def test_resume_through_the_api(small, tmp_path, mode):
 
     out = str(tmp_path / "api.h5")
     with open_source(small["input"]) as src:
-        expected = matclust.MatrixClusterer(rank=RANK, eps=EPS, mode=mode).fit(
+        expected = matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=RANK, eps=EPS, mode=mode).fit(
             src, str(tmp_path / "uninterrupted.h5")).labels_
 
     class Interrupt(Exception):
@@ -421,12 +421,12 @@ def test_resume_through_the_api(small, tmp_path, mode):
 
     with open_source(small["input"]) as src:
         with pytest.raises(Interrupt):
-            matclust.MatrixClusterer(rank=RANK, eps=EPS, mode=mode).fit(
+            matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=RANK, eps=EPS, mode=mode).fit(
                 src, out, progress=StopAfter(4))
     assert not os.path.lexists(out)
     assert len(ckpt_entries(out, SMALL["K"])) >= 4
     with open_source(small["input"]) as src:
-        fitted = matclust.MatrixClusterer(rank=RANK, eps=EPS, mode=mode).fit(src, out, resume=True)
+        fitted = matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=RANK, eps=EPS, mode=mode).fit(src, out, resume=True)
     np.testing.assert_array_equal(fitted.labels_, expected)
     if mode == "in-memory":
         np.testing.assert_array_equal(fitted.labels_, small["labels"])
@@ -478,9 +478,9 @@ def test_lock_in_process(small, tmp_path):
     X = np.random.default_rng(0).standard_normal((10, 6, 2))
     with OutputGuard(out):
         with pytest.raises(InputError, match=f"pid {os.getpid()}"):
-            matclust.MatrixClusterer(rank=2, eps=0.3).fit(X, out)
+            matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.3).fit(X, out)
         assert not os.path.lexists(out)
-    matclust.MatrixClusterer(rank=2, eps=0.3).fit(X, out)  # released
+    matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.3).fit(X, out)  # released
     assert os.path.isdir(out) and hidden(tmp_path) == []
 
 
@@ -520,7 +520,7 @@ def test_api_is_deterministic_in_process():
     base = np.linalg.qr(rng.standard_normal((10, 3)))[0]
     X = np.stack([base @ rng.standard_normal((3, 4)) + 0.01 * rng.standard_normal((10, 4))
                   for _ in range(80)])
-    fits = [matclust.MatrixClusterer(rank=3, eps=0.05).fit(X) for _ in range(2)]
+    fits = [matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=3, eps=0.05).fit(X) for _ in range(2)]
     np.testing.assert_array_equal(fits[0].labels_, fits[1].labels_)
     assert fits[0].cluster_stats_ == fits[1].cluster_stats_
     assert json.dumps(_timeless(fits[0].report_)) == json.dumps(_timeless(fits[1].report_))

@@ -60,6 +60,13 @@ def basis_dtype_for(eps: float, complex_data: bool) -> np.dtype:
     return np.dtype(np.complex128 if complex_data else np.float64)
 
 
+def scaled_pow2(a: np.ndarray, e: int) -> np.ndarray:
+    """a * 2^e, exactly (ldexp; complex parts scaled separately)."""
+    if np.iscomplexobj(a):
+        return np.ldexp(a.real, e) + 1j * np.ldexp(a.imag, e)
+    return np.ldexp(a, e)
+
+
 def step_values(exponents: np.ndarray) -> np.ndarray:
     """The steps 2^(e/16) of stored exponents (0 where e is ZERO_STEP)."""
     e = np.asarray(exponents, dtype=np.int64)
@@ -160,7 +167,6 @@ def quantise(basis_rounded: np.ndarray | None, data: np.ndarray, offsets: np.nda
     """
     if coeffs is None:
         coeffs, trunc2 = truncation(basis_rounded, data, offsets)
-    k = len(offsets) - 1
     widths = np.diff(offsets)
     rows = coeffs.shape[0] * (2 if np.iscomplexobj(coeffs) else 1)
     norm2 = per_matrix(column_norms2(data), offsets)

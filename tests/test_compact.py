@@ -1,0 +1,166 @@
+"""The compact encoding (matclust/2) and the per-matrix guarantee, checked against the input
+with the independent decoder of tests/conftest.py (numpy + h5py/zarr only)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import check_compact, decode_compact, load_input, read_store, run_inprocess, write_planted
+from matclust.engine import budget as qb
+
+
+# -- the numerics -------------------------------------------------------------------------------
+def test_zigzag_and_steps_round_trip():
+    codes = np.array([0, -1, 1, -2, 2, 12345, -(2**40)], dtype=np.int64)
+    assert np.array_equal(qb.unzigzag(qb.zigzag(codes)), codes)
+    assert list(qb.zigzag(codes[:5])) == [0, 1, 2, 3, 4]
+    steps = np.array([1e-300, 3e-5, 0.1, 1.0, 7.5, 1e300])
+    e = qb.step_exponents(steps)
+    got = qb.step_values(e)
+    # the grid value never exceeds the step asked for, and is within one grid point of it
+    assert np.all(got <= steps) and np.all(got > steps * 2 ** (-1 / 16) * (1 - 1e-12))
+    assert qb.step_values(np.array([qb.ZERO_STEP]))[0] == 0.0
+
+
+@pytest.mark.parametrize("complex_data", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_quantise_meets_eps_on_decoded_values(complex_data, shared):
+    rng = np.random.default_rng(3)
+    m, r, widths = 24, 5, [3, 1, 6, 2]
+    basis, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    blocks = []
+    for k, n in enumerate(widths):
+        b = basis @ rng.standard_normal((r, n)) + 0.01 * rng.standard_normal((m, n))
+        if complex_data:
+            b = b + 1j * (basis @ rng.standard_normal((r, n)))
+        blocks.append(b * 10.0 ** (3 * k))  # norms 1 .. 1e9
+    data = np.hstack(blocks)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    rounded = basis.astype(np.complex64 if complex_data else np.float16)
+    eps = 0.05
+    q = qb.quantise(rounded, data, offsets, eps, shared)
+    assert q is not None
+    errs = []
+    for j, block in enumerate(blocks):
+        codes = q.matrix_codes(offsets, j)
+        dec = qb.decode(rounded, codes, qb.step_values(q.exponents[j : j + 1])[0], complex_data)
+        errs.append(np.linalg.norm(block - dec) / np.linalg.norm(block))
+        assert np.isclose(np.linalg.norm(block - dec) ** 2, q.err2[j], rtol=1e-9)
+    if shared:
+        total = np.sqrt(sum(np.linalg.norm(b - qb.decode(rounded, q.matrix_codes(offsets, j),
+                        qb.step_values(q.exponents[j:j + 1])[0], complex_data)) ** 2
+                        for j, b in enumerate(blocks)) / sum(np.linalg.norm(b) ** 2 for b in blocks))
+        assert total <= eps
+    else:
+        assert max(errs) <= eps
+        # the budget is spent, not wasted: every matrix lands close below eps
+        assert min(errs) > 0.6 * eps
+
+
+def test_a_step_that_cannot_fail_exists():
+    """The raw step 2 sqrt(budget / count) bounds every entry's rounding: no check needed."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 5)) ** 3
+    eps = 0.01
+    h = 2 * np.sqrt(eps**2 * np.sum(a * a) / a.size)
+    err = np.linalg.norm(a - h * np.rint(a / h)) / np.linalg.norm(a)
+    assert err <= eps
+
+
+# -- whole runs, every matrix checked against the input -------------------------------------------
+CASES = [
+    ("float32", "stack", ".h5", "in-memory"),
+    ("float64", "group", ".zarr", "in-memory"),
+    ("float16", "stack", ".zarr", "out-of-core"),
+    ("int32", "stack", ".h5", "out-of-core"),
+    ("complex64", "stack", ".h5", "in-memory"),
+    ("complex128", "group", ".h5", "out-of-core"),
+    ("float32", "group", ".h5", "out-of-core"),
+]
+
+
+@pytest.mark.parametrize("guarantee", ["matrix", "cluster"])
+@pytest.mark.parametrize("dtype,layout,ext,mode", CASES)
+def test_every_matrix_within_eps(tmp_path, dtype, layout, ext, mode, guarantee):
+    inp = os.fspath(tmp_path / f"in{ext}")
+    write_planted(inp, K=80, m=12, n=3, n_max=5 if layout == "group" else None, subspaces=3,
+                  rank=2, noise=0.02, dtype=dtype, layout=layout)
+    out = os.fspath(tmp_path / f"out{ext}")
+    eps = 0.1
+    res = run_inprocess("cluster", inp, "-o", out, "--rank", "3", "--eps", str(eps), "--mode", mode,
+                        "--guarantee", guarantee, "--json", check=0)
+    report = res.json()
+    mats, _, _ = load_input(inp)
+    rel = check_compact(out, mats, eps, guarantee)
+    assert report["guarantee"] == guarantee and report["encoding"] == "compact"
+    assert report["max_matrix_error"] >= rel.max() - 1e-9
+    assert report["file_bytes"] > 0
+    assert report["bytes_ratio"] == pytest.approx(report["input_bytes"] / report["file_bytes"])
+    run_inprocess("verify", out, check=0)
+    # reconstruct returns the same matrices as the independent decoder
+    rec = os.fspath(tmp_path / f"rec{ext}")
+    run_inprocess("reconstruct", out, "-o", rec, check=0)
+    back, _, _ = load_input(rec)
+    _, _, decoded = decode_compact(out)
+    for a, b, d in zip(mats, back, decoded):
+        assert b.dtype == (np.float32 if a.dtype.kind in "iuf" and a.dtype.itemsize <= 4
+                           else a.dtype if a.dtype.kind in "fc" else np.float32)
+        assert np.allclose(b, d, rtol=1e-6, atol=1e-6 * np.abs(d).max(initial=0))
+        if guarantee == "matrix":
+            a = np.asarray(a, np.complex128 if np.iscomplexobj(a) else np.float64)
+            assert np.linalg.norm(a - b) <= eps * np.linalg.norm(a)
+
+
+def test_low_norm_members_are_not_lost(tmp_path):
+    """A cluster may meet eps while a tiny member is lost; the matrix guarantee forbids it."""
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((16, 2)))
+    mats = [basis @ rng.standard_normal((2, 4)) + 0.001 * rng.standard_normal((16, 4))
+            for _ in range(30)]
+    mats += [1e-3 * rng.standard_normal((16, 4)) for _ in range(3)]  # unrelated and tiny
+    import h5py
+
+    inp = os.fspath(tmp_path / "in.h5")
+    with h5py.File(inp, "w") as f:
+        f["matrices"] = np.stack(mats)
+    for guarantee in ("cluster", "matrix"):
+        out = os.fspath(tmp_path / f"{guarantee}.h5")
+        run_inprocess("cluster", inp, "-o", out, "--rank", "2", "--eps", "0.05",
+                      "--guarantee", guarantee, "--encoding", "plain", "--json", check=0)
+        store = read_store(out)
+        errors = []
+        for cl in store.clusters:
+            for j, i in enumerate(cl["members"]):
+                off = 4 * j
+                dec = cl["raw"][:, off:off + 4] if "raw" in cl else \
+                    cl["basis"] @ cl["coefficients"][:, off:off + 4]
+                errors.append(np.linalg.norm(mats[i] - dec) / np.linalg.norm(mats[i]))
+        if guarantee == "matrix":
+            assert max(errors) <= 0.05
+        else:
+            assert max(errors) > 0.05  # the paper's guarantee lets the tiny members go
+
+
+def test_cluster_guarantee_never_larger_and_verify_catches_tampering(tmp_path):
+    inp = os.fspath(tmp_path / "in.h5")
+    write_planted(inp, K=120, m=16, n=4, subspaces=4, rank=3, noise=0.02, dtype="float32")
+    sizes = {}
+    for g in ("matrix", "cluster"):
+        out = os.fspath(tmp_path / f"{g}.h5")
+        sizes[g] = run_inprocess("cluster", inp, "-o", out, "--rank", "4", "--eps", "0.05",
+                                 "--guarantee", g, "--json", check=0).json()["file_bytes"]
+        assert sizes[g] == os.path.getsize(out) or abs(sizes[g] - os.path.getsize(out)) < 64
+    assert sizes["cluster"] <= sizes["matrix"]
+    # Change one code: verify must find the matrix over eps (exit 1).
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    out = os.fspath(tmp_path / "matrix.h5")
+    with h5py.File(out, "r+") as f:
+        codes = f["codes"][...]
+        codes[0] += 60
+        f["codes"][...] = codes
+    run_inprocess("verify", out, check=1)
