@@ -125,7 +125,7 @@ def pde_trajectories(path: str, K: int = 550, points: int = 128, steps: int = 48
     Every trajectory solves u_t = -c u_x - b (u^2 / 2)_x + D u_xx: a third advection (b = 0,
     c in [0.5, 2], a little diffusion), a third diffusion (c = b = 0, D in [0.02, 0.5]), a third
     viscous Burgers (c = 0, b = 1, D in [0.02, 0.1]). Initial conditions are random Fourier
-    series (modes 1..8, amplitudes ~ k^-1.5, random overall scale in [0.5, 2]).
+    series (modes 1..6, amplitudes ~ k^-1.5, random overall scale in [0.5, 2]).
 
     Central differences in space and classical Runge-Kutta in time, all K trajectories stepped
     together. py-pde solves the same equations but took ~1 s per trajectory here (it sets up a
@@ -138,7 +138,7 @@ def pde_trajectories(path: str, K: int = 550, points: int = 128, steps: int = 48
     b = (kind == 2).astype(float)[:, None]
     D = np.select([kind == 0, kind == 1], [rng.uniform(0.005, 0.02, K), rng.uniform(0.02, 0.5, K)],
                   rng.uniform(0.02, 0.1, K))[:, None]
-    modes = np.arange(1, 9)
+    modes = np.arange(1, 7)
     amp = rng.standard_normal((K, modes.size)) * modes ** -1.5 * rng.uniform(0.5, 2.0, (K, 1))
     phase = rng.uniform(0, 2 * np.pi, (K, modes.size))
     u = np.einsum("km,kmx->kx", amp, np.sin(modes[None, :, None] * x[None, None, :] + phase[:, :, None]))
