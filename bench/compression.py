@@ -211,12 +211,12 @@ def error_bounded_rows(x: np.ndarray, eps: float, workdir: str) -> list[dict]:
         for guarantee, (data, scales, decode, safe, ok) in guarantees.items():
             best = None
             for layout, shape in layouts(x).items():
-                flat = data.reshape(shape)
+                shaped = data.reshape(shape)
 
                 def passes(decoded, decode=decode, ok=ok):
                     return ok(*matrix_errors(x, decode(decoded)))
 
-                bound, size = best_bound(codec, flat, safe, passes)
+                bound, size = best_bound(codec, shaped, safe, passes)
                 if best is None or size < best[2]:
                     best = (layout, shape, size, bound)
             layout, shape, _, bound = best
