@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SAMPLE := sample_data/planted.h5
 RESULT := out/sample_result.h5
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-compression clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: $(VENV)/.installed-test
 # Long (about 10 minutes, 2.3 GB in bench/data): BENCH_ARGS="--quick" or "--paper-src DIR".
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+$(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+# Bytes on disk against SZ3 / ZFP / float16 at a checked error guarantee (about 2 minutes;
+# BENCH_ARGS="--only gray pde" or '--matclust-config "NAME=ARGS"').
+bench-compression: $(VENV)/.installed-bench
+	$(BIN)/python bench/compression.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
