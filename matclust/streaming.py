@@ -27,7 +27,7 @@ from matclust.driver import FormedCluster
 from matclust.encode import EncodedCluster
 from matclust.engine import ExactBasis
 from matclust.engine.exact import coefficients, pending_limit
-from matclust.engine.linalg import as_compute, singular_values2, sqnorm
+from matclust.engine.linalg import as_compute, singular_values2, sqnorm, truncation_error
 from matclust.sources.base import Batch, MatrixSource
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
@@ -184,12 +184,12 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
     norm2 = np.zeros(len(planned))
     # Patience singletons were never bounded (bound None): their exact e_r, the tightest bound,
     # from the matrix's own singular values (a singleton lies within one batch).
-    tail2 = np.zeros(len(planned))
+    singleton_error = {}
     for c, part in cluster_parts(source, labels, progress, "writing"):
         data = as_compute(part.data)
         norm2[c] += sqnorm(data)
         if planned[c].bound is None:
-            tail2[c] += float(np.sum(np.sort(singular_values2(data))[::-1][rank:]))
+            singleton_error[c] = truncation_error(singular_values2(data), rank)
         if c in bases:
             basis = bases[c]
             coeffs = coefficients(as_compute(basis), data).astype(dtype)
@@ -203,8 +203,7 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
         sink.flush()
     for c, cl in enumerate(planned):
         error = float(np.sqrt(err2[c] / norm2[c])) if norm2[c] > 0 else 0.0
-        bound = cl.bound if cl.bound is not None else (
-            float(np.sqrt(min(1.0, tail2[c] / norm2[c]))) if norm2[c] > 0 else 0.0)
+        bound = cl.bound if cl.bound is not None else singleton_error[c]
         basis = bases.get(c)
         numbers = basis.size + basis.shape[1] * cl.columns if basis is not None else m * cl.columns
         encoded.append(EncodedCluster(cl.members, cl.columns, max(bound, error), error,
