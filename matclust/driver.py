@@ -1,4 +1,5 @@
-"""The greedy driver: one clustering loop for every estimator (ALGORITHMS.md, 'The greedy driver').
+"""The greedy driver: one clustering loop for every estimator (docs/algorithms.md, "The greedy
+driver").
 
     sort all blocks by norm, descending
     while blocks remain:
@@ -20,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from matclust import defaults
 from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
@@ -179,8 +181,8 @@ class GreedyDriver:
     widths: np.ndarray
     estimator: Estimator
     eps: float
-    order: str = "residual"
-    patience: int = 10
+    order: str = defaults.ORDER
+    patience: int = defaults.PATIENCE
     progress: Callable[[int], None] | None = None
     exact_check: bool = True
     alive: np.ndarray = field(init=False)
