@@ -1,4 +1,4 @@
-"""The output store (CONTRACT.md 'Output'): HDF5 when the name ends in .h5/.hdf5, else Zarr.
+"""The output store (README.md, "Output store"): HDF5 when the name ends in .h5/.hdf5, else Zarr.
 
 Two layers: a tiny backend per format (attributes, arrays, strings) and the format-free
 :class:`ResultWriter` / :class:`ResultStore` on top. Results are written into a temporary
