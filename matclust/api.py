@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -24,6 +25,8 @@ from matclust.sources.cache import CachedReader
 from matclust.sources.summary import SummaryReader
 from matclust.store import ResultWriter
 from matclust.streaming import store_planned
+
+logger = logging.getLogger(__name__)
 
 MODES = ("auto", "in-memory", "out-of-core")
 
@@ -312,6 +315,9 @@ class MatrixClusterer:
             and not is_baseline(params["method"]))
         # Record the mode that ran (auto resolves to one of the two), for reports and scripts.
         params["mode"] = "out-of-core" if out_of_core else "in-memory"
+        logger.info("%s run, method %s, rank %d, eps %g: %.1f MiB of matrices, budget %.0f MiB",
+                    params["mode"], params["method"], params["rank"], params["eps"],
+                    source.matrix_bytes / 2**20, budget / 2**20)
 
         baseline = is_baseline(params["method"])
         # Baselines have no error control: a partition, stored at the target rank.
@@ -341,6 +347,8 @@ class MatrixClusterer:
                 labels, encoded = self._cluster_in_memory(source, params, estimator, driver,
                                                           reader, guard, writer, progress)
                 kept = encoded if writer is None else []
+            logger.info("%d clusters formed and encoded after %.2f s", len(encoded),
+                        time.perf_counter() - started)
             stats = [cluster_stat(cid, enc) for cid, enc in enumerate(encoded)]
             stored_numbers = sum(enc.numbers for enc in encoded)
             report = build_report(params, source.K, source.m, params["rank"], params["eps"],

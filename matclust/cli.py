@@ -85,9 +85,29 @@ config_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="matclust")
-def cli():
+@click.option("-v", "--verbose", count=True,
+              help="Log what the run does on stderr: -v its stages, -vv every cluster.")
+def cli(verbose):
     """Cluster matrix collections so each cluster shares one truncated-SVD basis, with every
     cluster's relative error guaranteed <= eps (Shamrai, arXiv:2601.11626)."""
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Send matclust's log records to stderr: INFO with -v, DEBUG with -vv. Without -v nothing
+    is configured (the library logs nothing above INFO), so the output is unchanged."""
+    import logging
+
+    package = logging.getLogger("matclust")
+    for handler in [h for h in package.handlers if getattr(h, "matclust_cli", False)]:
+        package.removeHandler(handler)  # from an earlier run in the same process
+    if not verbosity:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.matclust_cli = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
 
 
 # ---------------------------------------------------------------------------------------------

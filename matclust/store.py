@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from matclust.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "matclust/1"
 
@@ -312,8 +315,10 @@ class ResultWriter:
             with open(self.temp, "rb+") as fh:
                 os.fsync(fh.fileno())
         replace_atomically(self.temp, self.path)
+        logger.info("committed the result store %s", self.path)
 
     def abort(self) -> None:
+        logger.debug("aborted: removing the unfinished %s", self.temp)
         try:
             self._backend.close()
         finally:

@@ -20,6 +20,8 @@ cluster had a guaranteed bound <= eps) is stored raw; as stored, every cluster h
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from matclust.blas import single_threaded
@@ -29,6 +31,8 @@ from matclust.engine import ExactBasis
 from matclust.engine.exact import coefficients, pending_limit
 from matclust.engine.linalg import as_compute, singular_values2, sqnorm, truncation_error
 from matclust.sources.base import Batch, MatrixSource
+
+logger = logging.getLogger(__name__)
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
 STORAGE_ULPS = 16
@@ -147,6 +151,8 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
     factored = [c for c, cl in enumerate(planned) if cl.factored]
     bases: dict[int, np.ndarray] = {}
     for group in _groups_within(factored, planned, m, budget_bytes, source.dtype.kind == "c"):
+        logger.info("bases pass over the input: %d of %d factored clusters", len(group),
+                    len(factored))
         accs = {c: ExactBasis(m, rank, source.dtype) for c in group}
         for c, part in cluster_parts(source, labels, progress, "bases"):
             acc = accs.get(c)
@@ -159,6 +165,8 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
             if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps:
                 bases[c] = basis
             else:  # rounding defeated a bound: keep the guarantee by storing raw
+                logger.info("cluster %d: exact error %.3g leaves no room below eps; stored raw",
+                            c, best)
                 planned[c].factored = False
     return bases
 
@@ -180,6 +188,7 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
                                    dtype, width)
         else:
             sinks[c] = _ColumnSink(writer, f"{prefix}/raw", m, cl.columns, dtype, width)
+    logger.info("writing pass over the input: %d clusters, %d factored", len(planned), len(bases))
     err2 = np.zeros(len(planned))
     norm2 = np.zeros(len(planned))
     # Patience singletons were never bounded (bound None): their exact e_r, the tightest bound,
