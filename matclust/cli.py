@@ -101,6 +101,7 @@ def _configure_logging(verbosity: int) -> None:
     package = logging.getLogger("matclust")
     for handler in [h for h in package.handlers if getattr(h, "matclust_cli", False)]:
         package.removeHandler(handler)  # from an earlier run in the same process
+        package.setLevel(logging.NOTSET)
     if not verbosity:
         return
     handler = logging.StreamHandler(sys.stderr)
