@@ -4,7 +4,12 @@ Implements M. Shamrai, "Concatenated Matrix SVD: Compression Bounds, Incremental
 and Error-Constrained Clustering" (arXiv:2601.11626).
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# A library logs and lets the application decide where to (the CLI's -v sends it to stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["MatrixClusterer", "__version__"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -9,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from matclust import defaults
 from matclust.baselines import (PartitionDriver, baseline_labels, is_baseline, needs_clusters,
                                  require_sklearn)
 from matclust.checkpoint import OutputGuard
@@ -18,10 +21,12 @@ from matclust.sinks import CompactSink, PlainSink
 from matclust.engine.estimators import canonical_method, make_estimator
 from matclust.errors import InputError
 from matclust.report import build_report
-from matclust.sources import ArraySource, MatrixSource
+from matclust.sources import MatrixSource, array_source
 from matclust.sources.cache import CachedReader
 from matclust.sources.summary import SummaryReader
 from matclust.store import FORMAT, PLAIN_FORMAT, ResultWriter
+
+logger = logging.getLogger(__name__)
 
 MODES = ("auto", "in-memory", "out-of-core")
 
@@ -35,6 +40,56 @@ PER_MATRIX_BYTES = 48
 #: 22 s and 9.5 s), while small collections do not repay its extra passes (14,158 RGB
 #: patches, 12 MiB: 0.52 s and 0.64 s).
 AUTO_OUT_OF_CORE_BYTES = 32 * 2**20
+
+
+def _integer(low: int, message: str, optional: bool = False):
+    """A parameter check: an integer (not a bool) >= ``low``, or None when ``optional``."""
+    def check(value):
+        if optional and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise InputError(message.format(value=value))
+        return int(value)
+    return check
+
+
+def _choice(options, message: str):
+    """A parameter check: one of ``options``."""
+    def check(value):
+        if not isinstance(value, str) or value not in options:
+            raise InputError(message.format(value=value))
+        return value
+    return check
+
+
+def _eps(value) -> float:
+    """A parameter check: a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+            or not 0.0 < float(value) < 1.0:
+        raise InputError(f"eps must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _method(value) -> str:
+    """A parameter check: a bounded method (paper aliases accepted, the canonical name
+    returned) or a baseline."""
+    if is_baseline(value):
+        return str(value).strip().lower()
+    try:
+        return canonical_method(str(value))
+    except ValueError:
+        raise InputError(
+            f"unknown method '{value}'; choose incremental, residual or weyl "
+            "(aliases approximate, residuals, max_norm), or a baseline random, kmeans, hdbscan"
+        ) from None
+
+
+def _same(value, default) -> bool:
+    """Whether a parameter still has its default (repr leaves it out)."""
+    try:
+        return bool(value == default) and type(value) is type(default)
+    except (TypeError, ValueError):  # e.g. an array, whose == is elementwise
+        return False
 
 
 class NullProgress:
@@ -95,16 +150,20 @@ class MatrixClusterer:
     cluster_stats_ : list of dict
         Size, columns, rank, bound, error and storage kind of every cluster.
     report_ : dict
-        The report of CONTRACT.md.
+        The report (its keys: README.md, "Output store").
     n_clusters_ : int
     compression_ratio_ : float
         The paper's compression ratio.
 
     Notes
     -----
-    The candidate bound is guaranteed (see ALGORITHMS.md); in addition each cluster's exact
+    The candidate bound is guaranteed (see docs/algorithms.md); in addition each cluster's exact
     error is computed from its exact basis before it is emitted, so ``error <= eps`` holds for
     every stored cluster even if rounding ever defeated a bound.
+
+    The parameters follow scikit-learn's conventions (without depending on it):
+    ``get_params``/``set_params``, ``sklearn.base.clone``, ``fit_predict``; they are checked
+    when fitting (:attr:`_parameter_constraints`), each against one declared constraint.
 
     References
     ----------
@@ -119,11 +178,14 @@ class MatrixClusterer:
     True
     """
 
-    def __init__(self, rank: int = 8, eps: float = 0.05, method: str = "incremental",
-                 order: str = "residual", patience: int = 10, oversampling: int = 5,
-                 memory_limit: int = 2**30, n_clusters: int | None = None,
-                 random_state: int = 0, mode: str = "auto", guarantee: str = "matrix",
-                 encoding: str = "compact"):
+    def __init__(self, rank: int = defaults.RANK, eps: float = defaults.EPS,
+                 method: str = defaults.METHOD, order: str = defaults.ORDER,
+                 patience: int = defaults.PATIENCE, oversampling: int = defaults.OVERSAMPLING,
+                 memory_limit: int = defaults.MEMORY_LIMIT, n_clusters: int | None = None,
+                 random_state: int = defaults.SEED, mode: str = defaults.MODE,
+                 guarantee: str = defaults.GUARANTEE, encoding: str = defaults.ENCODING):
+        # Only stored: validation happens in fit, so get_params/set_params/clone see exactly
+        # what was given (the scikit-learn convention).
         self.guarantee = guarantee
         self.encoding = encoding
         self.mode = mode
@@ -137,56 +199,76 @@ class MatrixClusterer:
         self.oversampling = oversampling
         self.memory_limit = memory_limit
 
+    #: Every parameter of ``__init__`` and its check: a callable returning the normalised value
+    #: or raising InputError. Checked in this order; rules between parameters are in _validated.
+    _parameter_constraints = {
+        "method": _method,
+        "n_clusters": _integer(1, "--clusters must be an integer >= 1, got {value!r}", True),
+        "order": _choice(ORDERS, "unknown order '{value}'; choose residual or norm"),
+        "rank": _integer(1, "rank must be an integer >= 1, got {value!r}"),
+        "eps": _eps,
+        "patience": _integer(0, "patience must be an integer >= 0, got {value!r}"),
+        "oversampling": _integer(0, "oversampling must be an integer >= 0, got {value!r}"),
+        "memory_limit": _integer(2**20, "memory limit must be at least 1 MiB, got {value!r}"),
+        "mode": _choice(MODES, "unknown mode '{value}'; choose " + ", ".join(MODES)),
+        "random_state": _integer(0, "random_state must be an integer >= 0, got {value!r}"),
+        "guarantee": _choice(GUARANTEES, "unknown guarantee '{value}'; choose matrix or cluster"),
+        "encoding": _choice(ENCODINGS, "unknown encoding '{value}'; choose compact or plain"),
+    }
+
+    # -- scikit-learn's estimator protocol ----------------------------------------------------
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """The parameters of ``__init__``, sorted (as scikit-learn's BaseEstimator has them)."""
+        signature = inspect.signature(cls.__init__)
+        return sorted(p.name for p in signature.parameters.values()
+                      if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The parameters as given to ``__init__`` or ``set_params`` (``deep`` is accepted for
+        scikit-learn; no parameter is itself an estimator)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> "MatrixClusterer":
+        """Set parameters by name (checked when fitting, like those given to ``__init__``)."""
+        valid = self._get_param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for {type(self).__name__}; "
+                                 f"valid parameters: {', '.join(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        """The class and the parameters that differ from their defaults, as scikit-learn shows."""
+        signature = inspect.signature(type(self).__init__).parameters  # in signature order
+        changed = [f"{name}={getattr(self, name)!r}" for name, p in signature.items()
+                   if name != "self" and not _same(getattr(self, name), p.default)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
     # -- validation, in one place -------------------------------------------------------------
     def _validated(self) -> dict:
-        baseline = is_baseline(self.method)
-        try:
-            method = str(self.method).strip().lower() if baseline else canonical_method(str(self.method))
-        except ValueError:
-            raise InputError(
-                f"unknown method '{self.method}'; choose incremental, residual or weyl "
-                "(aliases approximate, residuals, max_norm), or a baseline random, kmeans, hdbscan"
-            ) from None
-        if self.n_clusters is not None and not (baseline and needs_clusters(method)):
+        values = {name: check(getattr(self, name))
+                  for name, check in self._parameter_constraints.items()}
+        method = values["method"]
+        baseline = is_baseline(method)
+        if values["n_clusters"] is not None and not (baseline and needs_clusters(method)):
             raise InputError(f"--clusters applies only to --method random or kmeans, not {method}")
-        if self.n_clusters is not None and (isinstance(self.n_clusters, bool) or not isinstance(
-                self.n_clusters, (int, np.integer)) or self.n_clusters < 1):
-            raise InputError(f"--clusters must be an integer >= 1, got {self.n_clusters!r}")
-        if baseline and needs_clusters(method) and self.n_clusters is None:
+        if baseline and needs_clusters(method) and values["n_clusters"] is None:
             raise InputError(f"--method {method} needs --clusters N")
         if baseline:
             require_sklearn(method)
-        if self.order not in ORDERS:
-            raise InputError(f"unknown order '{self.order}'; choose residual or norm")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
-            raise InputError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float, np.floating)) \
-                or not 0.0 < float(self.eps) < 1.0:
-            raise InputError(f"eps must be a number in (0, 1), got {self.eps!r}")
-        if not isinstance(self.patience, (int, np.integer)) or self.patience < 0:
-            raise InputError(f"patience must be an integer >= 0, got {self.patience!r}")
-        if not isinstance(self.oversampling, (int, np.integer)) or self.oversampling < 0:
-            raise InputError(f"oversampling must be an integer >= 0, got {self.oversampling!r}")
-        if not isinstance(self.memory_limit, (int, np.integer)) or self.memory_limit < 2**20:
-            raise InputError(f"memory limit must be at least 1 MiB, got {self.memory_limit!r}")
-        if self.mode not in MODES:
-            raise InputError(f"unknown mode '{self.mode}'; choose {', '.join(MODES)}")
-        if self.guarantee not in GUARANTEES:
-            raise InputError(f"unknown guarantee '{self.guarantee}'; choose matrix or cluster")
-        if self.encoding not in ENCODINGS:
-            raise InputError(f"unknown encoding '{self.encoding}'; choose compact or plain")
-        if baseline and self.mode == "out-of-core":
+        if baseline and values["mode"] == "out-of-core":
             raise InputError(f"--mode out-of-core applies to incremental, residual and weyl, "
                              f"not the baseline {method}")
-        params = {"method": method, "order": self.order, "rank": int(self.rank),
-                  "eps": float(self.eps), "patience": int(self.patience),
-                  "oversampling": int(self.oversampling), "memory_limit": int(self.memory_limit),
-                  "mode": self.mode, "guarantee": self.guarantee, "encoding": self.encoding}
+        # The run's parameters, as recorded in the report and the store.
+        params = {name: value for name, value in values.items()
+                  if name not in ("n_clusters", "random_state")}
         if baseline:  # no error control: stored as the paper would, whatever the guarantee
             params.update({"guarantee": "cluster", "encoding": "plain"})
         if baseline:  # no candidate order; the partition's own parameters instead
-            params.update({"order": None, "n_clusters": self.n_clusters,
-                           "seed": int(self.random_state)})
+            params.update({"order": None, "n_clusters": values["n_clusters"],
+                           "seed": values["random_state"]})
         return params
 
     # -- fitting ---------------------------------------------------------------------------
@@ -241,6 +323,9 @@ class MatrixClusterer:
             and not is_baseline(params["method"]))
         # Record the mode that ran (auto resolves to one of the two), for reports and scripts.
         params["mode"] = "out-of-core" if out_of_core else "in-memory"
+        logger.info("%s run, method %s, rank %d, eps %g: %.1f MiB of matrices, budget %.0f MiB",
+                    params["mode"], params["method"], params["rank"], params["eps"],
+                    source.matrix_bytes / 2**20, budget / 2**20)
 
         baseline = is_baseline(params["method"])
         compact = params["encoding"] == "compact"
@@ -281,6 +366,8 @@ class MatrixClusterer:
             else:
                 self._cluster_in_memory(source, driver, reader, guard, sink, params, progress)
             labels, stats, stored_numbers, max_matrix_error = sink.finish()
+            logger.info("%d clusters formed and encoded after %.2f s", len(stats),
+                        time.perf_counter() - started)
             report = build_report(params, source.K, source.m, params["rank"], params["eps"],
                                   stats, stored_numbers, source.input_dtype.itemsize,
                                   source.storage_dtype.itemsize, time.perf_counter() - started,
@@ -328,6 +415,7 @@ class MatrixClusterer:
         sink.store_planned(planned, form_eps, budget, progress)
 
     def fit_predict(self, X, **kwargs) -> np.ndarray:
+        """Fit (keywords as for :meth:`fit`) and return ``labels_``."""
         return self.fit(X, **kwargs).labels_
 
 
@@ -337,9 +425,9 @@ def as_source(X) -> MatrixSource:
     if isinstance(X, np.ndarray):
         if X.ndim != 3:
             raise InputError(f"array is {X.ndim}-D; expected (K, m, n) or a list of 2-D arrays")
-        return ArraySource(X)
+        return array_source(X)
     if isinstance(X, Sequence):
-        return ArraySource([np.asarray(a) for a in X])
+        return array_source([np.asarray(a) for a in X])
     raise InputError(f"cannot read matrices from {type(X).__name__}")
 
 

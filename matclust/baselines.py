@@ -1,4 +1,4 @@
-"""The paper's baselines: random partition, k-means and HDBSCAN (ALGORITHMS.md, 'Baselines').
+"""The paper's baselines: random partition, k-means and HDBSCAN (docs/algorithms.md, 'Baselines').
 
 They have no error control. A baseline only produces a partition (labels); the
 :class:`PartitionDriver` turns it into the same :class:`~matclust.driver.FormedCluster` objects
@@ -140,11 +140,7 @@ class PartitionDriver:
             acc = ExactBasis(m, self.rank, self.reader.source.dtype)
             for chunk in np.array_split(members, max(1, len(members) // 4096)):
                 acc.add(self.reader.get(chunk).data)
-            basis, sigma2 = acc.result()
-            # e_r(S) from the tail singular values: no cancellation, so a cluster that fits the
-            # rank exactly reports 0 rather than ~1e-8.
-            best = float(np.sqrt(min(1.0, float(np.sum(sigma2[self.rank:])) / acc.norm2))) \
-                if acc.norm2 > 0 else 0.0
+            basis, best = acc.basis_and_error()
             factored = worth_factoring(self.rank, m, columns, len(members))
             yield FormedCluster(members, columns, best, factored, basis if factored else None,
                                 best, grew=len(members) > 1)

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import struct
 import time
@@ -37,6 +38,8 @@ import numpy as np
 
 from matclust.errors import InputError
 from matclust.store import clean_leftovers, hidden_sibling
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"MATCLUST-CKPT-1\n"
 _FRAME = struct.Struct("<II")
@@ -287,6 +290,7 @@ class CheckpointLog:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             os.ftruncate(fd, valid)  # drop a torn last record before appending
             os.lseek(fd, 0, os.SEEK_END)
+            logger.info("resuming from %s: %d clusters formed before", path, len(entries))
             return cls(path, fd, entries)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         log = cls(path, fd, [])

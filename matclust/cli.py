@@ -1,6 +1,6 @@
 """The command line: a thin layer over the API, the store and the sources.
 
-Exit codes (CONTRACT.md): 0 success; 2 bad usage or bad input, as one ``error:`` line on stderr;
+Exit codes (README.md): 0 success; 2 bad usage or bad input, as one ``error:`` line on stderr;
 1 anything else (and ``verify`` finding a cluster over eps).
 """
 
@@ -21,10 +21,8 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from matclust import __version__
+from matclust import __version__, defaults
 from matclust.errors import InputError
-
-METHOD_CHOICES = ["incremental", "residual", "weyl", "approximate", "residuals", "max_norm"]
 
 
 def _console(stderr: bool = False):
@@ -43,6 +41,15 @@ def parse_size(text) -> int:
     number = float(match.group(1))
     unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
     return int(number * unit)
+
+
+def format_size(n: int) -> str:
+    """A byte count as parse_size reads it, in the largest binary unit that divides it (help
+    texts show defaults this way: 1GiB)."""
+    for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}iB"
+    return str(n)
 
 
 def _emit_json(document) -> None:
@@ -78,9 +85,30 @@ config_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="matclust")
-def cli():
+@click.option("-v", "--verbose", count=True,
+              help="Log what the run does on stderr: -v its stages, -vv every cluster.")
+def cli(verbose):
     """Cluster matrix collections so each cluster shares one truncated-SVD basis, with every
     cluster's relative error guaranteed <= eps (Shamrai, arXiv:2601.11626)."""
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Send matclust's log records to stderr: INFO with -v, DEBUG with -vv. Without -v nothing
+    is configured (the library logs nothing above INFO), so the output is unchanged."""
+    import logging
+
+    package = logging.getLogger("matclust")
+    for handler in [h for h in package.handlers if getattr(h, "matclust_cli", False)]:
+        package.removeHandler(handler)  # from an earlier run in the same process
+        package.setLevel(logging.NOTSET)
+    if not verbosity:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.matclust_cli = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,32 +119,33 @@ def cli():
 @click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr.")
 @click.option("--rank", type=int, help="Target rank r of each cluster's shared basis.")
 @click.option("--eps", type=float, help="Relative Frobenius error bound per cluster, in (0, 1).")
-@click.option("--method", default="incremental", show_default=True,
+@click.option("--method", default=defaults.METHOD, show_default=True,
               help="Bound: incremental | residual | weyl (aliases approximate | residuals | max_norm); "
                    "or a baseline without error control: random | kmeans | hdbscan.")
-@click.option("--order", default="residual", show_default=True, help="Candidate order: residual | norm.")
+@click.option("--order", default=defaults.ORDER, show_default=True, help="Candidate order: residual | norm.")
 @click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
 @click.option("--transpose/--no-transpose", default=False, help="Cluster the transposes (shared column space).")
-@click.option("--patience", type=int, default=10, show_default=True,
+@click.option("--patience", type=int, default=defaults.PATIENCE, show_default=True,
               help="After N clusters in a row that did not grow past their seed, store the rest as singletons (0: never).")
-@click.option("--oversampling", type=int, default=5, show_default=True,
+@click.option("--oversampling", type=int, default=defaults.OVERSAMPLING, show_default=True,
               help="Extra directions tracked by the incremental estimator.")
-@click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at (e.g. 1GiB, 512M).")
-@click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default="auto",
+@click.option("--memory-limit", default=format_size(defaults.MEMORY_LIMIT), show_default=True,
+              help="Memory to aim at (e.g. 1GiB, 512M).")
+@click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default=defaults.MODE,
               show_default=True,
               help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
                    "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit "
                    "or exceed 32 MiB.")
-@click.option("--guarantee", type=click.Choice(["matrix", "cluster"]), default="matrix",
+@click.option("--guarantee", type=click.Choice(["matrix", "cluster"]), default=defaults.GUARANTEE,
               show_default=True,
               help="matrix: every matrix within eps of itself, as stored; cluster: every cluster "
                    "(the paper's guarantee).")
-@click.option("--encoding", type=click.Choice(["compact", "plain"]), default="compact",
+@click.option("--encoding", type=click.Choice(["compact", "plain"]), default=defaults.ENCODING,
               show_default=True,
               help="compact: the smallest store (quantised codes within the error budget); plain: "
                    "float bases and coefficients at the input's precision (matclust/1 layout).")
 @click.option("--clusters", "n_clusters", type=int, help="Number of clusters (--method random | kmeans).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random | kmeans.")
+@click.option("--seed", type=int, default=defaults.SEED, show_default=True, help="Seed of --method random | kmeans.")
 @config_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout and nothing else.")
@@ -234,9 +263,8 @@ def reconstruct(output, dest, indices, overwrite):
 def inspect(input, dataset, as_json):
     """Describe the candidate collections in INPUT (or summarise a result store)."""
     from matclust.sources import list_candidates, open_source
-    from matclust.store import FORMAT
 
-    store_summary = _result_summary(input, FORMAT)
+    store_summary = _result_summary(input)
     if store_summary is not None:
         found = [store_summary]
     elif dataset is not None:
@@ -263,7 +291,7 @@ def inspect(input, dataset, as_json):
     _console().print(table)
 
 
-def _result_summary(path: str, fmt: str):
+def _result_summary(path: str):
     """A result store's headline numbers, or None when ``path`` is not a result store."""
     from matclust.store import ResultStore
 
@@ -343,8 +371,8 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 @click.option("--sizes", default="2:50:4", show_default=True,
               help="Cluster sizes A:B[:STEP] (B included when the step reaches it).")
 @click.option("--trials", type=int, default=10, show_default=True, help="Random clusters per size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random clusters.")
-@click.option("--oversampling", type=int, default=5, show_default=True,
+@click.option("--seed", type=int, default=defaults.SEED, show_default=True, help="Seed of the random clusters.")
+@click.option("--oversampling", type=int, default=defaults.OVERSAMPLING, show_default=True,
               help="Extra directions tracked by the incremental estimator.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="CSV file: one row per cluster (size, trial, true_error, each bound, seconds).")
@@ -426,10 +454,11 @@ def _render_study(result, summary, console) -> None:
                    "bounded methods with both orders, random and kmeans.")
 @click.option("--clusters", "n_clusters", type=int,
               help="Clusters for random / kmeans (default: as many as the first bounded method formed).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random / kmeans.")
-@click.option("--patience", type=int, default=10, show_default=True, help="As for cluster.")
-@click.option("--oversampling", type=int, default=5, show_default=True, help="As for cluster.")
-@click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at.")
+@click.option("--seed", type=int, default=defaults.SEED, show_default=True, help="Seed of random / kmeans.")
+@click.option("--patience", type=int, default=defaults.PATIENCE, show_default=True, help="As for cluster.")
+@click.option("--oversampling", type=int, default=defaults.OVERSAMPLING, show_default=True, help="As for cluster.")
+@click.option("--memory-limit", default=format_size(defaults.MEMORY_LIMIT), show_default=True,
+              help="Memory to aim at.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,

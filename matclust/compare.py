@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from matclust import defaults
 from matclust.baselines import BASELINES, needs_clusters
 from matclust.driver import ORDERS
 from matclust.engine.estimators import canonical_method
@@ -82,8 +83,9 @@ def _sklearn_available() -> bool:
 
 
 def compare(source, rank: int, eps: float, methods=None, *, n_clusters: int | None = None,
-            seed: int = 0, patience: int = 10, oversampling: int = 5,
-            memory_limit: int = 2**30, progress=None) -> Comparison:
+            seed: int = defaults.SEED, patience: int = defaults.PATIENCE,
+            oversampling: int = defaults.OVERSAMPLING, memory_limit: int = defaults.MEMORY_LIMIT,
+            progress=None) -> Comparison:
     """Run every method on ``source`` and return one row per run (keys ROW_KEYS), in the
     order the methods were given.
 
@@ -121,9 +123,12 @@ def compare(source, rank: int, eps: float, methods=None, *, n_clusters: int | No
                     notes.append(f"random/kmeans given {n_clusters} clusters, as many as "
                                  f"{first['method']} formed")
                 clusters = min(int(n_clusters), source.K)
-            est = MatrixClusterer(rank=rank, eps=eps, method=method, order=order or "residual",
+            # The paper's comparison: its per-cluster guarantee and float storage, so that the
+            # methods' clusterings (not the encoding) are what the rows compare.
+            est = MatrixClusterer(rank=rank, eps=eps, method=method, order=order or defaults.ORDER,
                                   patience=patience, oversampling=oversampling,
-                                  memory_limit=memory_limit, n_clusters=clusters, random_state=seed)
+                                  memory_limit=memory_limit, n_clusters=clusters, random_state=seed,
+                                  guarantee="cluster", encoding="plain")
             store = os.path.join(scratch, f"run{run}.h5")
             rep = est.fit(source, store, progress=progress).report_
             results[(method, order)] = {

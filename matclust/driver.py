@@ -1,4 +1,5 @@
-"""The greedy driver: one clustering loop for every estimator (ALGORITHMS.md, 'The greedy driver').
+"""The greedy driver: one clustering loop for every estimator (docs/algorithms.md, "The greedy
+driver").
 
     sort all blocks by norm, descending
     while blocks remain:
@@ -15,17 +16,21 @@ the last-added members go back to the pool until the exact error is within eps.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
+from matclust import defaults
 from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.estimators import Estimator
 from matclust.engine.linalg import as_compute, column_norms2, residual_columns2, sqnorm
 from matclust.sources.base import Batch
 from matclust.sources.cache import CachedReader
+
+logger = logging.getLogger(__name__)
 
 ORDERS = ("residual", "norm")
 #: A cluster's columns are kept as they are admitted, up to this size, so that its exact basis
@@ -184,8 +189,8 @@ class GreedyDriver:
     widths: np.ndarray
     estimator: Estimator
     eps: float
-    order: str = "residual"
-    patience: int = 10
+    order: str = defaults.ORDER
+    patience: int = defaults.PATIENCE
     progress: Callable[[int], None] | None = None
     exact_check: bool = True
     evict_above: float | None = None
@@ -223,6 +228,9 @@ class GreedyDriver:
             if cursor == len(self._by_norm):
                 return
             if self.patience and self.seed_only_streak >= self.patience:
+                logger.info("patience: %d clusters in a row did not grow past their seed; the "
+                            "remaining %d matrices are singletons", self.seed_only_streak,
+                            int(self.alive.sum()))
                 yield from self._singletons(self._by_norm[cursor:])
                 return
             seed = self._seed(cursor)
@@ -236,6 +244,8 @@ class GreedyDriver:
             self.seed_only_streak = 0 if cluster.grew else self.seed_only_streak + 1
             self.alive[cluster.members] = False
             self._last_size = len(cluster.members)
+            logger.debug("cluster of %d matrices (%d columns), bound %.4g", len(cluster.members),
+                         cluster.columns, cluster.bound)
             if self.progress:
                 self.progress(len(cluster.members))
             yield cluster
@@ -415,6 +425,8 @@ class GreedyDriver:
                 bound = max(bound, best) if trimmed else bound
                 return FormedCluster(members, columns, bound, True, basis, best, trimmed, batch=batch)
             # Not reachable with exact arithmetic; guards the guarantee against rounding.
+            logger.info("exact error %.4g > eps for a cluster of %d matrices: the last one goes "
+                        "back to the pool", best, len(members))
             members = members[:-1]
             trimmed += 1
             batch = None

@@ -1,4 +1,4 @@
-"""The JSON report (CONTRACT.md 'Report') and its rendering as a table."""
+"""The JSON report (its keys: README.md, "Output store") and its rendering as a table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The output store (CONTRACT.md 'Output'): HDF5 when the name ends in .h5/.hdf5, else Zarr.
+"""The output store (README.md, "Output store"): HDF5 when the name ends in .h5/.hdf5, else Zarr.
 
 Two layers: a tiny backend per format (attributes, arrays, strings) and the format-free
 :class:`ResultWriter` / :class:`ResultStore` on top. Results are written into a temporary
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from matclust.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 #: The format this version writes (matclust/1 for --encoding plain, whose arrays are exactly
 #: that layout, so older readers still take them), and every format it reads (docs/format.md).
@@ -410,8 +413,10 @@ class ResultWriter:
             with open(self.temp, "rb+") as fh:
                 os.fsync(fh.fileno())
         replace_atomically(self.temp, self.path)
+        logger.info("committed the result store %s", self.path)
 
     def abort(self) -> None:
+        logger.debug("aborted: removing the unfinished %s", self.temp)
         try:
             self._backend.close()
         finally:

@@ -20,6 +20,8 @@ cluster had a guaranteed bound <= eps) is stored raw; as stored, every cluster h
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from matclust.blas import single_threaded
@@ -27,8 +29,11 @@ from matclust.driver import FormedCluster
 from matclust.encode import EncodedCluster, worst_member
 from matclust.engine import ExactBasis
 from matclust.engine.exact import coefficients, pending_limit
-from matclust.engine.linalg import as_compute, column_norms2, singular_values2, sqnorm
+from matclust.engine.linalg import (as_compute, column_norms2, singular_values2, sqnorm,
+                                    truncation_error)
 from matclust.sources.base import Batch, MatrixSource
+
+logger = logging.getLogger(__name__)
 
 #: Room left below eps, in units of the storage precision, for what rounding adds when storing.
 STORAGE_ULPS = 16
@@ -217,6 +222,8 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
     factored = [c for c, cl in enumerate(planned) if cl.factored]
     bases: dict[int, np.ndarray] = {}
     for group in _groups_within(factored, planned, m, budget_bytes, source.dtype.kind == "c"):
+        logger.info("bases pass over the input: %d of %d factored clusters", len(group),
+                    len(factored))
         accs = {c: ExactBasis(m, rank, source.dtype) for c in group}
         for c, part in cluster_parts(source, labels, progress, "bases"):
             acc = accs.get(c)
@@ -229,6 +236,8 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
             if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps:
                 bases[c] = basis
             else:  # rounding defeated a bound: keep the guarantee by storing raw
+                logger.info("cluster %d: exact error %.3g leaves no room below eps; stored raw",
+                            c, best)
                 planned[c].factored = False
     return bases
 
@@ -250,17 +259,18 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
                                    dtype, width)
         else:
             sinks[c] = _ColumnSink(writer, f"{prefix}/raw", m, cl.columns, dtype, width)
+    logger.info("writing pass over the input: %d clusters, %d factored", len(planned), len(bases))
     err2 = np.zeros(len(planned))
     norm2 = np.zeros(len(planned))
     worst = np.zeros(len(planned))
     # Patience singletons were never bounded (bound None): their exact e_r, the tightest bound,
     # from the matrix's own singular values (a singleton lies within one batch).
-    tail2 = np.zeros(len(planned))
+    singleton_error = {}
     for c, part in cluster_parts(source, labels, progress, "writing"):
         data = as_compute(part.data)
         norm2[c] += sqnorm(data)
         if planned[c].bound is None:
-            tail2[c] += float(np.sum(np.sort(singular_values2(data))[::-1][rank:]))
+            singleton_error[c] = truncation_error(singular_values2(data), rank)
         if c in bases:
             basis = bases[c]
             coeffs = coefficients(as_compute(basis), data).astype(dtype)
@@ -276,8 +286,7 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
         sink.flush()
     for c, cl in enumerate(planned):
         error = float(np.sqrt(err2[c] / norm2[c])) if norm2[c] > 0 else 0.0
-        bound = cl.bound if cl.bound is not None else (
-            float(np.sqrt(min(1.0, tail2[c] / norm2[c]))) if norm2[c] > 0 else 0.0)
+        bound = cl.bound if cl.bound is not None else singleton_error[c]
         basis = bases.get(c)
         numbers = basis.size + basis.shape[1] * cl.columns if basis is not None else m * cl.columns
         encoded.append(EncodedCluster(cl.members, cl.columns, max(bound, error), error,

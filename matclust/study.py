@@ -11,23 +11,23 @@ the same cluster, fed in the order the greedy driver would feed it (:func:`feedi
     incremental_residual  incremental truncated SVD, residual order
 
 ('norm': the seed, then ascending norm; 'residual': the seed, then ascending residual against
-the seed's top-r basis.) Every bound must be >= the exact error (ALGORITHMS.md); a bound below
+the seed's top-r basis.) Every bound must be >= the exact error (docs/algorithms.md); a bound below
 it is a *violation*. Pure computation over a MatrixSource; rendering lives in the CLI.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from matclust import defaults
 from matclust.driver import feeding_order
 from matclust.engine import make_estimator
-from matclust.engine.linalg import compute_dtype
+from matclust.engine.exact import exact_error
 from matclust.errors import InputError, MissingExtraError
 from matclust.sources.cache import CachedReader
 
@@ -65,18 +65,6 @@ def parse_sizes(text: str) -> list[int]:
     if a < 1 or b < a or step < 1:
         raise InputError(f"--sizes '{text}': need 1 <= A <= B and STEP >= 1")
     return list(range(a, b + 1, step))
-
-
-def true_error(blocks, rank: int) -> float:
-    """e_r(S) from the SVD of the concatenation, via the tail singular values (no cancellation,
-    so exactly low-rank clusters come out near 0 rather than near sqrt(eps_machine))."""
-    dtype = compute_dtype(np.result_type(*[b.dtype for b in blocks]))
-    m = np.hstack([np.asarray(b, dtype) for b in blocks])
-    s2 = np.linalg.svd(m, compute_uv=False) ** 2
-    total = float(np.sum(s2))
-    if total == 0.0:
-        return 0.0
-    return float(math.sqrt(min(1.0, float(np.sum(s2[rank:])) / total)))
 
 
 @dataclass
@@ -125,7 +113,8 @@ class StudyResult:
                 writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def bound_study(source, rank: int, sizes, trials: int, seed: int = 0, oversampling: int = 5,
+def bound_study(source, rank: int, sizes, trials: int, seed: int = defaults.SEED,
+                oversampling: int = defaults.OVERSAMPLING,
                 progress: Callable[[int], None] | None = None, estimator_factory=None,
                 memory_limit: int = 256 * 2**20) -> StudyResult:
     """Run the study over a MatrixSource.
@@ -169,7 +158,7 @@ def bound_study(source, rank: int, sizes, trials: int, seed: int = 0, oversampli
             indices = np.sort(rng.choice(source.K, size=size, replace=False))
             blocks = reader.get(indices).blocks()
             started = time.perf_counter()
-            row = {"size": size, "trial": trial, "true_error": true_error(blocks, rank)}
+            row = {"size": size, "trial": trial, "true_error": exact_error(blocks, rank)}
             exact_seconds = time.perf_counter() - started
             orders = {order: feeding_order(blocks, rank, order) for order in ("norm", "residual")}
             timings = {}

@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from matclust import defaults
 from matclust.engine import budget as qb
 from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
@@ -34,7 +35,7 @@ def cluster_columns(basis, stored) -> np.ndarray:
     return as_compute(basis) @ as_compute(stored)
 
 
-def verify_store(path, input_path=None, dataset=None, memory_limit: int = 2**30,
+def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaults.MEMORY_LIMIT,
                  progress=None) -> dict:
     """Recompute every cluster's error from the input and check the store's structure.
 

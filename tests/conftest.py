@@ -123,12 +123,6 @@ def write_planted(path, *, K=60, m=10, n=4, n_max=None, subspaces=3, rank=2, noi
     return path, mats, labels
 
 
-@pytest.fixture
-def planted():
-    """The ``write_planted`` helper."""
-    return write_planted
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading inputs and result stores independently (h5py / zarr directly)
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +290,7 @@ def paper_ratio(m: int, rank: int, groups_widths) -> float:
     return total / params
 
 
-#: Stored dtype for an input dtype (CONTRACT.md, 'Output': float32 in, float32 out; float16 and
+#: Stored dtype for an input dtype (README.md, 'Output store': float32 in, float32 out; float16 and
 #: integers are stored as float32; complex64 as complex64).
 def contract_stored_dtype(input_dtype) -> np.dtype:
     dt = np.dtype(input_dtype)
@@ -323,7 +317,7 @@ def error_close(a: float, b: float, dtype) -> bool:
 
 
 def check_partition(mats, labels, clusters, rep, *, rank, eps, where="", input_itemsize=None):
-    """Assert that a clustering honours CONTRACT.md, recomputing everything from ``mats``.
+    """Assert that a clustering honours README.md's contract, recomputing everything from ``mats``.
 
     mats: the input matrices (m x n_i, as clustered); labels: (K,) cluster ids; clusters: dicts
     with members and basis + coefficients or raw, in cluster-id order; rep: the report (with
@@ -421,7 +415,7 @@ def check_partition(mats, labels, clusters, rep, *, rank, eps, where="", input_i
 
 def check_store(store_path, input_path, *, dataset="matrices", transpose=False, rank, eps,
                 method, order, patience=None, group=False, dtype=None, enforce_dtype=True):
-    """Assert that the result store honours CONTRACT.md, recomputing everything from the input.
+    """Assert that the result store honours README.md's contract, recomputing everything from the input.
 
     With ``enforce_dtype=False`` the stored dtypes are not compared with the contract here (the
     caller does it last, so that the other checks still run); use :func:`check_stored_dtypes`.
@@ -467,14 +461,8 @@ def check_stored_dtypes(store_path, input_dtype, st=None):
     found = {str(a.dtype) for cl in st.clusters for k, a in cl.items() if k != "members"}
     assert found == {str(want)}, (
         f"store {store_path}: {np.dtype(input_dtype)} input stored as {sorted(found)}; "
-        f"CONTRACT.md says {want} ('float16 and integers are stored as float32; "
+        f"README.md says {want} ('float16 and integers are stored as float32; "
         f"complex64 as complex64')")
-
-
-@pytest.fixture
-def contract():
-    """The ``check_store`` helper."""
-    return check_store
 
 
 def tamper_coefficient(store_path) -> int:
@@ -500,11 +488,6 @@ def tamper_coefficient(store_path) -> int:
         big = 10.0 * float(np.abs(arr[...]).max()) + 10.0
         arr[0, 0] = arr[0, 0] + big
     return target
-
-
-@pytest.fixture
-def tamper():
-    return tamper_coefficient
 
 
 # ---------------------------------------------------------------------------------------------

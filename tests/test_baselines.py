@@ -1,6 +1,6 @@
 """The baselines (`cluster --method random|kmeans|hdbscan`) and `matclust compare`.
 
-Baselines have no error control: their stores must still be valid (CONTRACT.md structure, every
+Baselines have no error control: their stores must still be valid (README.md's layout, every
 error reported as it is), the report must count the clusters over eps, and `verify` must judge
 them honestly: exit 0 when every cluster is within eps, exit 1 otherwise. Stores are read and
 errors recomputed independently (conftest).
@@ -201,13 +201,13 @@ def test_compare_runs_within_the_memory_limit_and_leaves_nothing(tmp_path, monke
     from matclust import MatrixClusterer
     from matclust.compare import compare
     from matclust.sample import planted_collection
-    from matclust.sources import ArraySource
+    from matclust.sources import array_source
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     mats, _ = planted_collection(6000, 40, 12, 4, 3, 0.01, "float64", None, 5, 10.0)
-    src = ArraySource(list(mats))
+    src = array_source(list(mats))
     limit = 2**20  # the budget is then its 16 MiB floor, below the 22 MiB of matrices
     result = compare(src, 4, 0.1, ["incremental/residual", "random"], n_clusters=7,
                      memory_limit=limit)

@@ -1,4 +1,4 @@
-"""End-to-end acceptance tests of the command line against CONTRACT.md.
+"""End-to-end acceptance tests of the command line against the contract in README.md.
 
 Every check is made against an independent computation: inputs and result stores are read with
 h5py / zarr directly and every error is recomputed with numpy (see conftest.py). matclust's own
@@ -162,7 +162,7 @@ def test_planted_compression_ratio(tmp_path, case):
 
     (Only the incremental bound is held to this: the residual (pinching) and Weyl bounds drop all
     energy a block shares with the cluster's span, so on blocks from one subspace they admit
-    almost nothing - a property of those bounds (ALGORITHMS.md), not of the implementation.)
+    almost nothing - a property of those bounds (docs/algorithms.md), not of the implementation.)
     """
     K, m, n, n_max, subspaces, prank, noise, dtype, layout, rank, eps = PLANTED_CASES[case]
     inp, mats, labels = write_planted(tmp_path / "planted.h5", K=K, m=m, n=n, n_max=n_max,
@@ -199,7 +199,7 @@ def test_planted_compression_ratio(tmp_path, case):
 ])
 def test_weyl_wide_blocks_never_exceed_eps(tmp_path, kind, eps, order, spread):
     """12 x 10 blocks at rank 3: every seed is wider than the rank, so the Weyl bound must use
-    the seed's top-r energy, never its full norm (ALGORITHMS.md, Bound 1)."""
+    the seed's top-r energy, never its full norm (docs/algorithms.md, Bound 1)."""
     rank = 3
     if kind == "random":
         rng = np.random.default_rng(5)
@@ -570,7 +570,7 @@ def test_reconstruct_refuses_existing_dest(tmp_path, small_input):
 def test_integers_beyond_float32_precision_keep_the_guarantee(tmp_path):
     """int32 matrices with large entries and an eps below float32 precision.
 
-    CONTRACT.md stores integers as float32, which cannot hold such entries exactly: a raw
+    Integers are stored as float32 (README.md), which cannot hold such entries exactly: a raw
     cluster then carries ~3e-8 relative rounding. Whatever matclust does about it (refuse with
     exit 2, or store those clusters so they are exact), it must never exit 0 with a store whose
     clusters exceed eps.

@@ -5,7 +5,7 @@ concatenation of the blocks, with the best rank-r error taken from the *tail* si
 (``sum_{j > r} s_j^2 / sum_j s_j^2``), which has no cancellation even for exactly low-rank data.
 matclust's own ``exact_error`` is only cross-checked against it, never used as the reference.
 
-ALGORITHMS.md is the specification: Weyl, residual (pinching) and incremental truncated SVD are
+docs/algorithms.md is the specification: Weyl, residual (pinching) and incremental truncated SVD are
 all lower bounds on the top-r energy E_r(S), hence upper bounds on e_r(S).
 """
 
@@ -215,7 +215,7 @@ def test_variable_widths_and_wide_blocks(dtype):
 
 
 def test_weyl_wide_seed_regression():
-    """500 random clusters of 20 x 10 blocks at r = 3 (ALGORITHMS.md, Bound 1): the Weyl seed
+    """500 random clusters of 20 x 10 blocks at r = 3 (docs/algorithms.md, Bound 1): the Weyl seed
     must use the top-r energy of a block wider than r, never its full norm."""
     rng = np.random.default_rng(2)
     r = 3
@@ -650,7 +650,7 @@ def test_exact_basis_zero_and_rank_over_m():
 
 @pytest.mark.parametrize("cplx", [False, True])
 def test_incremental_follows_its_definition(cplx):
-    """The incremental estimate equals its definition in ALGORITHMS.md, computed here with
+    """The incremental estimate equals its definition in docs/algorithms.md, computed here with
     dense m x m eigendecompositions: T <- top-k part of (T + A A^*), L = top-r sum of T's
     eigenvalues. The estimator updates in the projected space [Q, new directions] or, when m is
     small against k + c, in the full space; blocks of 1..24 columns at m = 10 and 40 take both."""

@@ -27,7 +27,7 @@ from matclust.collections_io import write_collection
 from matclust.engine.estimators import make_estimator
 from matclust.errors import InputError
 from matclust.sample import planted_collection
-from matclust.sources import ArraySource, open_source
+from matclust.sources import array_source, open_source
 from matclust.sources.summary import SummaryReader
 from matclust.store import ResultWriter
 from matclust.verify import verify_store
@@ -79,7 +79,7 @@ def largest_first(cluster: dict, widths: np.ndarray, norms: np.ndarray) -> dict:
 
 def check_out_of_core_store(store_path, input_path, *, rank, eps, method="incremental",
                             order="residual", transpose=False):
-    """Assert that an out-of-core result store honours CONTRACT.md and the guarantee.
+    """Assert that an out-of-core result store honours the contract (README.md) and the guarantee.
 
     Returns (store, input matrices as clustered, recomputed errors)."""
     st = read_store(store_path)
@@ -339,7 +339,7 @@ def test_store_planned_offsets_and_raw_fallback(monkeypatch):
                FormedCluster(rng.permutation(odd), int(widths[odd].sum()), eps, True),
                FormedCluster(np.array([K - 1]), int(widths[K - 1]), None, False)]
     writer = _FakeWriter()
-    src = ArraySource(mats)
+    src = array_source(mats)
     assert len(src.chunk_ranges()) >= 10
     labels, encoded = streaming.store_planned(src, planned, rank, eps, writer, 2**24)
     assert labels.tolist() == [0 if i % 2 == 0 else 1 for i in range(K - 1)] + [2]
@@ -369,7 +369,7 @@ def test_store_planned_offsets_and_raw_fallback(monkeypatch):
 # The Mirsky-corrected bound, fed summaries directly
 # ---------------------------------------------------------------------------------------------
 def _summaries(mats, rank, precision):
-    src = ArraySource(mats)
+    src = array_source(mats)
     K, m = len(mats), mats[0].shape[0]
     s = min(rank, m, max(a.shape[1] for a in mats))
     need = K * m * s * (8 if np.iscomplexobj(mats[0]) else 4)
@@ -471,7 +471,7 @@ def test_two_byte_summaries_lose_no_more_than_float16(kind):
     widths = rng.integers(2, 9, size=K)
     mats = collection(kind, "float64", K, m, widths, seed=3, sub_rank=4, noise=1e-3)
     s = min(rank, m, int(widths.max()))
-    reader = SummaryReader(ArraySource(mats), rank, K * m * s * 4 - 1, eps=0.1)
+    reader = SummaryReader(array_source(mats), rank, K * m * s * 4 - 1, eps=0.1)
     assert reader.store_dtype == np.int16
     ours, half = [], []
     for i, a in enumerate(mats):

@@ -8,7 +8,7 @@ import pytest
 
 from matclust.driver import ascending_pieces, by_ascending
 from matclust.engine.linalg import residual_columns2
-from matclust.sources import ArraySource
+from matclust.sources import array_source
 from matclust.sources.cache import CachedReader
 from matclust.sources.summary import SummaryReader
 
@@ -59,7 +59,7 @@ def test_cached_reader_after_discards():
     K, m = 300, 12
     widths = rng.integers(1, 5, K)
     mats = collection(rng, K, m, widths, dtype=np.float32)
-    src = ArraySource(mats)
+    src = array_source(mats)
     reader = CachedReader(src, 1 << 30)
     q = basis(rng, m, 4)
     alive = np.ones(K, bool)
@@ -85,7 +85,7 @@ def test_summary_reader_after_discards(cplx):
     K, m, rank = 400, 10, 3
     widths = rng.integers(1, 6, K)
     mats = collection(rng, K, m, widths, cplx)
-    reader = SummaryReader(ArraySource(mats), rank, 1 << 30, eps=0.1)
+    reader = SummaryReader(array_source(mats), rank, 1 << 30, eps=0.1)
     q = basis(rng, m, rank, cplx)
     before_blocks = reader.blocks_of(np.arange(K))
     before = reader.residuals2(q, np.arange(K))
@@ -143,7 +143,7 @@ def test_driver_emits_the_members_columns_and_trims_what_the_exact_check_rejects
         monkeypatch.setattr(drv, "KEEP_MEMBERS_BYTES", keep_bytes)
     rng = np.random.default_rng(8)
     mats = [rng.standard_normal((10, 3)) for _ in range(60)]
-    source = ArraySource(mats)
+    source = array_source(mats)
     reader = CachedReader(source, 1 << 30)
     norms2 = np.array([np.sum(a**2) for a in mats])
     estimator = make_estimator("incremental", 2, 10)

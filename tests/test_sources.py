@@ -15,11 +15,11 @@ import pytest
 import zarr
 
 from matclust.errors import InputError
-from matclust.sources import ArraySource, list_candidates, open_source, working_dtype
+from matclust.sources import array_source, list_candidates, open_source, working_dtype
 
 FORMATS = ["h5", "zarr2", "zarr3"]
 
-# dtype on disk -> working dtype (CONTRACT.md 'dtypes'; float16 widened, integers as float64)
+# dtype on disk -> working dtype (README.md, 'Input'; float16 widened, integers as float64)
 WORKING = {
     "float16": "float32",
     "float32": "float32",
@@ -609,18 +609,18 @@ def test_summary_and_close(tmp_path):
 def test_array_source_roundtrip():
     rng = np.random.default_rng(14)
     stack = rng.standard_normal((5, 4, 3)).astype(np.float32)
-    src = ArraySource(stack)
+    src = array_source(stack)
     assert (src.K, src.m, src.dtype) == (5, 4, np.dtype(np.float32))
     assert_same(src.read([4, 0]).blocks(), [stack[4], stack[0]], "float32")
     mats = [rng.standard_normal((4, n)) for n in (1, 5, 2)]
-    src = ArraySource([a.T for a in mats], transpose=True)
+    src = array_source([a.T for a in mats], transpose=True)
     assert src.m == 4 and list(src.widths) == [1, 5, 2]
     assert_same(all_matrices(src), mats, "float64")
     with pytest.raises(InputError):
-        ArraySource([rng.standard_normal((4, 2)), rng.standard_normal((5, 2))])
-    src = ArraySource(mats)
+        array_source([rng.standard_normal((4, 2)), rng.standard_normal((5, 2))])
+    src = array_source(mats)
     assert_same(all_matrices(src), mats, "float64")
     bad = stack.copy()
     bad[2, 0, 0] = np.nan
     with pytest.raises(InputError, match="matrix 2"):
-        ArraySource(bad).read_range(0, 5)
+        array_source(bad).read_range(0, 5)

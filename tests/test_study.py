@@ -20,8 +20,9 @@ from matclust.engine import make_estimator
 from matclust.engine.linalg import sqnorm
 from matclust.errors import InputError
 from matclust.sample import planted_collection
-from matclust.sources import ArraySource
-from matclust.study import (COLUMNS, ESTIMATOR_NAMES, bound_study, parse_sizes, true_error)
+from matclust.sources import array_source
+from matclust.engine.exact import exact_error
+from matclust.study import COLUMNS, ESTIMATOR_NAMES, bound_study, parse_sizes
 
 SPEC_COLUMNS = ["size", "trial", "true_error", "weyl", "residual_norm", "residual_residual",
                 "incremental_norm", "incremental_residual"]
@@ -47,7 +48,7 @@ COLLECTIONS = _collections()
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))
 def test_no_violations_and_incremental_tightest(name):
     X = COLLECTIONS[name]
-    result = bound_study(ArraySource(X), 3, range(2, 31, 7), 4, seed=0)
+    result = bound_study(array_source(X), 3, range(2, 31, 7), 4, seed=0)
     assert len(result.rows) == 5 * 4
     assert result.violations == 0
     for row in result.rows:
@@ -62,18 +63,18 @@ def test_no_violations_and_incremental_tightest(name):
 
 def test_true_error_matches_independent_svd():
     X = COLLECTIONS["complex"]
-    result = bound_study(ArraySource(X), 3, [2, 9], 3, seed=5)
+    result = bound_study(array_source(X), 3, [2, 9], 3, seed=5)
     rng = np.random.default_rng(5)  # the study's draws, replayed
     for row in result.rows:
         idx = np.sort(rng.choice(len(X), size=row["size"], replace=False))
         assert row["true_error"] == pytest.approx(best_error([X[i] for i in idx], 3), abs=1e-12)
 
 
-def test_true_error_exactly_low_rank_is_tiny():
+def test_exact_error_exactly_low_rank_is_tiny():
     rng = np.random.default_rng(0)
     u = np.linalg.qr(rng.standard_normal((12, 2)))[0]
     blocks = [u @ rng.standard_normal((2, 3)) for _ in range(5)]
-    assert true_error(blocks, 2) < 1e-13
+    assert exact_error(blocks, 2) < 1e-13
 
 
 def test_feeding_order_seed_then_candidate_order():
@@ -105,7 +106,7 @@ def test_parse_sizes():
 
 def test_size_larger_than_collection_is_input_error():
     with pytest.raises(InputError, match="exceeds"):
-        bound_study(ArraySource(COLLECTIONS["planted"]), 3, [500], 1)
+        bound_study(array_source(COLLECTIONS["planted"]), 3, [500], 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Guaranteed lower bounds L <= E_r(S) on a cluster's top-r energy, maintained block by block.
 
 Each estimator turns into an upper bound on the cluster's best rank-r relative error through
-``e_r(S) <= sqrt(1 - L / ||M_S||_F^2)`` (``||M_S||_F^2`` is exact). See ALGORITHMS.md for the
-proofs; the comments here only mark where numerics could break them and what guards against it.
+``e_r(S) <= sqrt(1 - L / ||M_S||_F^2)`` (``||M_S||_F^2`` is exact). See docs/algorithms.md for
+the proofs; the comments here only mark where numerics could break them and what guards
+against it.
 
 Usage pattern (the greedy driver's): ``state = est.start(seed_blocks)``, then for each candidate
 ``trial = state.extend(block)``; keep ``trial`` if ``trial.bound <= eps``. ``extend`` never
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from matclust import defaults
 from matclust.engine.linalg import (
     EPS,
     as_compute,
@@ -383,7 +385,8 @@ class IncrementalEstimator(Estimator):
 
     name = "incremental"
 
-    def __init__(self, rank: int, m: int, complex_data: bool = False, oversampling: int = 5):
+    def __init__(self, rank: int, m: int, complex_data: bool = False,
+                 oversampling: int = defaults.OVERSAMPLING):
         super().__init__(rank)
         if oversampling < 0:
             raise ValueError("oversampling must be >= 0")
@@ -416,7 +419,7 @@ def canonical_method(name: str) -> str:
 
 
 def make_estimator(method: str, rank: int, m: int, complex_data: bool = False,
-                   oversampling: int = 5) -> Estimator:
+                   oversampling: int = defaults.OVERSAMPLING) -> Estimator:
     """The estimator for a method name (paper aliases accepted)."""
     key = canonical_method(method)
     if key == "weyl":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matclust.engine.linalg import compute_dtype, relative_error, sqnorm
+from matclust.engine.linalg import compute_dtype, sqnorm, truncation_error
 
 
 def pending_limit(m: int) -> int:
@@ -75,7 +75,7 @@ class ExactBasis:
         """(U, e_r(S)): the top-r basis and the best rank-r relative error, from one SVD (the
         stored error is computed directly from what is stored)."""
         basis, sigma2 = self.result()
-        return basis, relative_error(self.norm2, float(np.sum(sigma2[: self.rank])))
+        return basis, truncation_error(sigma2, self.rank, self.norm2)
 
     def best_error(self) -> float:
         """e_r(S) from the singular values."""
@@ -97,6 +97,5 @@ def residual_norm2(basis: np.ndarray, coeffs: np.ndarray, data: np.ndarray) -> f
 def exact_error(blocks, rank: int) -> float:
     """e_r(S) of a list of blocks by one SVD of their concatenation (a reference for tests)."""
     m = np.hstack([np.asarray(b, compute_dtype(np.asarray(b).dtype)) for b in blocks])
-    total = sqnorm(m)
     s2 = np.linalg.svd(m, compute_uv=False) ** 2
-    return relative_error(total, float(np.sum(s2[:rank])))
+    return truncation_error(s2, rank, sqnorm(m))

@@ -34,10 +34,34 @@ def sqnorm(a: np.ndarray) -> float:
 
 
 def relative_error(norm2: float, energy: float) -> float:
-    """sqrt(1 - energy / norm2), clipped to [0, 1]; 0 for an all-zero cluster."""
+    """sqrt(1 - energy / norm2), clipped to [0, 1]; 0 for an all-zero cluster.
+
+    The form of every bound, where ``energy`` is a lower bound on the top-r energy. An error
+    from the singular values themselves is :func:`truncation_error` (no cancellation)."""
     if norm2 <= 0.0:
         return 0.0
     return float(np.sqrt(min(1.0, max(0.0, 1.0 - energy / norm2))))
+
+
+def truncation_error(sigma2: np.ndarray, rank: int, total: float | None = None) -> float:
+    """e_r: the best rank-r relative error of a matrix M from its squared singular values.
+
+    ``sigma2`` holds every nonzero squared singular value of M, in any order; ``total`` is
+    ||M||_F^2 when it was accumulated separately (it defaults to the sum of ``sigma2``).
+    The error is sqrt(tail / total) with the tail (all but the r largest) summed directly:
+    the textbook sqrt(1 - top_r / total) cancels, so an exactly low-rank M with e_r = 1e-9
+    comes out as 0 or ~1e-8 (docs/algorithms.md, "The stored error"). Of the two roundings of
+    ||M||_F^2 the smaller is the denominator, so the result errs high, never low. Clamped to
+    [0, 1]; 0 for an all-zero M.
+    """
+    sigma2 = np.sort(np.maximum(np.asarray(sigma2, dtype=np.float64).ravel(), 0.0))  # ascending
+    denominator = float(np.sum(sigma2))
+    if total is not None:
+        denominator = min(denominator, float(total))
+    if denominator <= 0.0:
+        return 0.0
+    tail = float(np.sum(sigma2[: max(len(sigma2) - int(rank), 0)]))
+    return float(np.sqrt(min(1.0, tail / denominator)))
 
 
 def top_energy(sigma2: np.ndarray, r: int) -> float:

@@ -2,6 +2,6 @@
 
 from matclust.sources.base import Batch, MatrixSource, working_dtype
 from matclust.sources.formats import list_candidates, open_source
-from matclust.sources.memory import ArraySource
+from matclust.sources.memory import array_source
 
-__all__ = ["ArraySource", "Batch", "MatrixSource", "list_candidates", "open_source", "working_dtype"]
+__all__ = ["Batch", "MatrixSource", "array_source", "list_candidates", "open_source", "working_dtype"]

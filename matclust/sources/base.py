@@ -4,7 +4,7 @@ A *source* knows the collection's shape (K matrices of m x n_i), its dtype and i
 chunking, and hands out :class:`Batch` objects. It never holds more than the batch it is
 reading; caching across batches is the caller's decision (see ``matclust.pool``).
 
-Two layouts are supported (CONTRACT.md):
+Two layouts are supported (README.md, "Input"):
 
 * a 3-D array (K, m, n): matrix i is ``array[i]``;
 * a group of 2-D arrays (m, n_i): matrix i is the i-th member in sorted name order.
@@ -29,7 +29,7 @@ TARGET_BATCH_BYTES = 16 * 2**20
 
 
 def working_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype matrices are held and computed in, for an input dtype (CONTRACT.md 'dtypes').
+    """The dtype matrices are held and computed in, for an input dtype (README.md, "Input").
 
     float16 is widened to float32 (numpy has no fast float16 linear algebra) and integers are
     read as float64; other accepted dtypes are kept.
@@ -48,7 +48,7 @@ def working_dtype(dtype: np.dtype) -> np.dtype:
 
 def storage_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype results are stored in: the input's precision, with float16 and integers
-    stored as float32 (CONTRACT.md 'Output')."""
+    stored as float32 (README.md, "Output store")."""
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         return np.dtype(np.float32)
@@ -123,7 +123,7 @@ class Batch:
 class MatrixSource:
     """A matrix collection over array-likes that slice into numpy arrays.
 
-    Use :func:`matclust.sources.open_source` (files) or :class:`matclust.sources.ArraySource`
+    Use :func:`matclust.sources.open_source` (files) or :func:`matclust.sources.array_source`
     (numpy arrays) rather than this class directly.
 
     Attributes

@@ -7,11 +7,14 @@ library's exceptions into :class:`~matclust.errors.InputError`. The resulting
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 from matclust.errors import InputError
 from matclust.sources.base import MatrixSource
+
+logger = logging.getLogger(__name__)
 
 ROOT = "/"
 
@@ -213,7 +216,10 @@ def open_source(path, dataset: str | None = None, transpose: bool = False) -> Ma
     """
     container = _container(os.fspath(path))
     try:
-        return container.source(dataset, transpose)
+        source = container.source(dataset, transpose)
+        logger.info("opened %s: %d matrices of %d rows, %s, %.1f MiB", source.where, source.K,
+                    source.m, source.input_dtype, source.matrix_bytes / 2**20)
+        return source
     except Exception:
         container.close()
         raise

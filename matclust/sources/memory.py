@@ -19,7 +19,7 @@ class _Member:
         return self._array[key]
 
 
-def ArraySource(matrices, transpose: bool = False, name: str = "<memory>") -> MatrixSource:
+def array_source(matrices, transpose: bool = False, name: str = "<memory>") -> MatrixSource:
     """A source over a 3-D numpy array (K, m, n) or a sequence of 2-D arrays (m, n_i).
 
     The arrays are referenced, not copied.
