@@ -229,14 +229,16 @@ def run_limited(kib: int, *args, cwd) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("fmt", [".h5", ".zarr"])
-def test_a_full_disk_leaves_the_previous_output_whole(work, fmt):
-    write_planted(work / "big.h5", K=1500, m=16, n=6, subspaces=40, noise=0.3)
+@pytest.mark.parametrize("fmt, K, kib", [(".h5", 1000, 48), (".zarr", 120, 6)])
+def test_a_full_disk_leaves_the_previous_output_whole(work, fmt, K, kib):
+    """``ulimit -f``: the store (HDF5: one file) or the checkpoint and the store's root
+    metadata (Zarr: many small files) outgrow the limit."""
+    write_planted(work / "big.h5", K=K, m=16, n=6, subspaces=40, noise=0.3)
     out = f"out{fmt}"
     args = ("cluster", "big.h5", "-o", out, "--rank", 2, "--eps", 0.3, "--quiet", "--overwrite")
     run_matclust(*args, cwd=work, check=0)
     before = tree_digest(work / out)
-    proc = run_limited(48 if fmt == ".h5" else 6, *args, "--method", "weyl", cwd=work)
+    proc = run_limited(kib, *args, "--method", "weyl", cwd=work)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
