@@ -21,6 +21,7 @@ from matclust.sinks import CompactSink, PlainSink
 from matclust.engine.estimators import canonical_method, make_estimator
 from matclust.errors import InputError
 from matclust.report import build_report
+from matclust.safety import check_target, refuse_clashes, require_path
 from matclust.sources import MatrixSource, array_source
 from matclust.sources.cache import CachedReader
 from matclust.sources.summary import SummaryReader
@@ -302,6 +303,12 @@ class MatrixClusterer:
         if output is None:
             return self._fit(X, None, overwrite, progress, extra_params, None)
         self._validated()  # bad parameters fail before the output's lock is taken
+        # Nothing is locked or written before it is clear that OUTPUT may be written: it is
+        # not the input, and whatever is there is a matclust result the caller may replace.
+        output = require_path(output, "output")
+        if isinstance(X, MatrixSource):
+            refuse_clashes(("output", output), [("input", X.path)])
+        check_target(output, overwrite, "result")
         with OutputGuard(output, resume=resume) as guard:
             return self._fit(X, output, overwrite, progress, extra_params, guard)
 

@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from matclust.errors import InputError
+from matclust.errors import InputError, WriteFailure
 from matclust.store import clean_leftovers, hidden_sibling
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class OutputGuard:
         self.lock_path = hidden_sibling(self.path, "lock")
         self.log: CheckpointLog | None = None
         self._fd: int | None = None
+        self._checkpoint_started = False  # this run created or opened its checkpoint file
 
     def __enter__(self) -> "OutputGuard":
         parent = os.path.dirname(self.path)
@@ -89,9 +90,26 @@ class OutputGuard:
                 self.log.close()
                 if exc_type is None or issubclass(exc_type, InputError):
                     self.log.remove()
+            if exc_type is not None and issubclass(exc_type, WriteFailure):
+                self._after_write_failure(exc)
         finally:
             self._release()
         return False
+
+    def _after_write_failure(self, exc: WriteFailure) -> None:
+        """The disk filled up: keep a checkpoint that holds clusters, and say so (the user
+        frees space and resumes); remove one that holds nothing worth resuming."""
+        path = hidden_sibling(self.path, "ckpt")
+        recorded = self.log._count if self.log is not None else 0
+        if recorded > 0:
+            raise WriteFailure(f"{exc}; the {recorded} clusters formed so far are kept in "
+                               f"{path}: free some space and run again with --resume to "
+                               "continue from them") from None
+        if self._checkpoint_started:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def checkpoint(self, params: dict, source, norms2: np.ndarray) -> "CheckpointLog":
         """Open the checkpoint: continue its log with ``resume`` (after checking that the
@@ -99,6 +117,7 @@ class OutputGuard:
         header = {"params": {k: v for k, v in params.items() if k not in IGNORED_PARAMS},
                   "input": input_identity(source, norms2)}
         header = json.loads(json.dumps(header))  # compared with one read back from JSON
+        self._checkpoint_started = True
         self.log = CheckpointLog.open(hidden_sibling(self.path, "ckpt"), header, self.resume,
                                       source.K, self.output)
         return self.log

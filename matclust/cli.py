@@ -7,6 +7,7 @@ Exit codes (README.md): 0 success; 2 bad usage or bad input, as one ``error:`` l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -22,7 +23,9 @@ import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 from matclust import __version__, defaults
-from matclust.errors import InputError
+from matclust.errors import InputError, WriteFailure
+from matclust.safety import (check_target, disk_full_reason, exists_error, refuse_clashes,
+                             require_path, write_text_atomically)
 
 
 def _console(stderr: bool = False):
@@ -64,23 +67,43 @@ def _config_callback(ctx: click.Context, param, value):
         return value
     from matclust.config import load_config
 
-    allowed = {}
+    allowed, kinds = {}, {}
     for p in ctx.command.params:
         if p.name in ("config",):
             continue
+        kinds[p.name] = _config_kind(p)
         allowed[p.name] = p.name
         allowed[p.name.replace("_", "-")] = p.name
         for opt in getattr(p, "opts", []):  # the flag's own spelling: report = "...", json = true
             if opt.startswith("--"):
                 allowed[opt[2:]] = p.name
                 allowed[opt[2:].replace("-", "_")] = p.name
-    ctx.default_map = {**(ctx.default_map or {}), **load_config(value, allowed)}
+    ctx.default_map = {**(ctx.default_map or {}), **load_config(value, allowed, kinds)}
     return value
+
+
+def _config_kind(param) -> str | None:
+    """What a config value for this option must be (see matclust.config)."""
+    if getattr(param, "is_flag", False) or isinstance(param.type, click.types.BoolParamType):
+        return "flag"
+    if isinstance(param.type, click.types.IntParamType):
+        return "integer"
+    if isinstance(param.type, click.types.FloatParamType):
+        return "number"
+    if getattr(param, "multiple", False):
+        return None  # a list is fine (e.g. methods = ["incremental", "kmeans"])
+    return "text"
 
 
 config_option = click.option(
     "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
     callback=_config_callback, help="TOML file supplying any option; flags override it.")
+
+
+fill_missing_option = click.option(
+    "--fill-missing", is_flag=True,
+    help="Read Zarr chunks that are not stored, and virtual-dataset sources that are missing, as "
+         "the fill value (default: an error naming them and the matrices they hold).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -153,9 +176,10 @@ def _configure_logging(verbosity: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run on OUTPUT from its checkpoint (same input and options).")
+@fill_missing_option
 def cluster(input, output, rank, eps, method, order, dataset, transpose, patience, oversampling,
             memory_limit, mode, guarantee, encoding, n_clusters, seed, config, report_path, as_json,
-            quiet, overwrite, resume):
+            quiet, overwrite, resume, fill_missing):
     """Cluster the matrices in INPUT and write the result store OUTPUT."""
     from matclust.api import MatrixClusterer
     from matclust.progress import RichProgress
@@ -165,22 +189,31 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
     for name, value in (("INPUT", input), ("-o/--output", output), ("--rank", rank), ("--eps", eps)):
         if value is None:
             raise click.UsageError(f"missing {name} (give it on the command line or in --config)")
-    if os.path.lexists(output) and not overwrite:
-        raise InputError(f"{output}: output exists; pass --overwrite to replace it")
+    # Every path is checked before any work: none may be, hold or lie inside another, and
+    # only what matclust wrote is ever replaced (matclust.safety).
+    output = require_path(output, "-o/--output")
+    refuse_clashes(("output", output), [("input", input)])
+    check_target(output, overwrite, "result")
+    if report_path is not None:
+        report_path = require_path(report_path, "--report")
+        refuse_clashes(("report", report_path), [("output", output), ("input", input)])
+        check_target(report_path, overwrite, "report", what="report")
     clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
                                 oversampling=oversampling, memory_limit=parse_size(memory_limit),
                                 n_clusters=n_clusters, random_state=seed, mode=mode,
                                 guarantee=guarantee, encoding=encoding)
     clusterer._validated()  # bad parameters fail before the input is opened
-    with open_source(input, dataset, transpose) as source:
+    with open_source(input, dataset, transpose, fill_missing) as source:
         extra = {"config": os.path.abspath(config) if config else None}
+        if fill_missing:  # verify then reads the input the same way
+            extra["fill_missing"] = True
         with RichProgress(enabled=None if not quiet else False) as progress:
             clusterer.fit(source, output, overwrite=overwrite, progress=progress, extra_params=extra,
                           resume=resume)
     report = clusterer.report_
     if report_path:
-        with open(report_path, "w") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False)
+        write_text_atomically(report_path, json.dumps(report, indent=2, allow_nan=False),
+                              f"report (the result store {output} was written)")
     if as_json:
         _emit_json(report)
     elif not quiet:
@@ -196,13 +229,15 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
 @click.option("--dataset", help="Dataset inside the input (default: as recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify(output, input_path, dataset, as_json, quiet):
+@fill_missing_option
+def verify(output, input_path, dataset, as_json, quiet, fill_missing):
     """Recompute every cluster's error from the input; exit 1 if one exceeds eps."""
     from matclust.progress import RichProgress
     from matclust.verify import verify_store
 
     with RichProgress(enabled=None if not quiet else False) as progress:
-        result = verify_store(output, input_path, dataset, progress=progress)
+        result = verify_store(output, input_path, dataset, progress=progress,
+                              fill_missing=fill_missing or None)
     if as_json:
         _emit_json(result)
     else:
@@ -235,10 +270,15 @@ def verify(output, input_path, dataset, as_json, quiet):
 def reconstruct(output, dest, indices, overwrite):
     """Rebuild matrices from the result store OUTPUT into DEST (same layout as the input)."""
     from matclust.collections_io import write_collection
+    from matclust.store import ResultStore
     from matclust.verify import reconstruct as rebuild
 
-    if os.path.lexists(dest) and not overwrite:
-        raise InputError(f"{dest}: exists; pass --overwrite to replace it")
+    dest = require_path(dest, "-o/--dest")
+    with ResultStore(output) as store:  # a damaged store fails before DEST is looked at
+        recorded_input = store.params.get("input")
+    # DEST may replace only a collection matclust wrote, never the store or its input.
+    refuse_clashes(("DEST", dest), [("result store", output), ("store's input", recorded_input)])
+    check_target(dest, overwrite, "collection", what="DEST")
     pairs, names, params = rebuild(output, list(indices))
     mats = [m for _, m in pairs]
     dataset = params.get("dataset") or "matrices"
@@ -348,10 +388,13 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
             raise InputError(f"{name} must be >= 1, got {value}")
     if n_max is not None and n_max < n:
         raise InputError(f"--cols-max ({n_max}) must be >= --cols ({n})")
-    if noise < 0:
-        raise InputError(f"--noise must be >= 0, got {noise}")
-    if os.path.lexists(dest) and not overwrite:
-        raise InputError(f"{dest}: exists; pass --overwrite to replace it")
+    if not 0 <= noise < float("inf"):
+        raise InputError(f"--noise must be a finite number >= 0, got {noise}")
+    if not 1 <= scale_spread < float("inf"):
+        raise InputError(f"--scale-spread (max/min norm) must be a finite number >= 1, "
+                         f"got {scale_spread}")
+    dest = require_path(dest, "DEST")
+    check_target(dest, overwrite, "collection", what="DEST")
     mats, labels = planted_collection(K, m, n, subspaces, rank, noise, dtype, n_max, seed, scale_spread)
     if layout == "group" and isinstance(mats, np.ndarray):
         mats = list(mats)
@@ -381,8 +424,9 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing CSV / plot.")
+@fill_missing_option
 def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, output, plot_path,
-           as_json, quiet, overwrite):
+           as_json, quiet, overwrite, fill_missing):
     """The paper's bound study: on random clusters of each size, the exact best rank-r error and
     every estimator's bound. Exits 1 if any bound falls below the exact error."""
     from matclust.progress import RichProgress
@@ -391,11 +435,14 @@ def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, o
 
     size_list = parse_sizes(sizes)
     for path in (output, plot_path):
-        if path and os.path.lexists(path) and not overwrite:
-            raise InputError(f"{path}: exists; pass --overwrite to replace it")
+        if path is not None:
+            require_path(path, "-o/--output" if path is output else "--plot")
+            refuse_clashes(("output", path), [("input", input)])
+            if os.path.lexists(path) and not overwrite:
+                raise exists_error(path)
     if plot_path:
         require_matplotlib()  # a missing extra fails before the study runs
-    with open_source(input, dataset, transpose) as source:
+    with open_source(input, dataset, transpose, fill_missing) as source:
         with RichProgress(enabled=None if not quiet else False) as progress:
             progress.start("trials", len(size_list) * max(trials, 0))
             result = bound_study(source, rank, size_list, trials, seed, oversampling,
@@ -461,15 +508,16 @@ def _render_study(result, summary, console) -> None:
               help="Memory to aim at.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@fill_missing_option
 def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,
-            oversampling, memory_limit, as_json, quiet):
+            oversampling, memory_limit, as_json, quiet, fill_missing):
     """Run several methods on INPUT and print one table (each run's store goes to a temporary
     directory, deleted at the end)."""
     from matclust.compare import compare as run_compare
     from matclust.progress import RichProgress
     from matclust.sources import open_source
 
-    with open_source(input, dataset, transpose) as source:
+    with open_source(input, dataset, transpose, fill_missing) as source:
         with RichProgress(enabled=None if not quiet else False) as progress:
             result = run_compare(source, rank, eps, list(methods) or None, n_clusters=n_clusters,
                                  seed=seed, patience=patience, oversampling=oversampling,
@@ -499,14 +547,36 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
+#: Longest error line printed; a longer message is cut in the middle (it names the culprit
+#: first and the library's reason last).
+MAX_ERROR_CHARS = 400
+#: Set (to anything but 0) to print the traceback of an unexpected failure.
+DEBUG_ENV = "MATCLUST_DEBUG"
+
+
+def _error_line(message: str) -> str:
+    text = " ".join(str(message).split())
+    if len(text) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2 - 3
+        text = f"{text[:half]} ... {text[-half:]}"
+    return "error: " + text
+
+
 def main(argv=None) -> None:
-    """Run the CLI, mapping errors onto exit codes and one-line messages."""
+    """Run the CLI, mapping errors onto exit codes and one-line messages: 2 for bad usage or
+    input, 1 for a failure of the environment (a full disk) and anything unexpected."""
     _terminate_cleanly()
+    # zarr reads metadata in asyncio tasks; when one fails (a damaged store, reported as one
+    # error line), asyncio would log the others' exceptions as tracebacks.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         cli.main(args=argv, prog_name="matclust", standalone_mode=False)
     except InputError as exc:
-        click.echo("error: " + " ".join(str(exc).splitlines()), err=True)
+        click.echo(_error_line(str(exc)), err=True)
         sys.exit(2)
+    except WriteFailure as exc:
+        click.echo(_error_line(str(exc)), err=True)
+        sys.exit(1)
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         sys.exit(2)
@@ -521,17 +591,32 @@ def main(argv=None) -> None:
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.exit(1)
+    except Exception as exc:  # a bug or the environment: one line, the traceback on request
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
+        reason = disk_full_reason(exc)
+        what = f"could not write a file: {reason}" if reason else \
+            f"unexpected failure ({type(exc).__name__}: {exc})"
+        click.echo(_error_line(f"{what}; set {DEBUG_ENV}=1 for the traceback"), err=True)
+        sys.exit(1)
     sys.exit(0)
 
 
 def _terminate_cleanly() -> None:
     """SIGTERM (``timeout``, ``kill``) unwinds like an error: temporaries are removed, the
-    output's lock released and its checkpoint kept for ``--resume``. Exit 143."""
+    output's lock released and its checkpoint kept for ``--resume``. Exit 143.
+
+    SIGXFSZ (a write past ``ulimit -f``) would kill the process with the temporary store half
+    written; ignored, the write fails with EFBIG and is reported like a full disk."""
     import signal
 
     from matclust.progress import terminate
 
     try:
         signal.signal(signal.SIGTERM, lambda signum, frame: terminate(signum))
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     except ValueError:  # not the main thread (the CLI run inside a test harness)
         pass

@@ -7,7 +7,10 @@ import os
 import numpy as np
 
 from matclust.errors import InputError
-from matclust.store import _remove, is_hdf5_name, replace_atomically
+from matclust.safety import (COLLECTION_ATTR, check_target, disk_full_reason, require_path,
+                             write_failure)
+from matclust.store import (RoomCheckedFile, _remove, hidden_sibling, is_hdf5_name,
+                            replace_atomically)
 
 
 def write_collection(path, matrices, *, layout: str = "stack", dataset: str = "matrices",
@@ -19,11 +22,9 @@ def write_collection(path, matrices, *, layout: str = "stack", dataset: str = "m
     maps names to further arrays written at the root (e.g. planted labels). The file is built
     under a temporary name and renamed into place.
     """
-    path = os.fspath(path)
-    if os.path.lexists(path) and not overwrite:
-        raise InputError(f"{path}: exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(parent, f".{os.path.basename(path)}.matclust-tmp-{os.getpid()}")
+    path = require_path(path, "DEST")
+    check_target(path, overwrite, "collection", what="DEST")
+    temp = hidden_sibling(path, f"tmp-{os.getpid()}")
     _remove(temp)
     try:
         if is_hdf5_name(path):
@@ -31,9 +32,13 @@ def write_collection(path, matrices, *, layout: str = "stack", dataset: str = "m
         else:
             _write_zarr(temp, matrices, layout, dataset, names, extra or {}, zarr_format, chunk_len)
         replace_atomically(temp, path)  # an old DEST stays whole until the new one is in place
-    except BaseException:
+    except BaseException as exc:
         _remove(temp)
-        raise
+        reason = disk_full_reason(exc) if isinstance(exc, Exception) else None
+        if reason is None:
+            raise
+        kept = f"; the previous {path} is unchanged" if os.path.lexists(path) else ""
+        raise write_failure(path, reason, "collection", kept) from None
 
 
 def _member_names(count: int, names) -> list[str]:
@@ -61,7 +66,9 @@ def _stack_chunks(shape, chunk_len):
 def _write_hdf5(path, matrices, layout, dataset, names, extra, chunk_len):
     import h5py
 
-    with h5py.File(path, "w") as f:
+    room = RoomCheckedFile(path)  # a full disk is reported, not a crash (see there)
+    with h5py.File(room, "w") as f:
+        f.attrs[COLLECTION_ATTR] = "collection"  # what --overwrite may replace later
         if layout == "stack":
             data = _stack(matrices)
             f.create_dataset(dataset, data=data, chunks=_stack_chunks(data.shape, chunk_len) if data.size else None)
@@ -71,22 +78,29 @@ def _write_hdf5(path, matrices, layout, dataset, names, extra, chunk_len):
                 grp.create_dataset(name, data=np.asarray(mat))
         for key, value in extra.items():
             f.create_dataset(key, data=value)
+    room.close()
+    if room.failure is not None:
+        raise room.failure
 
 
 def _write_zarr(path, matrices, layout, dataset, names, extra, zarr_format, chunk_len):
     import zarr
 
     root = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+    root.attrs[COLLECTION_ATTR] = "collection"  # what --overwrite may replace later
+    # Every chunk is stored, zeros included: a chunk missing from a collection matclust wrote
+    # is then always damage, never a chunk of zeros left out (see matclust.sources).
+    full = {"config": {"write_empty_chunks": True}}
     if layout == "stack":
         data = _stack(matrices)
         arr = root.create_array(dataset, shape=data.shape, dtype=data.dtype,
-                                chunks=_stack_chunks(data.shape, chunk_len))
+                                chunks=_stack_chunks(data.shape, chunk_len), **full)
         arr[...] = data
     else:
         grp = root.create_group(dataset)
         for name, mat in zip(_member_names(len(matrices), names), matrices):
             mat = np.asarray(mat)
-            grp.create_array(name, shape=mat.shape, dtype=mat.dtype)[...] = mat
+            grp.create_array(name, shape=mat.shape, dtype=mat.dtype, **full)[...] = mat
     for key, value in extra.items():
         value = np.asarray(value)
         root.create_array(key, shape=value.shape, dtype=value.dtype)[...] = value

@@ -18,3 +18,8 @@ class MissingExtraError(InputError):
             f"{feature} needs the optional package '{package}': "
             f"pip install 'matclust[{extra}]'"
         )
+
+
+class WriteFailure(Exception):
+    """A file could not be written for a reason outside the user's input (a full disk, a
+    file-size limit): one ``error:`` line and exit code 1. The message says what was kept."""

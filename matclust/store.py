@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from matclust.errors import InputError
+from matclust.safety import check_target, disk_full_reason, require_path, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,75 @@ class _Backend:
         return list(self.root[name].keys()) if name in self.root else []
 
 
+class RoomCheckedFile:
+    """The file under an HDF5 store being written, seen by HDF5 through h5py's ``fileobj``
+    driver: a write refused for lack of room (no space, file-size limit, quota) is recorded in
+    :attr:`failure` and reported to HDF5 as done.
+
+    With HDF5's own driver such a failure surfaces while HDF5 flushes its metadata cache, where
+    h5py can only print it, and closing the file then crashed the process (SIGSEGV). Here HDF5
+    never sees an error; the writer checks :attr:`failure` after every write and aborts."""
+
+    def __init__(self, path: str):
+        self._fh = open(path, "w+b", buffering=0)  # unbuffered: seek() must not flush a write
+        self.failure: OSError | None = None
+
+    def _attempt(self, action, *args):
+        if self.failure is None:
+            try:
+                return action(*args)
+            except OSError as exc:
+                if disk_full_reason(exc) is None:
+                    raise
+                self.failure = exc
+        return None
+
+    def write(self, data) -> int:
+        self._attempt(self._fh.write, data)
+        return memoryview(data).nbytes
+
+    def truncate(self, size=None):
+        self._attempt(self._fh.truncate, size)
+        return size
+
+    def seek(self, *args):
+        return self._fh.seek(*args)
+
+    def tell(self):
+        return self._fh.tell()
+
+    def readinto(self, buffer):
+        return self._fh.readinto(buffer)
+
+    def read(self, *args):
+        return self._fh.read(*args)
+
+    def flush(self):
+        self._attempt(self._fh.flush)
+
+    def close(self):
+        self._fh.close()
+
+
 class _Hdf5Backend(_Backend):
     def __init__(self, path: str, mode: str):
         import h5py
 
         import hdf5plugin  # noqa: F401  (registers the zstd filter of compact stores)
 
-        # The newest file format indexes large groups (one per cluster) with B-trees: creating
-        # 14,000 clusters took 12 s with the default format.
-        self.root = h5py.File(path, mode, **({"libver": "latest"} if mode == "w" else {}))
+        self._file = None
+        if mode == "w":
+            # The newest file format indexes large groups (one per cluster) with B-trees:
+            # creating 14,000 clusters took 12 s with the default format.
+            self._file = RoomCheckedFile(path)
+            self.root = h5py.File(self._file, "w", libver="latest")
+        else:
+            self.root = h5py.File(path, mode)
         self._groups: dict[str, object] = {"": self.root}
+
+    @property
+    def failure(self) -> OSError | None:
+        return self._file.failure if self._file is not None else None
 
     def _parent(self, name: str):
         """The group holding ``name`` (created on first use, then cached), and the leaf name."""
@@ -128,7 +188,11 @@ class _Hdf5Backend(_Backend):
         self.root.flush()
 
     def close(self) -> None:
-        self.root.close()
+        try:
+            self.root.close()
+        finally:
+            if self._file is not None:
+                self._file.close()
 
 
 def _hdf5_compression(data: np.ndarray) -> dict:
@@ -190,6 +254,8 @@ class _ZarrBackend(_Backend):
 
     def read_strings(self, name: str) -> list[str]:
         return [str(v) for v in self.root[name][...]]
+
+    failure = None  # a full disk raises OSError straight from the write
 
     def flush(self) -> None:
         pass
@@ -342,24 +408,45 @@ class ResultWriter:
     """
 
     def __init__(self, path, overwrite: bool = False, fmt: str = FORMAT):
-        self.path = os.path.abspath(os.fspath(path))
-        if os.path.lexists(self.path) and not overwrite:
-            raise InputError(f"{path}: output exists; pass --overwrite to replace it")
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise InputError(f"{path}: the output's folder {parent} does not exist")
+        self.name = require_path(path, "output")
+        self.path = os.path.abspath(self.name)
+        self.overwrite = overwrite
+        check_target(self.name, overwrite, "result")  # only a matclust result is replaced
         self.temp = hidden_sibling(self.path, f"tmp-{os.getpid()}")
         _remove(self.temp)
-        self._backend = _backend_for(self.path, self.temp, "w")
-        self._backend.set_attr("format", fmt)
-        self._backend.set_attr("complete", False)
+        try:
+            self._backend = _backend_for(self.path, self.temp, "w")
+            self._backend.set_attr("format", fmt)
+            self._backend.set_attr("complete", False)
+            self._check_room()
+        except BaseException as exc:
+            self._fail(exc)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            self.abort()
+            self._fail(exc)
+
+    def _check_room(self) -> None:
+        """Raise the write refused for lack of room that HDF5 could not report."""
+        failure = getattr(self, "_backend", None) and self._backend.failure
+        if failure:
+            raise failure
+
+    def _fail(self, exc: BaseException) -> None:
+        """Remove the temporary; a full disk becomes one WriteFailure naming the output."""
+        reason = disk_full_reason(exc) if isinstance(exc, Exception) else None
+        if reason is None and hasattr(self, "_backend") and self._backend.failure is not None:
+            reason = disk_full_reason(self._backend.failure)  # the root cause HDF5 hid
+        self.abort()
+        if reason is None:
+            raise exc
+        kept = (f"; the previous {self.name} is unchanged" if os.path.lexists(self.path)
+                else "")
+        raise write_failure(self.name, reason, "output", kept + "; no temporary store was left") \
+            from None
 
     # -- content ---------------------------------------------------------------------------
     def set_json(self, key: str, value: dict) -> None:
@@ -371,6 +458,7 @@ class ResultWriter:
             self._backend.write_compressed(name, data)
         else:
             self._backend.write(name, data)
+        self._check_room()
 
     def create_appendable(self, name: str, dtype, chunk: int):
         """An empty compressed 1-D array grown by ``append(values)``."""
@@ -382,6 +470,7 @@ class ResultWriter:
 
     def write_strings(self, name: str, values) -> None:
         self._backend.write_strings(name, list(values))
+        self._check_room()
 
     def set_report(self, report: dict) -> None:
         """The report attribute, with ``file_bytes``: the store's size on disk as written
@@ -408,17 +497,24 @@ class ResultWriter:
     def commit(self) -> None:
         self._backend.set_attr("complete", True)
         self._backend.flush()
+        self._check_room()
         self._backend.close()
+        self._check_room()
         if os.path.isfile(self.temp):  # one file: cheap to make durable before it replaces
             with open(self.temp, "rb+") as fh:
                 os.fsync(fh.fileno())
+        # What is at the path now may have appeared during a long run: check it again.
+        check_target(self.name, self.overwrite, "result")
         replace_atomically(self.temp, self.path)
         logger.info("committed the result store %s", self.path)
 
     def abort(self) -> None:
         logger.debug("aborted: removing the unfinished %s", self.temp)
         try:
-            self._backend.close()
+            if hasattr(self, "_backend"):
+                self._backend.close()
+        except Exception:  # closing a store that failed to write: the temporary goes anyway
+            pass
         finally:
             _remove(self.temp)
 
@@ -443,21 +539,38 @@ class ResultStore:
         if attrs.get("complete") is not True:
             raise InputError(f"{self.path}: incomplete result store (no 'complete' attribute)")
         self.format = attrs.get("format")
-        self.params: dict[str, Any] = json.loads(attrs["params"])
-        self.report: dict[str, Any] = json.loads(attrs["report"])
+        self.params: dict[str, Any] = self._json_attr(attrs, "params")
+        self.report: dict[str, Any] = self._json_attr(attrs, "report")
         self.compact = None
-        if self.params.get("encoding") == "compact":
-            from matclust.format2 import CompactReader
+        try:
+            if self.params.get("encoding") == "compact":
+                from matclust.format2 import CompactReader
 
-            bases = self._backend.get("bases")
-            self.compact = CompactReader(self._backend, bases.shape[0], bases.dtype.kind == "c")
-            self.labels, self.widths = self.compact.labels, self.compact.widths
-            self.n_clusters = self.compact.n_clusters
-        else:
-            self.labels = np.asarray(self._backend.get("labels")[...], dtype=np.int64)
-            self.widths = np.asarray(self._backend.get("widths")[...], dtype=np.int64)
-            self.n_clusters = len(self._backend.keys("clusters"))
-        self.names = self._backend.read_strings("names") if self._backend.has("names") else None
+                bases = self._backend.get("bases")
+                self.compact = CompactReader(self._backend, bases.shape[0], bases.dtype.kind == "c")
+                self.labels, self.widths = self.compact.labels, self.compact.widths
+                self.n_clusters = self.compact.n_clusters
+            else:
+                self.labels = np.asarray(self._backend.get("labels")[...], dtype=np.int64)
+                self.widths = np.asarray(self._backend.get("widths")[...], dtype=np.int64)
+                self.n_clusters = len(self._backend.keys("clusters"))
+            self.names = self._backend.read_strings("names") if self._backend.has("names") else None
+        except (KeyError, OSError, ValueError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InputError(f"{self.path}: damaged result store: {reason}") from None
+
+    def _json_attr(self, attrs: dict, key: str) -> dict:
+        try:
+            value = json.loads(attrs[key])
+        except KeyError:
+            raise InputError(f"{self.path}: damaged result store: no '{key}' attribute") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{self.path}: damaged result store: the '{key}' attribute is not "
+                             f"JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise InputError(f"{self.path}: damaged result store: the '{key}' attribute is not "
+                             "a JSON object")
+        return value
 
     def handles(self, c: int) -> dict:
         """Lazy arrays of cluster c (members, and basis + coefficients or raw): sliceable

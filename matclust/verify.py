@@ -36,23 +36,32 @@ def cluster_columns(basis, stored) -> np.ndarray:
 
 
 def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaults.MEMORY_LIMIT,
-                 progress=None) -> dict:
+                 progress=None, fill_missing: bool | None = None) -> dict:
     """Recompute every cluster's error from the input and check the store's structure.
+
+    ``fill_missing``: read missing chunks as the fill value (default: as the store's run did).
 
     Returns a dict with ``ok`` (every cluster within eps and no structural problem),
     ``max_error``, ``over_eps`` (cluster ids), ``problems`` (descriptions) and ``errors``.
     """
     with ResultStore(path) as store:
         params = store.params
-        eps = float(params["eps"])
-        src = open_source(input_path or params["input"],
+        try:
+            eps, rank = float(params["eps"]), int(params["rank"])
+            recorded_input = params["input"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: damaged result store: its params lack a valid "
+                             f"{exc if isinstance(exc, KeyError) else 'eps or rank'}") from None
+        if fill_missing is None:  # as the run that wrote the store read its input
+            fill_missing = bool(params.get("fill_missing", False))
+        src = open_source(input_path or recorded_input,
                           dataset if dataset is not None else params.get("dataset"),
-                          bool(params.get("transpose", False)))
+                          bool(params.get("transpose", False)), fill_missing)
         with src:
             if store.compact is not None:
                 return _verify_compact(store, src, eps, params.get("guarantee", "cluster"),
                                        progress)
-            return _verify(store, src, eps, int(params["rank"]), memory_limit, progress)
+            return _verify(store, src, eps, rank, memory_limit, progress)
 
 
 def _verify_compact(store: ResultStore, src, eps: float, guarantee: str, progress) -> dict:
@@ -265,10 +274,10 @@ def reconstruct(path, indices=None):
     undoing --transpose. Each cluster is read once."""
     with ResultStore(path) as store:
         K = len(store.labels)
-        wanted = np.arange(K) if not indices else np.asarray(indices, dtype=np.int64)
-        bad = wanted[(wanted < 0) | (wanted >= K)]
-        if len(bad):
+        bad = [i for i in indices or () if not 0 <= i < K]  # before numpy: any int may come
+        if bad:
             raise InputError(f"{path}: index {bad[0]} out of range (the store holds K = {K})")
+        wanted = np.arange(K) if not indices else np.asarray(indices, dtype=np.int64)
         transpose = bool(store.params.get("transpose", False))
         if store.compact is not None:
             dtype = np.dtype(store.params.get("stored_dtype", "float64"))

@@ -563,6 +563,12 @@ def test_reconstruct_refuses_existing_dest(tmp_path, small_input):
     res = run_matclust("reconstruct", out, "-o", dest)
     assert_error_line(res, str(dest))
     assert dest.read_bytes() == b"keep me"
+    # --overwrite replaces only a collection matclust wrote, never a file of the user's
+    res = run_matclust("reconstruct", out, "-o", dest, "--overwrite")
+    assert_error_line(res, str(dest))
+    assert dest.read_bytes() == b"keep me"
+    dest.unlink()
+    run_matclust("reconstruct", out, "-o", dest, check=0)
     run_matclust("reconstruct", out, "-o", dest, "--overwrite", check=0)
     assert len(load_input(dest)[0]) == 40
 

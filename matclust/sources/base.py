@@ -141,10 +141,14 @@ class MatrixSource:
         Where the collection lives, for messages and for the output's ``params``.
     """
 
-    def __init__(self, path: str, dataset: str, transpose: bool, *, stack=None, members=None):
+    def __init__(self, path: str, dataset: str, transpose: bool, *, stack=None, members=None,
+                 find_missing=None):
         self.path = str(path)
         self.dataset = dataset
         self.transpose = bool(transpose)
+        #: ``find_missing(array, start, stop)``: (piece, first, stop) of a stored piece that
+        #: rows start..stop-1 need and that is missing, else None; None: nothing to check.
+        self._find_missing = find_missing
         self._stack = stack
         self._members = members  # list of (name, array-like), sorted by name
         if stack is not None:
@@ -286,6 +290,7 @@ class MatrixSource:
         """Matrices start..stop-1 as one batch (one slice per array on disk)."""
         indices = np.arange(start, stop, dtype=np.int64)
         if self._stack is not None:
+            self._refuse_missing(self._stack, start, stop, lambda a, b: f"matrices {a}..{b - 1}")
             slab = self._fetch(lambda: self._stack[start:stop], f"matrices {start}..{stop - 1}")
             if self.transpose:
                 slab = slab.transpose(0, 2, 1)
@@ -297,6 +302,20 @@ class MatrixSource:
         data = np.ascontiguousarray(data, dtype=self.dtype)
         self._check_finite(data, indices, offsets)
         return Batch(indices, data, offsets)
+
+    def _refuse_missing(self, array, start: int, stop: int, holds) -> None:
+        """A stored piece the read needs is missing: an error, never the fill value."""
+        if self._find_missing is None:
+            return
+        try:
+            found = self._find_missing(array, start, stop)
+        except Exception:  # a store whose keys cannot be listed: the read says what is wrong
+            return
+        if found is not None:
+            piece, first, last = found
+            raise InputError(f"{self.where}: {piece} is missing (it holds {holds(first, last)}); "
+                             "writers may leave out chunks that equal the fill value: pass "
+                             "--fill-missing if this store was written that way")
 
     def _fetch(self, read, what: str) -> np.ndarray:
         """``read()`` as an array; a file that opened but fails while reading (truncated,
@@ -313,6 +332,9 @@ class MatrixSource:
     def _read_members(self, indices: np.ndarray) -> Batch:
         parts = []
         for i in indices:
+            array = self._members[i][1]
+            self._refuse_missing(array, 0, array.shape[0],
+                                 lambda a, b, i=i: f"part of matrix {self.describe(int(i))}")
             block = self._fetch(lambda: self._members[i][1][...], f"matrix {self.describe(int(i))}")
             parts.append(block.T if self.transpose else block)
         data = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=self.dtype)
