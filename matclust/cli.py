@@ -33,16 +33,35 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, soft_wrap=True)
 
 
-def parse_size(text) -> int:
-    """'1GiB', '512M', '2e9' or a plain number of bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
-    if not match:
-        raise click.BadParameter(f"'{text}' is not a size like 1GiB or 512M")
-    number = float(match.group(1))
-    unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
-    return int(number * unit)
+#: A size: a decimal number (optionally with an exponent), then an optional binary unit.
+_SIZE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*")
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+#: Larger sizes are certainly typing mistakes (and would overflow 64-bit arithmetic).
+_MAX_SIZE = 2**60
+
+
+def parse_size(text, option: str = "--memory-limit") -> int:
+    """'1GiB', '512M', '2e9' or a plain number of bytes; anything else, zero, negative,
+    infinite or NaN is an InputError naming ``option``."""
+    match = _SIZE.fullmatch(str(text))
+    if isinstance(text, bool) or not match:
+        raise InputError(f"{option}: '{text}' is not a size like 1GiB, 512M or 2e9 (bytes)")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not 1 <= value <= _MAX_SIZE:  # also false for inf and nan
+        raise InputError(f"{option}: '{text}' is not a size between 1 byte and 1 EiB")
+    return int(value)
+
+
+def _size_callback(ctx, param, value):
+    return None if value is None else parse_size(value, "--memory-limit")
+
+
+def memory_limit_option(default: str = "1GiB"):
+    """--memory-limit, parsed to bytes as the command line is read (so a config file's value is
+    checked too). The limit covers the peak resident memory of the whole process."""
+    return click.option("--memory-limit", default=default, show_default=True,
+                        callback=_size_callback,
+                        help="Most memory the process may use, e.g. 1GiB, 512M (peak resident set).")
 
 
 def _emit_json(document) -> None:
@@ -101,7 +120,7 @@ def cli():
               help="After N clusters in a row that did not grow past their seed, store the rest as singletons (0: never).")
 @click.option("--oversampling", type=int, default=5, show_default=True,
               help="Extra directions tracked by the incremental estimator.")
-@click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at (e.g. 1GiB, 512M).")
+@memory_limit_option()
 @click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default="auto",
               show_default=True,
               help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
@@ -131,7 +150,7 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
     if os.path.lexists(output) and not overwrite:
         raise InputError(f"{output}: output exists; pass --overwrite to replace it")
     clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
-                                oversampling=oversampling, memory_limit=parse_size(memory_limit),
+                                oversampling=oversampling, memory_limit=memory_limit,
                                 n_clusters=n_clusters, random_state=seed, mode=mode)
     clusterer._validated()  # bad parameters fail before the input is opened
     with open_source(input, dataset, transpose) as source:
@@ -410,7 +429,7 @@ def _render_study(result, summary, console) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random / kmeans.")
 @click.option("--patience", type=int, default=10, show_default=True, help="As for cluster.")
 @click.option("--oversampling", type=int, default=5, show_default=True, help="As for cluster.")
-@click.option("--memory-limit", default="1GiB", show_default=True, help="Memory to aim at.")
+@memory_limit_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,
@@ -425,7 +444,7 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
         with RichProgress(enabled=None if not quiet else False) as progress:
             result = run_compare(source, rank, eps, list(methods) or None, n_clusters=n_clusters,
                                  seed=seed, patience=patience, oversampling=oversampling,
-                                 memory_limit=parse_size(memory_limit), progress=progress)
+                                 memory_limit=memory_limit, progress=progress)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:
