@@ -324,9 +324,15 @@ class ResultWriter:
 # Reading
 # ---------------------------------------------------------------------------------------------
 class ResultStore:
-    """Read access to a result store (for verify, reconstruct and inspect)."""
+    """Read access to a result store (for verify, reconstruct and inspect).
 
-    def __init__(self, path):
+    With ``strict`` (the default) a store whose ``params`` / ``report`` attributes are not JSON
+    objects, or that lacks ``labels`` or ``widths``, is an InputError. ``verify`` opens with
+    ``strict=False`` so that it can name every such inconsistency itself: the attributes are
+    then None when unreadable (their text stays in ``raw_attrs``), the arrays None when absent.
+    """
+
+    def __init__(self, path, strict: bool = True):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise InputError(f"{self.path}: no such result store")
@@ -339,12 +345,45 @@ class ResultStore:
             raise InputError(f"{self.path}: not a matclust result store (format attribute missing)")
         if attrs.get("complete") is not True:
             raise InputError(f"{self.path}: incomplete result store (no 'complete' attribute)")
-        self.params: dict[str, Any] = json.loads(attrs["params"])
-        self.report: dict[str, Any] = json.loads(attrs["report"])
-        self.labels = np.asarray(self._backend.get("labels")[...], dtype=np.int64)
+        self.raw_attrs = attrs
+        self.params: dict[str, Any] = self._json_attr("params", strict)
+        self.report: dict[str, Any] = self._json_attr("report", strict)
+        self.labels = self._int_array("labels", strict)
         self.names = self._backend.read_strings("names") if self._backend.has("names") else None
-        self.widths = np.asarray(self._backend.get("widths")[...], dtype=np.int64)
+        self.widths = self._int_array("widths", strict)
         self.n_clusters = len(self._backend.keys("clusters"))
+
+    def _json_attr(self, key: str, strict: bool):
+        try:
+            value = json.loads(self.raw_attrs[key])
+        except (KeyError, TypeError, ValueError):
+            value = None
+        if value is None or not isinstance(value, dict):
+            if strict:
+                raise InputError(f"{self.path}: attribute '{key}' is missing or not a JSON "
+                                 f"object; run matclust verify on it")
+            return None
+        return value
+
+    def _int_array(self, name: str, strict: bool):
+        array = self.array(name)
+        if array is None or array.ndim != 1 or np.dtype(array.dtype).kind not in "iu":
+            if strict:
+                raise InputError(f"{self.path}: '{name}' is missing or not a 1-D integer array; "
+                                 f"run matclust verify on it")
+            return None
+        return np.asarray(array[...], dtype=np.int64)
+
+    def array(self, name: str):
+        """The lazy array at ``name`` (shape, dtype, slicing), or None when there is none."""
+        if not self._backend.has(name):
+            return None
+        node = self._backend.get(name)
+        return node if hasattr(node, "shape") and hasattr(node, "dtype") else None
+
+    def cluster_names(self) -> list[str]:
+        """The entries of the ``clusters`` group, as stored (normally "0".."C-1")."""
+        return self._backend.keys("clusters")
 
     def handles(self, c: int) -> dict:
         """Lazy arrays of cluster c (members, and basis + coefficients or raw): sliceable
