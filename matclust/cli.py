@@ -177,13 +177,15 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
 @click.option("--dataset", help="Dataset inside the input (default: as recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify(output, input_path, dataset, as_json, quiet):
+@memory_limit_option()
+def verify(output, input_path, dataset, as_json, quiet, memory_limit):
     """Recompute every cluster's error from the input; exit 1 if one exceeds eps."""
     from matclust.progress import RichProgress
     from matclust.verify import verify_store
 
     with RichProgress(enabled=None if not quiet else False) as progress:
-        result = verify_store(output, input_path, dataset, progress=progress)
+        result = verify_store(output, input_path, dataset, memory_limit=memory_limit,
+                              progress=progress)
     if as_json:
         _emit_json(result)
     else:
@@ -207,14 +209,15 @@ def verify(output, input_path, dataset, as_json, quiet):
 @click.option("-o", "--dest", "dest", required=True, help="Collection to write (HDF5 or Zarr by name).")
 @click.option("--index", "indices", type=int, multiple=True, help="Input index to rebuild (repeatable; default all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DEST.")
-def reconstruct(output, dest, indices, overwrite):
+@memory_limit_option()
+def reconstruct(output, dest, indices, overwrite, memory_limit):
     """Rebuild matrices from the result store OUTPUT into DEST (same layout as the input)."""
     from matclust.collections_io import write_collection
     from matclust.verify import reconstruct as rebuild
 
     if os.path.lexists(dest) and not overwrite:
         raise InputError(f"{dest}: exists; pass --overwrite to replace it")
-    pairs, names, params = rebuild(output, list(indices))
+    pairs, names, params = rebuild(output, list(indices), memory_limit)
     mats = [m for _, m in pairs]
     dataset = params.get("dataset") or "matrices"
     dataset = "matrices" if dataset in ("/", "") else dataset
@@ -353,8 +356,9 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing CSV / plot.")
+@memory_limit_option()
 def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, output, plot_path,
-           as_json, quiet, overwrite):
+           as_json, quiet, overwrite, memory_limit):
     """The paper's bound study: on random clusters of each size, the exact best rank-r error and
     every estimator's bound. Exits 1 if any bound falls below the exact error."""
     from matclust.progress import RichProgress
@@ -371,7 +375,7 @@ def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, o
         with RichProgress(enabled=None if not quiet else False) as progress:
             progress.start("trials", len(size_list) * max(trials, 0))
             result = bound_study(source, rank, size_list, trials, seed, oversampling,
-                                 progress=progress.advance)
+                                 progress=progress.advance, memory_limit=memory_limit)
     result.write_csv(output)
     if plot_path:
         plot_study(result, plot_path)

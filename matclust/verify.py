@@ -20,6 +20,7 @@ import numpy as np
 
 from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
+from matclust import limits
 from matclust.limits import verify_plan
 from matclust.sources import open_source
 from matclust.sources.base import column_ranges
@@ -426,10 +427,21 @@ class _StoredColumns:
         return arr
 
 
-def reconstruct(path, indices=None):
-    """Yield (index, matrix) for the requested input indices (all by default), in that order,
-    undoing --transpose. Each cluster is read once."""
+def reconstruct(path, indices=None, memory_limit: int = 2**30):
+    """(index, matrix) pairs for the requested input indices (all by default), in that order,
+    undoing --transpose; with the store's names and params. Each cluster is read once.
+
+    The matrices are returned together: ``memory_limit`` is checked against their size (and
+    the per-matrix bookkeeping) before any is decoded."""
     with ResultStore(path) as store:
+        needed = reconstruct_bytes(store, indices)
+
+        def fits(limit):
+            return limits.plan(limit, len(store.labels), store.n_clusters, needed) is not None
+
+        if not fits(memory_limit):
+            raise limits.refuse(f"{path}: rebuilding {needed / 2**20:.0f} MiB of matrices",
+                                memory_limit, fits)
         problems = Problems()
         check_structure_v1(store, problems)
         if problems:  # decoding would shift or mis-size matrices
@@ -457,3 +469,11 @@ def reconstruct(path, indices=None):
                 out[int(i)] = block.T if transpose else block
         names = store.names
         return [(int(i), out[int(i)]) for i in wanted], names, store.params
+
+
+def reconstruct_bytes(store: ResultStore, indices) -> int:
+    """Memory the rebuilt matrices take at once: held twice (decoded, then stacked for
+    writing), at 8 bytes a number (double precision, the widest real storage)."""
+    widths = store.widths if not indices else store.widths[np.asarray(indices, dtype=np.int64) % len(store.widths)]
+    m = int(store.report.get("m", 1)) if store.report else 1
+    return 2 * 8 * m * int(widths.sum())
