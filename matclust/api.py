@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from matclust import defaults
+from matclust import defaults, limits
 from matclust.baselines import (PartitionDriver, baseline_labels, is_baseline, needs_clusters,
                                  require_sklearn)
 from matclust.checkpoint import OutputGuard
@@ -24,17 +24,13 @@ from matclust.report import build_report
 from matclust.safety import check_target, refuse_clashes, require_path
 from matclust.sources import MatrixSource, array_source
 from matclust.sources.cache import CachedReader
-from matclust.sources.summary import SummaryReader
+from matclust.sources.summary import SummaryReader, summary_dtype
 from matclust.store import FORMAT, PLAIN_FORMAT, ResultWriter
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "in-memory", "out-of-core")
 
-#: Memory assumed taken by the interpreter, numpy and libraries before any data is read.
-BASELINE_BYTES = 160 * 2**20
-#: Per-matrix bookkeeping held for the whole run (norms, widths, labels, order, flags).
-PER_MATRIX_BYTES = 48
 #: Above this much matrix data ``auto`` runs out of core even when the data would fit: its
 #: compacted summaries scan faster than cached batches (bench/: 27,648 MiniLM columns 9.2 s in
 #: memory, 7.4 s out of core; 20,000 planted 32 x 16 blocks 5.6 s and 3.6 s; 100,000 of them
@@ -322,12 +318,17 @@ class MatrixClusterer:
         params.update({"input": recorded, "dataset": source.dataset,
                        "transpose": source.transpose, "stored_dtype": str(source.storage_dtype),
                        **(extra_params or {})})
-        budget = max(16 * 2**20, params["memory_limit"] - BASELINE_BYTES - PER_MATRIX_BYTES * source.K)
-        reader = CachedReader(source, budget)
+        # Every matrix may end up a cluster of its own: the plan reserves room for that.
+        in_memory_plan = limits.plan(params["memory_limit"], source.K, source.K)
         out_of_core = params["mode"] == "out-of-core" or (
             params["mode"] == "auto" and output is not None
-            and source.matrix_bytes > min(budget, AUTO_OUT_OF_CORE_BYTES)
+            and source.matrix_bytes > min(in_memory_plan.cache if in_memory_plan else 0,
+                                          AUTO_OUT_OF_CORE_BYTES)
             and not is_baseline(params["method"]))
+        run_plan = cluster_plan(source, params, out_of_core)
+        budget = run_plan.cache
+        source.batch_limit = run_plan.batch
+        reader = CachedReader(source, budget)
         # Record the mode that ran (auto resolves to one of the two), for reports and scripts.
         params["mode"] = "out-of-core" if out_of_core else "in-memory"
         logger.info("%s run, method %s, rank %d, eps %g: %.1f MiB of matrices, budget %.0f MiB",
@@ -410,7 +411,7 @@ class MatrixClusterer:
             raise InputError(f"{source.where}: out-of-core mode writes its results straight to "
                              f"an output store ({source.matrix_bytes / 2**20:.0f} MiB of "
                              f"matrices); give one")
-        summaries = SummaryReader(source, params["rank"], budget // 2, form_eps, progress)
+        summaries = SummaryReader(source, params["rank"], budget, form_eps, progress)
         driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
                               form_eps, params["order"], params["patience"],
                               progress.advance, exact_check=False)
@@ -424,6 +425,30 @@ class MatrixClusterer:
     def fit_predict(self, X, **kwargs) -> np.ndarray:
         """Fit (keywords as for :meth:`fit`) and return ``labels_``."""
         return self.fit(X, **kwargs).labels_
+
+
+def summary_bytes(source: MatrixSource, rank: int, eps: float) -> int:
+    """The least memory summaries with every direction need (the cheapest precise-enough dtype).
+    Fewer directions would leave bounds too loose to admit anything: all singletons."""
+    s = int(min(rank, source.m, int(source.widths.max())))
+    dtype = summary_dtype(eps, source.dtype.kind == "c", 1, 0)
+    return source.K * source.m * s * dtype.itemsize
+
+
+def cluster_plan(source: MatrixSource, params: dict, out_of_core: bool) -> limits.Plan:
+    """How the memory limit is split for this run (see matclust.limits), or InputError naming
+    the smallest limit that works."""
+    need = summary_bytes(source, params["rank"], params["eps"]) if out_of_core else 0
+    K = source.K
+
+    def fits(limit):
+        return limits.plan(limit, K, K, need) is not None
+
+    if not fits(params["memory_limit"]):
+        what = "summaries of " if out_of_core else ""
+        raise limits.refuse(f"{source.where}: clustering the {what}{K} matrices of {source.m} rows",
+                            params["memory_limit"], fits)
+    return limits.plan(params["memory_limit"], K, K, need)
 
 
 def as_source(X) -> MatrixSource:

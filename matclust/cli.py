@@ -34,16 +34,35 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, soft_wrap=True)
 
 
-def parse_size(text) -> int:
-    """'1GiB', '512M', '2e9' or a plain number of bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
-    if not match:
-        raise click.BadParameter(f"'{text}' is not a size like 1GiB or 512M")
-    number = float(match.group(1))
-    unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
-    return int(number * unit)
+#: A size: a decimal number (optionally with an exponent), then an optional binary unit.
+_SIZE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*")
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+#: Larger sizes are certainly typing mistakes (and would overflow 64-bit arithmetic).
+_MAX_SIZE = 2**60
+
+
+def parse_size(text, option: str = "--memory-limit") -> int:
+    """'1GiB', '512M', '2e9' or a plain number of bytes; anything else, zero, negative,
+    infinite or NaN is an InputError naming ``option``."""
+    match = _SIZE.fullmatch(str(text))
+    if isinstance(text, bool) or not match:
+        raise InputError(f"{option}: '{text}' is not a size like 1GiB, 512M or 2e9 (bytes)")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not 1 <= value <= _MAX_SIZE:  # also false for inf and nan
+        raise InputError(f"{option}: '{text}' is not a size between 1 byte and 1 EiB")
+    return int(value)
+
+
+def _size_callback(ctx, param, value):
+    return None if value is None else parse_size(value, "--memory-limit")
+
+
+def memory_limit_option(default: str = "1GiB"):
+    """--memory-limit, parsed to bytes as the command line is read (so a config file's value is
+    checked too). The limit covers the peak resident memory of the whole process."""
+    return click.option("--memory-limit", default=default, show_default=True,
+                        callback=_size_callback,
+                        help="Most memory the process may use, e.g. 1GiB, 512M (peak resident set).")
 
 
 def format_size(n: int) -> str:
@@ -152,9 +171,8 @@ def _configure_logging(verbosity: int) -> None:
               help="After N clusters in a row that did not grow past their seed, store the rest as singletons (0: never).")
 @click.option("--oversampling", type=int, default=defaults.OVERSAMPLING, show_default=True,
               help="Extra directions tracked by the incremental estimator.")
-@click.option("--memory-limit", default=format_size(defaults.MEMORY_LIMIT), show_default=True,
-              help="Memory to aim at (e.g. 1GiB, 512M).")
-@click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default=defaults.MODE,
+@memory_limit_option()
+@click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default="auto",
               show_default=True,
               help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
                    "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit "
@@ -199,7 +217,7 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
         refuse_clashes(("report", report_path), [("output", output), ("input", input)])
         check_target(report_path, overwrite, "report", what="report")
     clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
-                                oversampling=oversampling, memory_limit=parse_size(memory_limit),
+                                oversampling=oversampling, memory_limit=memory_limit,
                                 n_clusters=n_clusters, random_state=seed, mode=mode,
                                 guarantee=guarantee, encoding=encoding)
     clusterer._validated()  # bad parameters fail before the input is opened
@@ -230,14 +248,15 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
 @click.option("--json", "as_json", is_flag=True, help="Print the verification as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fill_missing_option
-def verify(output, input_path, dataset, as_json, quiet, fill_missing):
+@memory_limit_option()
+def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_limit):
     """Recompute every cluster's error from the input; exit 1 if one exceeds eps."""
     from matclust.progress import RichProgress
     from matclust.verify import verify_store
 
     with RichProgress(enabled=None if not quiet else False) as progress:
-        result = verify_store(output, input_path, dataset, progress=progress,
-                              fill_missing=fill_missing or None)
+        result = verify_store(output, input_path, dataset, memory_limit=memory_limit,
+                              progress=progress, fill_missing=fill_missing or None)
     if as_json:
         _emit_json(result)
     else:
@@ -267,7 +286,8 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing):
 @click.option("-o", "--dest", "dest", required=True, help="Collection to write (HDF5 or Zarr by name).")
 @click.option("--index", "indices", type=int, multiple=True, help="Input index to rebuild (repeatable; default all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DEST.")
-def reconstruct(output, dest, indices, overwrite):
+@memory_limit_option()
+def reconstruct(output, dest, indices, overwrite, memory_limit):
     """Rebuild matrices from the result store OUTPUT into DEST (same layout as the input)."""
     from matclust.collections_io import write_collection
     from matclust.store import ResultStore
@@ -279,7 +299,7 @@ def reconstruct(output, dest, indices, overwrite):
     # DEST may replace only a collection matclust wrote, never the store or its input.
     refuse_clashes(("DEST", dest), [("result store", output), ("store's input", recorded_input)])
     check_target(dest, overwrite, "collection", what="DEST")
-    pairs, names, params = rebuild(output, list(indices))
+    pairs, names, params = rebuild(output, list(indices), memory_limit)
     mats = [m for _, m in pairs]
     dataset = params.get("dataset") or "matrices"
     dataset = "matrices" if dataset in ("/", "") else dataset
@@ -425,8 +445,9 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing CSV / plot.")
 @fill_missing_option
+@memory_limit_option()
 def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, output, plot_path,
-           as_json, quiet, overwrite, fill_missing):
+           as_json, quiet, overwrite, fill_missing, memory_limit):
     """The paper's bound study: on random clusters of each size, the exact best rank-r error and
     every estimator's bound. Exits 1 if any bound falls below the exact error."""
     from matclust.progress import RichProgress
@@ -446,7 +467,7 @@ def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, o
         with RichProgress(enabled=None if not quiet else False) as progress:
             progress.start("trials", len(size_list) * max(trials, 0))
             result = bound_study(source, rank, size_list, trials, seed, oversampling,
-                                 progress=progress.advance)
+                                 progress=progress.advance, memory_limit=memory_limit)
     result.write_csv(output)
     if plot_path:
         plot_study(result, plot_path)
@@ -504,8 +525,7 @@ def _render_study(result, summary, console) -> None:
 @click.option("--seed", type=int, default=defaults.SEED, show_default=True, help="Seed of random / kmeans.")
 @click.option("--patience", type=int, default=defaults.PATIENCE, show_default=True, help="As for cluster.")
 @click.option("--oversampling", type=int, default=defaults.OVERSAMPLING, show_default=True, help="As for cluster.")
-@click.option("--memory-limit", default=format_size(defaults.MEMORY_LIMIT), show_default=True,
-              help="Memory to aim at.")
+@memory_limit_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @fill_missing_option
@@ -521,7 +541,7 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
         with RichProgress(enabled=None if not quiet else False) as progress:
             result = run_compare(source, rank, eps, list(methods) or None, n_clusters=n_clusters,
                                  seed=seed, patience=patience, oversampling=oversampling,
-                                 memory_limit=parse_size(memory_limit), progress=progress)
+                                 memory_limit=memory_limit, progress=progress)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:

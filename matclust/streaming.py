@@ -56,12 +56,14 @@ def split_by_cluster(labels: np.ndarray, batch):
                                         grouped.offsets[a : b + 1] - first)
 
 
-def cluster_parts(source: MatrixSource, labels: np.ndarray, progress=None, phase: str = "reading"):
+def cluster_parts(source: MatrixSource, labels: np.ndarray, progress=None, phase: str = "reading",
+                  batch_bytes: int | None = None):
     """One sequential pass over ``source``: (cluster id, sub-batch) for every cluster present in
-    each batch (see :func:`split_by_cluster`); ``progress`` counts the matrices passed."""
+    each batch (see :func:`split_by_cluster`); ``progress`` counts the matrices passed.
+    ``batch_bytes``: input bytes per batch (default: the source's)."""
     if progress:
         progress.start(phase, source.K)
-    for batch in source.iter_batches():
+    for batch in source.iter_batches(batch_bytes):
         yield from split_by_cluster(labels, batch)
         if progress:
             progress.advance(len(batch))

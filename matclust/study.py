@@ -150,7 +150,13 @@ def bound_study(source, rank: int, sizes, trials: int, seed: int = defaults.SEED
     cplx = source.dtype.kind == "c"
     estimators = {name: factory(method, rank, source.m, cplx, oversampling)
                   for name, method, _ in ESTIMATORS}
-    reader = CachedReader(source, memory_limit)
+    from matclust import limits
+
+    study_plan = limits.plan(memory_limit, source.K, 0)
+    if study_plan is None:
+        raise limits.refuse(f"{source.where}: the bound study of {source.K} matrices", memory_limit,
+                            lambda x: limits.plan(x, source.K, 0) is not None)
+    reader = CachedReader(source, study_plan.cache)
     rng = np.random.default_rng(seed)
     rows = []
     for size in sizes:

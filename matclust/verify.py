@@ -1,8 +1,20 @@
-"""Checking and reading back a result store: ``verify`` and ``reconstruct``."""
+"""Checking and reading back a result store: ``verify`` and ``reconstruct``.
+
+``verify`` runs in two stages:
+
+(a) structural checks of the store (:func:`check_structure_v1` for the matclust/1 layout): every
+    attribute and array that ``reconstruct``, ``inspect`` or a plain h5py/zarr reader relies
+    on, with one message per inconsistency. What they learn about each cluster is kept in flat
+    per-cluster arrays (:class:`StoreLayout`), never as per-cluster objects, so a store of a
+    million clusters costs a few bytes per cluster;
+(b) one sequential pass over the input that compares every matrix with what its cluster stores
+    (:func:`compare_with_input`), reading the stored columns piece by piece within a budget.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -10,6 +22,8 @@ from matclust import defaults
 from matclust.engine import budget as qb
 from matclust.engine.linalg import as_compute, sqnorm
 from matclust.errors import InputError
+from matclust import limits
+from matclust.limits import verify_plan
 from matclust.sources import open_source
 from matclust.sources.base import column_ranges
 from matclust.store import ResultStore
@@ -17,6 +31,20 @@ from matclust.streaming import cluster_parts
 
 #: Orthonormality tolerance of a stored basis, in units of its precision's machine epsilon.
 ORTHO_ULPS = 1e3
+
+#: Keys ``params`` must hold: what reconstruct, verify and inspect read from it.
+REQUIRED_PARAMS = ("method", "order", "rank", "eps", "patience", "input", "dataset", "transpose")
+#: Keys of the report that inspect shows and that must agree with the arrays.
+REQUIRED_REPORT = ("K", "m", "clusters", "singletons", "compression_ratio", "max_error",
+                   "cluster_stats")
+#: The dtypes a store holds its numbers in (the input's precision; see docs/design.md).
+STORED_DTYPES = tuple(np.dtype(d) for d in ("float32", "float64", "complex64", "complex128"))
+
+#: Messages kept per store: a store broken everywhere is summarised, not listed in full.
+MAX_PROBLEMS = 50
+
+#: How a cluster is stored, in :attr:`StoreLayout.kind`.
+BROKEN, FACTORED, RAW = 0, 1, 2
 
 
 def cluster_arrays(cluster: dict):
@@ -35,33 +63,304 @@ def cluster_columns(basis, stored) -> np.ndarray:
     return as_compute(basis) @ as_compute(stored)
 
 
+class Problems(list):
+    """The inconsistencies found, one message each; beyond MAX_PROBLEMS only counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def add(self, message: str) -> None:
+        if len(self) < MAX_PROBLEMS:
+            self.append(message)
+        else:
+            self.dropped += 1
+
+    def messages(self) -> list[str]:
+        more = [f"... and {self.dropped} more inconsistencies"] if self.dropped else []
+        return list(self) + more
+
+
+@dataclass
+class StoreLayout:
+    """What the structural checks established, per cluster in flat arrays.
+
+    ``kind[c]`` is FACTORED, RAW or BROKEN (unusable: never decoded); ``ascending[c]`` whether
+    its members are in ascending index order; ``col_offset[i]`` the first column of matrix i in
+    its cluster's stored array; ``labels`` the store's labels with -1 for matrices whose cluster
+    is broken; ``m`` the row count (None when undetermined), ``dtypes`` the stored dtypes;
+    ``params_ok`` whether params holds every key with a usable value."""
+
+    kind: np.ndarray
+    ascending: np.ndarray
+    col_offset: np.ndarray
+    labels: np.ndarray
+    m: int | None
+    dtypes: list[np.dtype]
+    params_ok: bool
+
+
+def check_structure_v1(store: ResultStore, problems: Problems, progress=None) -> StoreLayout | None:
+    """Structural checks of a matclust/1 store, without the input: attributes, labels, widths,
+    names, then every cluster (members, labels, shapes, dtypes, orthonormal bases), then the
+    report against the arrays. Appends one message per inconsistency to ``problems``.
+
+    Returns the layout, or None when the store is too broken to look at its clusters (no usable
+    labels, widths or params)."""
+    where = store.path
+    params, report = store.params, store.report
+    before = len(problems) + problems.dropped
+    if params is None:
+        problems.add(f"{where}: attribute 'params' is missing or not a JSON object")
+    else:
+        missing = [k for k in REQUIRED_PARAMS if k not in params]
+        if missing:
+            problems.add(f"{where}: params lacks {', '.join(missing)}")
+    rank = params.get("rank") if params else None
+    if params and "rank" in params and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        problems.add(f"{where}: params rank is {rank!r}, not an integer >= 1")
+        rank = None
+    eps = params.get("eps") if params else None
+    if params and "eps" in params and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                       or not 0 < eps < 1):
+        problems.add(f"{where}: params eps is {eps!r}, not a number in (0, 1)")
+    params_ok = len(problems) + problems.dropped == before
+    if report is None:
+        problems.add(f"{where}: attribute 'report' is missing or not a JSON object")
+    elif any(k not in report for k in REQUIRED_REPORT):
+        problems.add(f"{where}: report lacks "
+                     f"{', '.join(k for k in REQUIRED_REPORT if k not in report)}")
+        report = None
+
+    labels, widths = store.labels, store.widths
+    if labels is None:
+        problems.add(f"{where}: 'labels' is missing or not a 1-D integer array")
+    if widths is None:
+        problems.add(f"{where}: 'widths' is missing or not a 1-D integer array")
+    if labels is None or widths is None or not isinstance(rank, int):
+        return None
+    K = len(labels)
+    if len(widths) != K:
+        problems.add(f"{where}: 'widths' has {len(widths)} entries for {K} labels")
+        return None
+    if K and widths.min() < 1:
+        problems.add(f"{where}: 'widths' has an entry {int(widths.min())} < 1 "
+                     f"(matrix {int(np.argmin(widths))})")
+        return None
+    if store.names is not None and len(store.names) != K:
+        problems.add(f"{where}: 'names' has {len(store.names)} entries for {K} labels")
+
+    names = store.cluster_names()
+    C = len(names)
+    expected_names = {str(c) for c in range(C)}
+    if set(names) != expected_names:
+        odd = sorted(set(names) - expected_names)[:3]
+        problems.add(f"{where}: clusters are not numbered 0..{C - 1} (found {', '.join(odd)})")
+    bad = np.flatnonzero((labels < 0) | (labels >= C))
+    if len(bad):
+        problems.add(f"{where}: labels[{bad[0]}] = {labels[bad[0]]} is not a cluster id "
+                     f"0..{C - 1} ({len(bad)} such labels)")
+
+    kind = np.zeros(C, dtype=np.int8)
+    ascending = np.zeros(C, dtype=bool)
+    col_offset = np.zeros(K, dtype=np.int64)
+    seen = np.zeros(K, dtype=np.int32)
+    ranks = np.full(C, -1, dtype=np.int64)
+    sizes = np.zeros(C, dtype=np.int64)
+    columns = np.zeros(C, dtype=np.int64)
+    rows: set[int] = set()
+    dtypes: set[np.dtype] = set()
+    if progress:
+        progress.start("checking", C)
+    for c in range(C):
+        prefix = f"clusters/{c}"
+        members = _members(store, prefix, K, problems)
+        if members is not None:
+            seen[members] += 1
+            sizes[c] = len(members)
+            disagree = np.flatnonzero(labels[members] != c)
+            if len(disagree):
+                i = members[disagree[0]]
+                problems.add(f"{prefix}: member {i} has label {labels[i]}, not {c}")
+            else:
+                w = widths[members]
+                columns[c] = int(w.sum())
+                col_offset[members] = np.cumsum(w) - w
+                ascending[c] = bool(np.all(np.diff(members) > 0))
+                kind[c], ranks[c] = _stored_arrays(store, prefix, rank, int(columns[c]), problems,
+                                                   rows, dtypes)
+        if progress:
+            progress.advance(1)
+    if len(rows) > 1:
+        problems.add(f"{where}: clusters have different row counts {sorted(rows)}")
+    missing, repeated = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
+    if len(missing):
+        problems.add(f"{where}: {len(missing)} input matrices are in no cluster "
+                     f"(first: {missing[0]})")
+    if len(repeated):
+        problems.add(f"{where}: {len(repeated)} input matrices are in several clusters "
+                     f"(first: {repeated[0]})")
+    m = next(iter(rows)) if len(rows) == 1 else None
+    if report is not None:
+        _check_report(where, report, K, m, C, sizes, columns, ranks, kind, problems)
+    usable = np.where((labels >= 0) & (labels < C), labels, 0)
+    return StoreLayout(kind, ascending, col_offset,
+                       np.where((labels >= 0) & (labels < C) & (kind[usable] != BROKEN), labels, -1),
+                       m, sorted(dtypes, key=str), params_ok)
+
+
+def _members(store, prefix, K, problems):
+    """The members of a cluster, or None (with a message) when they are unusable."""
+    handle = store.array(f"{prefix}/members")
+    if handle is None:
+        problems.add(f"{prefix}: no 'members' array")
+        return None
+    if handle.ndim != 1 or np.dtype(handle.dtype).kind not in "iu":
+        problems.add(f"{prefix}/members: {handle.dtype} of shape {handle.shape}, "
+                     f"not a 1-D integer array")
+        return None
+    members = np.asarray(handle[...], dtype=np.int64)
+    if len(members) == 0:
+        problems.add(f"{prefix}/members: empty")
+        return None
+    out = np.flatnonzero((members < 0) | (members >= K))
+    if len(out):
+        problems.add(f"{prefix}/members: index {members[out[0]]} out of range 0..{K - 1}")
+        return None
+    if len(np.unique(members)) != len(members):
+        problems.add(f"{prefix}/members: an index appears twice")
+        return None
+    return members
+
+
+def _stored_arrays(store, prefix, rank, n_columns, problems, rows: set, dtypes: set):
+    """(kind, rank of the basis) of a cluster after checking its stored arrays' shapes and
+    dtypes, and its basis's orthonormality; kind BROKEN (with a message) when unusable."""
+    basis, coeffs, raw = (store.array(f"{prefix}/{key}") for key in ("basis", "coefficients", "raw"))
+    present = [a for a in (basis, coeffs, raw) if a is not None]
+    for arr, key in ((basis, "basis"), (coeffs, "coefficients"), (raw, "raw")):
+        if arr is not None and (arr.ndim != 2 or np.dtype(arr.dtype) not in STORED_DTYPES):
+            problems.add(f"{prefix}/{key}: {arr.dtype} of shape {arr.shape}, not a 2-D "
+                         f"array of {', '.join(str(d) for d in STORED_DTYPES)}")
+            return BROKEN, -1
+    dtypes.update(np.dtype(a.dtype) for a in present)
+    if raw is not None and basis is None and coeffs is None:
+        rows.add(raw.shape[0])
+        if raw.shape[1] != n_columns:
+            problems.add(f"{prefix}/raw: {raw.shape[1]} columns, but its members' widths "
+                         f"add up to {n_columns}")
+            return BROKEN, -1
+        return RAW, 0
+    if basis is None or coeffs is None or raw is not None:
+        problems.add(f"{prefix}: holds {', '.join(k for k, a in (('basis', basis), ('coefficients', coeffs), ('raw', raw)) if a is not None) or 'nothing'}; "
+                     f"expected basis and coefficients, or raw")
+        return BROKEN, -1
+    m, r = basis.shape
+    rows.add(m)
+    if not 1 <= r <= min(rank, m):
+        problems.add(f"{prefix}/basis: {r} columns, not 1..{min(rank, m)} (rank {rank}, {m} rows)")
+        return BROKEN, -1
+    if coeffs.shape != (r, n_columns):
+        problems.add(f"{prefix}/coefficients: shape {coeffs.shape}, but the basis has {r} "
+                     f"columns and the members' widths add up to {n_columns}")
+        return BROKEN, -1
+    u = as_compute(np.asarray(basis[...]))
+    gram = u.conj().T @ u
+    if not np.abs(gram - np.eye(r)).max(initial=0.0) <= ORTHO_ULPS * np.finfo(basis.dtype).eps:
+        problems.add(f"{prefix}/basis: columns are not orthonormal")
+        return BROKEN, -1
+    return FACTORED, r
+
+
+def _check_report(where, report, K, m, C, sizes, columns, ranks, kind, problems) -> None:
+    """The report's headline numbers and cluster_stats against the arrays."""
+    for key, actual in (("K", K), ("m", m), ("clusters", C)):
+        if actual is not None and report[key] != actual:
+            problems.add(f"{where}: report says {key} = {report[key]!r}, the arrays {actual}")
+    stats = report["cluster_stats"]
+    if not isinstance(stats, list) or len(stats) != C:
+        problems.add(f"{where}: report has {len(stats) if isinstance(stats, list) else 'no'} "
+                     f"cluster_stats for {C} clusters")
+        return
+    for c, s in enumerate(stats):
+        if not isinstance(s, dict):
+            problems.add(f"{where}: report cluster_stats[{c}] is not an object")
+            continue
+        if kind[c] == BROKEN:
+            continue
+        stored = "factored" if kind[c] == FACTORED else "raw"
+        for key, actual in (("size", sizes[c]), ("columns", columns[c]), ("rank", ranks[c]),
+                            ("stored", stored)):
+            if s.get(key) != actual:
+                problems.add(f"{where}: report cluster_stats[{c}] {key} = {s.get(key)!r}, "
+                             f"cluster {c} has {actual}")
+    singletons = int(np.count_nonzero(sizes == 1))
+    if report["singletons"] != singletons:
+        problems.add(f"{where}: report says singletons = {report['singletons']!r}, "
+                     f"the arrays {singletons}")
+
+
+def check_against_input(store: ResultStore, layout: StoreLayout, src, problems: Problems) -> None:
+    """What the store must share with the input it was made from: K, m, widths, dtype."""
+    where = store.path
+    if len(store.labels) != src.K:
+        problems.add(f"{where}: has {len(store.labels)} labels but the input {src.where} has "
+                     f"{src.K} matrices")
+        return
+    differ = np.flatnonzero(store.widths != src.widths)
+    if len(differ):
+        i = differ[0]
+        problems.add(f"{where}: widths[{i}] = {store.widths[i]} but matrix {i} of {src.where} "
+                     f"has {src.widths[i]} columns ({len(differ)} widths differ)")
+    if layout.m is not None and layout.m != src.m:
+        problems.add(f"{where}: clusters have {layout.m} rows, the input's matrices {src.m}")
+    # The input's storage precision or wider (integers too large for float32 are kept exact).
+    for dtype in layout.dtypes:
+        if not np.can_cast(src.storage_dtype, dtype, "safe"):
+            problems.add(f"{where}: clusters are stored as {dtype}, less precise than the "
+                         f"{src.storage_dtype} that input of dtype {src.input_dtype} needs")
+
+
 def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaults.MEMORY_LIMIT,
                  progress=None, fill_missing: bool | None = None) -> dict:
-    """Recompute every cluster's error from the input and check the store's structure.
+    """Check the store's structure, then recompute every cluster's error from the input.
 
     ``fill_missing``: read missing chunks as the fill value (default: as the store's run did).
 
     Returns a dict with ``ok`` (every cluster within eps and no structural problem),
     ``max_error``, ``over_eps`` (cluster ids), ``problems`` (descriptions) and ``errors``.
     """
-    with ResultStore(path) as store:
-        params = store.params
-        try:
-            eps, rank = float(params["eps"]), int(params["rank"])
-            recorded_input = params["input"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: damaged result store: its params lack a valid "
-                             f"{exc if isinstance(exc, KeyError) else 'eps or rank'}") from None
+    with ResultStore(path, strict=False) as store:
+        params = store.params or {}
         if fill_missing is None:  # as the run that wrote the store read its input
             fill_missing = bool(params.get("fill_missing", False))
-        src = open_source(input_path or recorded_input,
-                          dataset if dataset is not None else params.get("dataset"),
-                          bool(params.get("transpose", False)), fill_missing)
-        with src:
-            if store.compact is not None:
+        if store.compact is not None:
+            try:
+                eps, recorded_input = float(params["eps"]), params["input"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"{path}: damaged result store: its params lack a valid "
+                                 f"{exc if isinstance(exc, KeyError) else 'eps'}") from None
+            with open_source(input_path or recorded_input,
+                             dataset if dataset is not None else params.get("dataset"),
+                             bool(params.get("transpose", False)), fill_missing) as src:
                 return _verify_compact(store, src, eps, params.get("guarantee", "cluster"),
                                        progress)
-            return _verify(store, src, eps, rank, memory_limit, progress)
+        if store.labels is not None:  # refuse a limit too small before any work
+            verify_plan(memory_limit, len(store.labels), store.n_clusters)
+        problems = Problems()
+        layout = check_structure_v1(store, problems, progress)
+        if layout is None or not layout.params_ok:
+            return _verdict(store, None, None, problems)
+        src = open_source(input_path or params["input"],
+                          dataset if dataset is not None else params["dataset"],
+                          bool(params["transpose"]), fill_missing)
+        with src:
+            found = len(problems)
+            check_against_input(store, layout, src, problems)
+            if len(problems) > found:  # the arrays do not line up with the input
+                return _verdict(store, None, None, problems)
+            errors = compare_with_input(store, layout, src, memory_limit, progress)
+        return _verdict(store, errors, float(params["eps"]), problems)
 
 
 def _verify_compact(store: ResultStore, src, eps: float, guarantee: str, progress) -> dict:
@@ -137,99 +436,42 @@ def scaled_error2(a: np.ndarray, decoded: np.ndarray) -> tuple[int, float, float
     return s, sqnorm(a_s - d_s), sqnorm(a_s)
 
 
-def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, progress) -> dict:
-    """Structure first (members, labels, shapes, orthonormal bases), then one sequential pass
-    over the input that compares every matrix with what its cluster stores."""
-    if len(store.labels) != src.K:
-        raise InputError(f"{store.path}: has {len(store.labels)} labels but the input "
-                         f"{src.where} has {src.K} matrices")
-    problems: list[str] = []
-    clusters, col_offset, seen = _check_structure(store, src, rank, problems, progress)
-    err2 = np.zeros(store.n_clusters)
-    norm2 = np.zeros(store.n_clusters)
-    labels = np.where(np.isin(store.labels, [c for c, info in enumerate(clusters) if info]),
-                      store.labels, -1)
-    cache = _StoredColumns(clusters, max(16 * 2**20, memory_limit // 4))
-    for c, part in cluster_parts(src, labels, progress, "verifying"):
+def _verdict(store, errors, eps, problems: Problems) -> dict:
+    over = [] if errors is None else [c for c, e in enumerate(errors) if not e <= eps]
+    finite = [] if errors is None else [e for e in errors if np.isfinite(e)]
+    return {
+        "ok": errors is not None and not over and not problems,
+        "clusters": store.n_clusters,
+        "eps": eps if eps is not None else (store.params or {}).get("eps"),
+        "max_error": max(finite, default=0.0),
+        "over_eps": over,
+        "problems": problems.messages(),
+        "errors": None if errors is None else [e if np.isfinite(e) else None for e in errors],
+    }
+
+
+def compare_with_input(store: ResultStore, layout: StoreLayout, src, memory_limit: int,
+                       progress=None) -> list[float]:
+    """One sequential pass over the input: every cluster's relative error as stored."""
+    C = len(layout.kind)
+    err2 = np.zeros(C)
+    norm2 = np.zeros(C)
+    budget = verify_plan(memory_limit, src.K, C)
+    cache = _StoredColumns(store, layout, budget.cache)
+    for c, part in cluster_parts(src, layout.labels, progress, "verifying", budget.batch):
         if c < 0:
             continue
-        cols = column_ranges(col_offset[part.indices], np.diff(part.offsets))
+        cols = column_ranges(layout.col_offset[part.indices], np.diff(part.offsets))
         data = as_compute(part.data)
         norm2[c] += sqnorm(data)
         err2[c] += sqnorm(data - cache.columns(c, cols))
     errors = []
-    for c in range(store.n_clusters):
-        if not clusters[c]:
-            errors.append(float("inf"))
-        elif norm2[c] > 0:
+    for c in range(C):
+        if norm2[c] > 0:
             errors.append(float(np.sqrt(err2[c] / norm2[c])))
         else:  # an all-zero cluster: any stored non-zero is an infinite relative error
             errors.append(0.0 if err2[c] == 0 else float("inf"))
-    over = [c for c, e in enumerate(errors) if clusters[c] and not e <= eps]
-    missing = np.flatnonzero(seen == 0)
-    repeated = np.flatnonzero(seen > 1)
-    if len(missing):
-        problems.append(f"{len(missing)} input matrices are in no cluster (first: {missing[0]})")
-    if len(repeated):
-        problems.append(f"{len(repeated)} input matrices are in several clusters (first: {repeated[0]})")
-    finite = [e for e in errors if np.isfinite(e)]
-    return {
-        "ok": not over and not problems,
-        "clusters": store.n_clusters,
-        "eps": eps,
-        "max_error": max(finite, default=0.0),
-        "over_eps": over,
-        "problems": problems,
-        "errors": [e if np.isfinite(e) else None for e in errors],
-    }
-
-
-def _check_structure(store: ResultStore, src, rank: int, problems: list[str], progress):
-    """Per cluster: its lazy arrays (None when unusable); the column offset of every member."""
-    col_offset = np.zeros(src.K, dtype=np.int64)
-    seen = np.zeros(src.K, dtype=np.int64)
-    clusters: list[dict | None] = []
-    if progress:
-        progress.start("checking", store.n_clusters)
-    for c in range(store.n_clusters):
-        handles = store.handles(c)
-        clusters.append(None)
-        members = np.asarray(handles["members"][...], dtype=np.int64) if "members" in handles else np.zeros(0, np.int64)
-        if len(members) == 0 or members.min() < 0 or members.max() >= src.K:
-            problems.append(f"cluster {c}: member indices missing or out of range")
-            continue
-        seen[members] += 1
-        if np.any(store.labels[members] != c):
-            problems.append(f"cluster {c}: labels disagree with its members")
-            continue
-        widths = src.widths[members]
-        col_offset[members] = np.cumsum(widths) - widths
-        expected = (src.m, int(widths.sum()))
-        if "basis" in handles and "coefficients" in handles:
-            basis = np.asarray(handles["basis"][...])
-            stored = handles["coefficients"]
-            if basis.shape[0] != src.m or basis.shape[1] > rank or stored.shape != (basis.shape[1], expected[1]):
-                problems.append(f"cluster {c}: basis {basis.shape} and coefficients {stored.shape} "
-                                f"do not fit m={src.m}, rank={rank}, {expected[1]} columns")
-                continue
-            gram = as_compute(basis).conj().T @ as_compute(basis)
-            if np.abs(gram - np.eye(gram.shape[0])).max(initial=0.0) > ORTHO_ULPS * np.finfo(basis.dtype).eps:
-                problems.append(f"cluster {c}: basis columns are not orthonormal")
-            clusters[c] = {"basis": as_compute(basis), "stored": stored, "sorted": _ascending(members)}
-        elif "raw" in handles:
-            if handles["raw"].shape != expected:
-                problems.append(f"cluster {c}: raw shape {handles['raw'].shape} does not match {expected}")
-                continue
-            clusters[c] = {"basis": None, "stored": handles["raw"], "sorted": _ascending(members)}
-        else:
-            problems.append(f"cluster {c}: no basis/coefficients and no raw data")
-        if progress:
-            progress.advance(1)
-    return clusters, col_offset, seen
-
-
-def _ascending(members: np.ndarray) -> bool:
-    return bool(np.all(np.diff(members) > 0))
+    return errors
 
 
 class _StoredColumns:
@@ -237,42 +479,67 @@ class _StoredColumns:
 
     Members in ascending order (out-of-core stores) occupy one contiguous slice per input
     batch, which is read directly; otherwise the cluster's whole array is read once and kept in
-    an LRU cache bounded by ``budget_bytes``.
+    an LRU cache bounded by ``budget_bytes`` (a larger one is read a slice at a time). Bases are
+    kept in the same cache.
     """
 
-    def __init__(self, clusters, budget_bytes: int):
-        self.clusters = clusters
+    def __init__(self, store: ResultStore, layout: StoreLayout, budget_bytes: int):
+        self.store, self.layout = store, layout
         self.budget = budget_bytes
-        self._held: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._held: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._bytes = 0
 
     def columns(self, c: int, cols: np.ndarray) -> np.ndarray:
-        info = self.clusters[c]
-        if info["sorted"]:
-            lo, hi = int(cols.min()), int(cols.max()) + 1
-            stored = np.asarray(info["stored"][:, lo:hi])[:, cols - lo]
-        else:
-            stored = self._whole(c)[:, cols]
-        return cluster_columns(info["basis"], stored)
+        factored = self.layout.kind[c] == FACTORED
+        name = f"clusters/{c}/{'coefficients' if factored else 'raw'}"
+        handle = self.store.array(name)
+        lo, hi = int(cols.min()), int(cols.max()) + 1
+        whole = handle.shape[0] * handle.shape[1] * np.dtype(handle.dtype).itemsize
+        if not self.layout.ascending[c] and whole <= self.budget // 4:
+            stored = self._cached(name, handle)[:, cols]
+        else:  # the span these columns cover (contiguous for ascending members)
+            stored = np.asarray(handle[:, lo:hi])[:, cols - lo]
+        basis = self._cached(f"clusters/{c}/basis", self.store.array(f"clusters/{c}/basis")) \
+            if factored else None
+        return cluster_columns(basis, stored)
 
-    def _whole(self, c: int) -> np.ndarray:
-        hit = self._held.get(c)
+    def _cached(self, name: str, handle) -> np.ndarray:
+        hit = self._held.get(name)
         if hit is not None:
-            self._held.move_to_end(c)
+            self._held.move_to_end(name)
             return hit
-        arr = np.asarray(self.clusters[c]["stored"][...])
+        arr = np.asarray(handle[...])
         while self._held and self._bytes + arr.nbytes > self.budget:
             _, old = self._held.popitem(last=False)
             self._bytes -= old.nbytes
-        self._held[c] = arr
+        self._held[name] = arr
         self._bytes += arr.nbytes
         return arr
 
 
-def reconstruct(path, indices=None):
-    """Yield (index, matrix) for the requested input indices (all by default), in that order,
-    undoing --transpose. Each cluster is read once."""
+def reconstruct(path, indices=None, memory_limit: int = defaults.MEMORY_LIMIT):
+    """(index, matrix) pairs for the requested input indices (all by default), in that order,
+    undoing --transpose; with the store's names and params. Each cluster is read once.
+
+    The matrices are returned together: ``memory_limit`` is checked against their size (and
+    the per-matrix bookkeeping) before any is decoded."""
     with ResultStore(path) as store:
+        needed = reconstruct_bytes(store, indices)
+
+        def fits(limit):
+            return limits.plan(limit, len(store.labels), store.n_clusters, needed) is not None
+
+        if not fits(memory_limit):
+            raise limits.refuse(f"{path}: rebuilding {needed / 2**20:.0f} MiB of matrices",
+                                memory_limit, fits)
+        problems = Problems()
+        if store.compact is not None:
+            problems.extend(store.compact.consistency_problems())
+        else:
+            check_structure_v1(store, problems)
+        if problems:  # decoding would shift or mis-size matrices
+            raise InputError(f"{path}: inconsistent result store ({problems[0]}); "
+                             f"see matclust verify")
         K = len(store.labels)
         bad = [i for i in indices or () if not 0 <= i < K]  # before numpy: any int may come
         if bad:
@@ -303,3 +570,11 @@ def reconstruct(path, indices=None):
                 out[int(i)] = block.T if transpose else block
         names = store.names
         return [(int(i), out[int(i)]) for i in wanted], names, store.params
+
+
+def reconstruct_bytes(store: ResultStore, indices) -> int:
+    """Memory the rebuilt matrices take at once: held twice (decoded, then stacked for
+    writing), at 8 bytes a number (double precision, the widest real storage)."""
+    widths = store.widths if not indices else store.widths[np.asarray(indices, dtype=np.int64) % len(store.widths)]
+    m = int(store.report.get("m", 1)) if store.report else 1
+    return 2 * 8 * m * int(widths.sum())

@@ -208,7 +208,11 @@ def test_compare_runs_within_the_memory_limit_and_leaves_nothing(tmp_path, monke
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     mats, _ = planted_collection(6000, 40, 12, 4, 3, 0.01, "float64", None, 5, 10.0)
     src = array_source(list(mats))
-    limit = 2**20  # the budget is then its 16 MiB floor, below the 22 MiB of matrices
+    from matclust import limits
+
+    # The least limit holding single-precision summaries: its cache is far below the 22 MiB
+    # of matrices.
+    limit = limits.smallest_limit(lambda x: limits.plan(x, 6000, 6000, 6000 * 40 * 4 * 4) is not None)
     result = compare(src, 4, 0.1, ["incremental/residual", "random"], n_clusters=7,
                      memory_limit=limit)
     bounded, random_row = result.rows

@@ -308,12 +308,12 @@ def test_config_toml_and_flags_override(tmp_path, small_input):
     cfg = tmp_path / "run.toml"
     out = tmp_path / "from_config.h5"
     cfg.write_text(f'output = "{out}"\nrank = 2\neps = 0.2\nmethod = "residuals"\n'
-                   f'order = "norm"\npatience = 4\nmemory-limit = "64MiB"\nquiet = true\n')
+                   f'order = "norm"\npatience = 4\nmemory-limit = "160MiB"\nquiet = true\n')
     res = run_matclust("cluster", *PAPER, small_input, "--config", cfg, check=0)
     assert res.stdout == "", "quiet = true in the config must silence stdout"
     st, _ = check_store(out, small_input, rank=2, eps=0.2, method="residual", order="norm",
                         patience=4)
-    assert st.params["memory_limit"] == 64 * 2**20
+    assert st.params["memory_limit"] == 160 * 2**20
 
     # flags override the file, whichever side of --config they are on
     out2 = tmp_path / "override.zarr"

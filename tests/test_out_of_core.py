@@ -22,7 +22,7 @@ import matclust.streaming as streaming
 from conftest import (PAPER, PAPER_PARAMS,check_partition, check_stored_dtypes, concat, load_input, read_store,
                       run_matclust, sq, wide)
 from matclust import MatrixClusterer
-from matclust.api import BASELINE_BYTES, PER_MATRIX_BYTES
+from matclust import limits
 from matclust.collections_io import write_collection
 from matclust.engine.estimators import make_estimator
 from matclust.errors import InputError
@@ -434,6 +434,11 @@ def test_summary_bound_covers_exact_error(dtype, precision):
 BIG = dict(K=1500, m=128, n=12, rank=12, eps=0.1)  # eps >= 0.073 admits int16 summaries
 
 
+def summaries_limit(itemsize: int, K=BIG["K"], m=BIG["m"], s=min(BIG["rank"], BIG["m"], BIG["n"])) -> int:
+    """The smallest memory limit whose plan holds the summaries at ``itemsize`` bytes a number."""
+    return limits.smallest_limit(lambda x: limits.plan(x, K, K, K * m * s * itemsize) is not None)
+
+
 @pytest.fixture(scope="module")
 def big_runs(tmp_path_factory):
     """One planted float64 collection larger than the 16 MiB budget floor, clustered in memory
@@ -452,7 +457,7 @@ def big_runs(tmp_path_factory):
     runs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SummaryReader, "__init__", spy)
-        for name, limit in (("default", 2**30), ("small", 2**20)):
+        for name, limit in (("default", 2**30), ("small", summaries_limit(2))):
             start = len(readers)
             with open_source(inp, DATASET) as src:
                 mc = MatrixClusterer(guarantee="cluster", encoding="plain", rank=BIG["rank"], eps=BIG["eps"], mode="auto",
@@ -491,9 +496,9 @@ def test_half_precision_summaries_keep_the_guarantee(big_runs):
     inp, mats, runs = big_runs
     mc, readers, out = runs["small"]
     K, m, rank = BIG["K"], BIG["m"], BIG["rank"]
-    budget = max(16 * 2**20, 2**20 - BASELINE_BYTES - PER_MATRIX_BYTES * K)
+    budget = limits.plan(summaries_limit(2), K, K, 0).cache
     s = min(rank, m, BIG["n"])
-    assert K * m * s * 4 > budget // 2 >= K * m * s * 2  # float32 does not fit, int16 does
+    assert K * m * s * 4 > budget >= K * m * s * 2  # float32 does not fit, int16 does
     assert len(readers) == 1 and readers[0].store_dtype == np.int16 and readers[0].s == s
     assert readers[0].loss2.max() > 0
     st, clustered, errors = check_out_of_core_store(out, inp, rank=rank, eps=BIG["eps"])
@@ -513,7 +518,7 @@ def test_half_precision_quality_at_small_eps(big_runs, tmp_path):
     params = dict(rank=BIG["rank"], eps=0.02)
     with open_source(inp, DATASET) as src:
         mem = MatrixClusterer(guarantee="cluster", encoding="plain", mode="in-memory", **params).fit(src, str(tmp_path / "a.h5"))
-    ooc = fit_out_of_core(inp, tmp_path / "b.h5", memory_limit=2**20, **params)
+    ooc = fit_out_of_core(inp, tmp_path / "b.h5", memory_limit=summaries_limit(4), **params)
     assert ooc.compression_ratio_ >= 0.97 * mem.compression_ratio_
 
 
@@ -530,8 +535,9 @@ def test_auto_mode_picks_by_memory_limit(big_runs, tmp_path):
     assert any(np.any(np.diff(cl["members"]) < 0) for cl in st.clusters)
     assert all(norms[cl["members"][0]] == norms[cl["members"]].max() for cl in st.clusters)
     # without an output store, auto stays in memory whatever the limit
-    small = MatrixClusterer(guarantee="cluster", encoding="plain", rank=4, eps=0.1, mode="auto", memory_limit=2**20)
     mats_small = [a[:, :4] for a in mats[:200]]
+    least = limits.smallest_limit(lambda x: limits.plan(x, 200, 200) is not None)
+    small = MatrixClusterer(rank=4, eps=0.1, mode="auto", memory_limit=least)
     assert small.fit(mats_small).report_["params"]["mode"] == "in-memory"
 
 
@@ -593,7 +599,7 @@ def test_memory_limit_too_small_for_one_direction(tmp_path):
     K, m = _too_many_rows_for_summaries()
     X = np.broadcast_to(np.ones(1, np.float32), (K, m, 1))  # no memory behind it
     out = tmp_path / "out.h5"
-    with pytest.raises(InputError, match=r"65600 matrices of 64 rows .*raise --memory-limit"):
+    with pytest.raises(InputError, match=r"65600 matrices of 64 rows needs --memory-limit \d+MiB at least"):
         MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.1, mode="out-of-core", memory_limit=2**20).fit(X, str(out))
     assert not out.exists()
 

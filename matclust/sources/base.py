@@ -141,6 +141,9 @@ class MatrixSource:
         Where the collection lives, for messages and for the output's ``params``.
     """
 
+    #: Most input bytes per batch of a sequential pass (set from the memory limit's plan).
+    batch_limit: int = 2**62
+
     def __init__(self, path: str, dataset: str, transpose: bool, *, stack=None, members=None,
                  find_missing=None):
         self.path = str(path)
@@ -261,7 +264,7 @@ class MatrixSource:
         ``target_bytes`` defaults to the module's TARGET_BATCH_BYTES, read at call time (so
         tests can shrink batches by patching it)."""
         if target_bytes is None:
-            target_bytes = TARGET_BATCH_BYTES
+            target_bytes = min(TARGET_BATCH_BYTES, self.batch_limit)
         per_matrix = max(1, int(self.widths.mean() * self.m * self.input_dtype.itemsize))
         step = max(1, target_bytes // (per_matrix * self._chunk_len)) * self._chunk_len
         return [(s, min(s + step, self.K)) for s in range(0, self.K, step)]
