@@ -174,7 +174,8 @@ def verify(output, input_path, dataset, as_json, quiet):
                       f"{result['max_error']:.4g} (eps {result['eps']:g}), "
                       f"{len(result['over_eps'])} over eps")
         for c in result["over_eps"][:20]:
-            console.print(f"  cluster {c}: error {result['errors'][c]:.4g} > eps")
+            error = result["errors"][c]  # None: infinite (JSON has no inf)
+            console.print(f"  cluster {c}: error {'inf' if error is None else format(error, '.4g')} > eps")
         for problem in result["problems"]:
             console.print(f"  {problem}")
     sys.exit(0 if result["ok"] else 1)

@@ -64,24 +64,29 @@ def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator, 
     bound = cluster.bound
     if bound is None:
         bound = estimator.bound_of(batch.blocks())
-    data = as_compute(batch.data)
+    data = as_compute(batch.data)  # in the source's working scale, as is every error below
     norm2 = sqnorm(data)
+    # The stored numbers are unscaled to the input's magnitude by the source, which also says
+    # what they read back as (`back`), so the stored error is that of exactly what is stored.
+    to_storage = reader.source.to_storage
     if cluster.factored:
         basis = np.ascontiguousarray(cluster.basis.astype(dtype))
-        coeffs = np.ascontiguousarray(coefficients(as_compute(basis), data).astype(dtype))
-        error = _relative(residual_norm2(basis, coeffs, data), norm2)
-        if error <= eps or not error_control:
+        coeffs, back = to_storage(coefficients(as_compute(basis), data), batch.indices, dtype)
+        # back is None when a coefficient overflows the storage dtype: stored raw instead.
+        error = _relative(residual_norm2(basis, back, data), norm2) if back is not None else None
+        if error is not None and (error <= eps or not error_control):
             # The estimator bounds e_r(S); what is stored also carries rounding to the storage
             # precision, so the reported bound is the larger of the two (both are <= eps).
             return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
-                                  basis=basis, coefficients=coeffs)
-    raw = np.ascontiguousarray(batch.data.astype(dtype))
-    error = _relative(sqnorm(data - as_compute(raw)), norm2)
-    if error > eps:
+                                  basis=basis, coefficients=np.ascontiguousarray(coeffs))
+    raw, back = to_storage(data, batch.indices, dtype)
+    error = _relative(sqnorm(data - back), norm2) if back is not None else None
+    if error is None or error > eps:
         # Only integers beyond 2**24 round in float32; store those exactly instead.
-        raw = np.ascontiguousarray(batch.data.astype(np.float64))
-        error = _relative(sqnorm(data - raw), norm2)
-    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error, raw=raw)
+        raw, back = to_storage(data, batch.indices, np.float64)
+        error = _relative(sqnorm(data - back), norm2)
+    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
+                          raw=np.ascontiguousarray(raw))
 
 
 def _relative(err2: float, norm2: float) -> float:

@@ -6,12 +6,16 @@ from collections import OrderedDict
 
 import numpy as np
 
-from matclust.engine.linalg import as_compute, sqnorm
+from matclust.engine.linalg import (ScaledSums, as_compute, peak, peak_exponents, sqnorm,
+                                    sqnorm_scaled, times_power2)
 from matclust.errors import InputError
 from matclust.sources import open_source
 from matclust.sources.base import column_ranges
 from matclust.store import ResultStore
 from matclust.streaming import cluster_parts
+
+#: Squared norms for which error_terms keeps the unscaled sums.
+PLAIN_RANGE = (2.0**-800, 2.0**800)
 
 #: Orthonormality tolerance of a stored basis, in units of its precision's machine epsilon.
 ORTHO_ULPS = 1e3
@@ -31,6 +35,33 @@ def cluster_columns(basis, stored) -> np.ndarray:
     if basis is None:
         return as_compute(stored)
     return as_compute(basis) @ as_compute(stored)
+
+
+def error_terms(data, basis, stored):
+    """Squared error and squared norm of input columns ``data`` against what is stored for
+    them (``basis @ stored``, or ``stored`` itself when ``basis`` is None), each as a pair
+    (f, e) standing for f * 2**e (see ScaledSums).
+
+    Both are computed at a power of two that brings the larger of the input's and the stored
+    numbers' largest entries to [1/2, 1), exactly, and the error is rescaled once more on its
+    own: nothing under- or overflows at any magnitude, and nothing depends on the scale the
+    clustering worked in, so a store wrong at 1e-300 or 1e300 is caught as at 1.
+
+    The plain sums are used when they are safely inside the range (the usual case; it saves
+    the rescaling): a squared norm in [2**-800, 2**800] leaves room for relative errors down
+    to 2**-100 before the squared error could underflow."""
+    with np.errstate(all="ignore"):  # an overflow shows in the sums: redone scaled below
+        plain_norm2 = sqnorm(data)
+        plain_err2 = sqnorm(as_compute(data) - cluster_columns(basis, stored))
+    if PLAIN_RANGE[0] <= plain_norm2 <= PLAIN_RANGE[1] and np.isfinite(plain_err2):
+        return (plain_err2, 0), (plain_norm2, 0)
+    if not np.isfinite(stored).all():
+        return (float("inf"), 0), sqnorm_scaled(data)
+    e = int(peak_exponents(max(peak(data), peak(stored))))
+    data = times_power2(as_compute(data), -e)
+    err2, err_exp = sqnorm_scaled(data - cluster_columns(basis, times_power2(as_compute(stored), -e)))
+    norm2, norm_exp = sqnorm_scaled(data)
+    return (err2, err_exp + 2 * e), (norm2, norm_exp + 2 * e)
 
 
 def verify_store(path, input_path=None, dataset=None, memory_limit: int = 2**30,
@@ -58,8 +89,8 @@ def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, p
                          f"{src.where} has {src.K} matrices")
     problems: list[str] = []
     clusters, col_offset, seen = _check_structure(store, src, rank, problems, progress)
-    err2 = np.zeros(store.n_clusters)
-    norm2 = np.zeros(store.n_clusters)
+    # Held as (fraction, exponent) pairs: see error_terms.
+    err2, norm2 = ScaledSums(store.n_clusters), ScaledSums(store.n_clusters)
     labels = np.where(np.isin(store.labels, [c for c, info in enumerate(clusters) if info]),
                       store.labels, -1)
     cache = _StoredColumns(clusters, max(16 * 2**20, memory_limit // 4))
@@ -67,17 +98,12 @@ def _verify(store: ResultStore, src, eps: float, rank: int, memory_limit: int, p
         if c < 0:
             continue
         cols = column_ranges(col_offset[part.indices], np.diff(part.offsets))
-        data = as_compute(part.data)
-        norm2[c] += sqnorm(data)
-        err2[c] += sqnorm(data - cache.columns(c, cols))
-    errors = []
-    for c in range(store.n_clusters):
-        if not clusters[c]:
-            errors.append(float("inf"))
-        elif norm2[c] > 0:
-            errors.append(float(np.sqrt(err2[c] / norm2[c])))
-        else:  # an all-zero cluster: any stored non-zero is an infinite relative error
-            errors.append(0.0 if err2[c] == 0 else float("inf"))
+        part_err2, part_norm2 = error_terms(part.data, *cache.numbers(c, cols))
+        err2.add(c, *part_err2)
+        norm2.add(c, *part_norm2)
+    # An all-zero cluster: 0, or infinite if anything non-zero is stored for it.
+    errors = [err2.sqrt_ratio(c, norm2) if clusters[c] else float("inf")
+              for c in range(store.n_clusters)]
     over = [c for c, e in enumerate(errors) if clusters[c] and not e <= eps]
     missing = np.flatnonzero(seen == 0)
     repeated = np.flatnonzero(seen > 1)
@@ -159,14 +185,15 @@ class _StoredColumns:
         self._held: OrderedDict[int, np.ndarray] = OrderedDict()
         self._bytes = 0
 
-    def columns(self, c: int, cols: np.ndarray) -> np.ndarray:
+    def numbers(self, c: int, cols: np.ndarray):
+        """(basis or None, the stored numbers of the columns ``cols``)."""
         info = self.clusters[c]
         if info["sorted"]:
             lo, hi = int(cols.min()), int(cols.max()) + 1
             stored = np.asarray(info["stored"][:, lo:hi])[:, cols - lo]
         else:
             stored = self._whole(c)[:, cols]
-        return cluster_columns(info["basis"], stored)
+        return info["basis"], stored
 
     def _whole(self, c: int) -> np.ndarray:
         hit = self._held.get(c)
