@@ -225,6 +225,10 @@ def reconstruct(path, indices=None):
             basis, stored = cluster_arrays(cluster)
             dtype = stored.dtype
             cols = cluster_columns(basis, stored)
+            if basis is not None:  # a rebuilt entry may round past the dtype's largest, as the input could not
+                limit = float(np.finfo(dtype).max)
+                cols = np.clip(cols.real, -limit, limit) + (
+                    1j * np.clip(cols.imag, -limit, limit) if np.iscomplexobj(cols) else 0)
             members = cluster["members"]
             widths = store.widths[members]
             offsets = np.concatenate([[0], np.cumsum(widths)])

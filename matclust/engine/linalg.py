@@ -171,6 +171,15 @@ def peak(a: np.ndarray, axis=None):
     return float(out) if axis is None else out.astype(np.float64)
 
 
+def at_common_scale(blocks) -> list[np.ndarray]:
+    """Blocks in double precision, all multiplied by the one power of two that brings their
+    largest entry to [1/2, 1): relative errors and bounds of the blocks taken together are
+    unchanged (exactly), and nothing of them under- or overflows."""
+    blocks = [as_compute(b) for b in blocks]
+    e = int(peak_exponents(max((peak(b) for b in blocks), default=0.0)))
+    return [times_power2(b, -e) for b in blocks]
+
+
 def sqnorm_scaled(a: np.ndarray) -> tuple[float, int]:
     """||a||_F^2 as a pair (f, e) standing for f * 2**e, computed without under- or overflow:
     ``a`` is first brought to a largest entry in [1/2, 1) by a power of two (exactly)."""
