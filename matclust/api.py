@@ -215,9 +215,15 @@ class MatrixClusterer:
             return self._fit(X, output, overwrite, progress, extra_params, guard)
 
     def _fit(self, X, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
+        source = as_source(X)
+        try:
+            return self._fit_source(source, output, overwrite, progress, extra_params, guard)
+        finally:
+            source.calibrate(None)  # a caller's source reads its values as they are again
+
+    def _fit_source(self, source, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
         started = time.perf_counter()
         params = self._validated()
-        source = as_source(X)
         progress = progress or NullProgress()
         # An absolute path, so that `verify` finds the input from any working directory.
         recorded = os.path.abspath(source.path) if os.path.exists(source.path) else source.path
