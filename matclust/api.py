@@ -309,9 +309,15 @@ class MatrixClusterer:
             return self._fit(X, output, overwrite, progress, extra_params, guard)
 
     def _fit(self, X, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
+        source = as_source(X)
+        try:
+            return self._fit_source(source, output, overwrite, progress, extra_params, guard)
+        finally:
+            source.calibrate(None)  # a caller's source reads its values as they are again
+
+    def _fit_source(self, source, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
         started = time.perf_counter()
         params = self._validated()
-        source = as_source(X)
         progress = progress or NullProgress()
         # An absolute path, so that `verify` finds the input from any working directory.
         recorded = os.path.abspath(source.path) if os.path.exists(source.path) else source.path
@@ -464,13 +470,23 @@ def as_source(X) -> MatrixSource:
 
 
 def scan_norms(reader: CachedReader, progress) -> np.ndarray:
-    """One pass over the collection: squared norms (and, through the source, NaN/Inf checks).
-    The reader keeps the column norms of the batches it caches for its residual scans."""
+    """One pass over the collection: every matrix's largest entry (and, through the source,
+    NaN/Inf checks), from which the source chooses its working scale (see
+    ``MatrixSource.calibrate``); then the squared norms in that scale, from the batches the
+    reader cached (re-read only when they did not fit its budget). The reader keeps the column
+    norms of the batches it caches for its residual scans."""
     source = reader.source
-    norms2 = np.empty(source.K, dtype=np.float64)
+    source.calibrate(None)
+    peaks = np.empty(source.K, dtype=np.float64)
     progress.start("reading", source.K)
     for k in range(len(reader)):
         batch = reader.batch(k)
-        norms2[batch.indices] = batch.reduce_columns(reader.column_norms2(k, batch))
+        peaks[batch.indices] = batch.peaks()
         progress.advance(len(batch))
+    source.calibrate(peaks)
+    reader.rescale()
+    norms2 = np.empty(source.K, dtype=np.float64)
+    for k in range(len(reader)):
+        batch = reader.batch(k)
+        norms2[batch.indices] = batch.reduce_columns(reader.column_norms2(k, batch))
     return norms2

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from matclust.driver import FormedCluster, by_norm_descending, worth_factoring
+from matclust.driver import FormedCluster, by_magnitude_descending, worth_factoring
 from matclust.engine import ExactBasis
 from matclust.errors import InputError, MissingExtraError
 from matclust.sources.cache import CachedReader
@@ -130,10 +130,13 @@ class PartitionDriver:
 
     def clusters(self) -> Iterator[FormedCluster]:
         m = self.reader.source.m
-        by_norm = by_norm_descending(self.norms2)
-        groups: dict[int, list[int]] = {}
+        by_norm = by_magnitude_descending(self.norms2, self.reader.source)
+        # A matrix kept apart has a scale of its own (see MatrixSource.calibrate): a group of one.
+        apart = self.reader.source.apart
+        groups: dict[tuple, list[int]] = {}
         for idx in by_norm:  # members by descending norm; groups in order of their largest
-            groups.setdefault(int(self.labels[idx]), []).append(int(idx))
+            key = ("apart", int(idx)) if apart[idx] else ("label", int(self.labels[idx]))
+            groups.setdefault(key, []).append(int(idx))
         for members in groups.values():
             members = np.array(members, dtype=np.int64)
             columns = int(self.widths[members].sum())

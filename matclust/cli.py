@@ -271,8 +271,9 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_lim
                       f"{len(result['over_eps'])} over eps")
         for c in result["over_eps"][:20]:
             what = "matrix" if guarantee == "matrix" and "worst_matrix" in result else "cluster"
-            error = result["errors"][c] if what == "cluster" else None
-            console.print(f"  {what} {c}: error {error if error is not None else '> eps'}")
+            error = result["errors"][c] if what == "cluster" else None  # None: infinite
+            console.print(f"  {what} {c}: error "
+                          f"{'inf' if error is None else format(error, '.4g')} > eps")
         for problem in result["problems"]:
             console.print(f"  {problem}")
     sys.exit(0 if result["ok"] else 1)

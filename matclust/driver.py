@@ -69,6 +69,21 @@ def by_norm_descending(norms2: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(norms2)), -norms2))
 
 
+def by_magnitude_descending(norms2: np.ndarray, source) -> np.ndarray:
+    """:func:`by_norm_descending` for squared norms in the working scale of ``source`` (see
+    ``MatrixSource.calibrate``). Matrices the source keeps apart have their own scale; in true
+    magnitude they come after every other nonzero matrix, and they come so here, by their true
+    norms (exact zeros last). Without such matrices, exactly ``by_norm_descending(norms2)``."""
+    apart = source.apart
+    if not apart.any():
+        return by_norm_descending(norms2)
+    # log2 of the true squared norms relative to the shared scale: finite for every nonzero.
+    relative = 2 * (source.exponents[~apart][0] - source.exponents)
+    with np.errstate(divide="ignore"):  # log2(0) = -inf: exact zeros last
+        key = np.log2(norms2) + relative
+    return by_norm_descending(key)
+
+
 def pack_seed(ordered: np.ndarray, widths: np.ndarray, rank: int,
               alive: np.ndarray | None = None) -> np.ndarray:
     """The seed: ``ordered[0]`` (the largest remaining block) plus the next largest while the
@@ -202,7 +217,13 @@ class GreedyDriver:
         self.m = self.reader.source.m
         self.alive = np.ones(len(self.norms2), dtype=bool)
         # Descending norm; ties broken by index so the result is deterministic.
-        self._by_norm = by_norm_descending(self.norms2)
+        self._by_norm = by_magnitude_descending(self.norms2, self.reader.source)
+        # Matrices from the first one kept apart on (see MatrixSource.calibrate) are never
+        # seeds or candidates: each is stored on its own, in its own scale.
+        apart = np.flatnonzero(self.reader.source.apart[self._by_norm])
+        self._eligible_end = int(apart[0]) if len(apart) else len(self._by_norm)
+        self._eligible = np.zeros(len(self.norms2), dtype=bool)
+        self._eligible[self._by_norm[: self._eligible_end]] = True
         self._loss2 = getattr(self.reader, "loss2", None)
         # Members of the last cluster: how far the next order is likely read, and how many
         # candidates to try at once first. Part of the loop's state (see restore).
@@ -227,10 +248,9 @@ class GreedyDriver:
                 cursor += 1
             if cursor == len(self._by_norm):
                 return
-            if self.patience and self.seed_only_streak >= self.patience:
-                logger.info("patience: %d clusters in a row did not grow past their seed; the "
-                            "remaining %d matrices are singletons", self.seed_only_streak,
-                            int(self.alive.sum()))
+            if cursor >= self._eligible_end or (self.patience and self.seed_only_streak >= self.patience):
+                logger.info("the remaining %d matrices are singletons (patience, or too small "
+                            "against the collection to share a scale)", int(self.alive.sum()))
                 yield from self._singletons(self._by_norm[cursor:])
                 return
             seed = self._seed(cursor)
@@ -276,7 +296,7 @@ class GreedyDriver:
         return cluster
 
     def _seed(self, cursor: int) -> np.ndarray:
-        return pack_seed(self._by_norm[cursor:], self.widths, self.rank, self.alive)
+        return pack_seed(self._by_norm[cursor : self._eligible_end], self.widths, self.rank, self.alive)
 
     def _grow(self, seed: np.ndarray):
         """A cluster from a seed: its members in the order admitted, its bound, and their
@@ -362,7 +382,7 @@ class GreedyDriver:
 
     def _candidates(self, seed: np.ndarray, seed_blocks, seed_state) -> Iterator[np.ndarray]:
         """Remaining indices in candidate order, in slices (reading is per slice)."""
-        remaining_mask = self.alive.copy()
+        remaining_mask = self.alive & self._eligible
         remaining_mask[seed] = False
         if self.order == "norm":
             ascending = self._by_norm[::-1]

@@ -67,29 +67,39 @@ def encode(cluster: FormedCluster, reader: CachedReader, eps: float, estimator, 
     bound = cluster.bound
     if bound is None:
         bound = estimator.bound_of(batch.blocks())
-    data = as_compute(batch.data)
+    data = as_compute(batch.data)  # in the source's working scale, as is every error below
     norm2 = sqnorm(data)
+    # The stored numbers are unscaled to the input's magnitude by the source, which also says
+    # what they read back as (`back`), so the stored error is that of exactly what is stored.
+    to_storage = reader.source.to_storage
     if cluster.factored:
         basis = np.ascontiguousarray(cluster.basis.astype(dtype))
-        coeffs = np.ascontiguousarray(coefficients(as_compute(basis), data).astype(dtype))
-        diff = data - as_compute(basis) @ as_compute(coeffs)
-        worst = worst_member(batch, diff)
-        error = _relative(sqnorm(diff), norm2)
-        if (error <= eps and (worst <= eps or not per_matrix)) or not error_control:
+        coeffs, back = to_storage(coefficients(as_compute(basis), data), batch.indices, dtype)
+        # back is None when a coefficient overflows the storage dtype: stored raw instead.
+        error = worst = None
+        if back is not None:
+            diff = data - as_compute(basis) @ as_compute(back)
+            worst = worst_member(batch, diff)
+            error = _relative(sqnorm(diff), norm2)
+        if error is not None and ((error <= eps and (worst <= eps or not per_matrix))
+                                  or not error_control):
             # The estimator bounds e_r(S); what is stored also carries rounding to the storage
             # precision, so the reported bound is the larger of the two (both are <= eps).
             return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
-                                  basis=basis, coefficients=coeffs, max_matrix_error=worst)
-    raw = np.ascontiguousarray(batch.data.astype(dtype))
-    worst = worst_member(batch, data - as_compute(raw))
-    error = _relative(sqnorm(data - as_compute(raw)), norm2)
-    if error > eps or worst > eps:
+                                  basis=basis, coefficients=np.ascontiguousarray(coeffs),
+                                  max_matrix_error=worst)
+    raw, back = to_storage(data, batch.indices, dtype)
+    error = worst = None
+    if back is not None:
+        worst = worst_member(batch, data - back)
+        error = _relative(sqnorm(data - back), norm2)
+    if error is None or error > eps or worst > eps:
         # Only integers beyond 2**24 round in float32; store those exactly instead.
-        raw = np.ascontiguousarray(batch.data.astype(np.float64))
-        worst = worst_member(batch, data - raw)
-        error = _relative(sqnorm(data - raw), norm2)
-    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error, raw=raw,
-                          max_matrix_error=worst)
+        raw, back = to_storage(data, batch.indices, np.float64)
+        worst = worst_member(batch, data - back)
+        error = _relative(sqnorm(data - back), norm2)
+    return EncodedCluster(cluster.members, cluster.columns, max(bound, error), error,
+                          raw=np.ascontiguousarray(raw), max_matrix_error=worst)
 
 
 def worst_member(batch, diff: np.ndarray) -> float:

@@ -86,7 +86,29 @@ class CompactSink:
         self.kept = []  # the stored groups, when there is no store to hold them
         self.worst = 0.0
 
+    def unscale(self, group):
+        """The group's steps and norms in the input's magnitude: the source multiplied every
+        matrix by 2^exponents[i] when reading it (one power of two for a whole cluster;
+        matrices apart from the collection's scale are alone)."""
+        exps = getattr(self.source, "exponents", None)
+        if exps is None or not np.any(exps[group.members]):
+            return group
+        shift = exps[group.members].astype(np.int64)
+        steps = group.quantised.exponents.astype(np.int64)
+        group.quantised.exponents = np.where(
+            steps == qb.ZERO_STEP, steps,
+            np.clip(steps - qb.STEP_GRID * shift, qb.ZERO_STEP + 1, np.iinfo(np.int16).max)
+        ).astype(np.int16)
+        group.shift -= int(shift[0])
+        return group
+
+    def cluster_shift(self, members) -> int:
+        """The power of two that scales a cluster's norms back to the input's magnitude."""
+        exps = getattr(self.source, "exponents", None)
+        return 0 if exps is None else -int(exps[members[0]])
+
     def _add(self, group, cid=None) -> None:
+        group = self.unscale(group)
         if cid is None:
             self.out.add(group)
         else:

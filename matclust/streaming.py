@@ -191,7 +191,8 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
         rounded, cid = {}, {}
         for c in sorted(bases):
             rounded[c] = encoder.rounded(bases.pop(c))
-            cid[c] = out.new_cluster(rounded[c], planned[c].bound or 0.0)
+            cid[c] = out.new_cluster(rounded[c], planned[c].bound or 0.0,
+                                     sink.cluster_shift(planned[c].members))
         for c, part in cluster_parts(source, labels, progress, "writing"):
             group, alone = encoder.encode_cluster(part.indices, part.data, part.offsets,
                                                   rounded.get(c), planned[c].bound,
@@ -235,11 +236,15 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
             basis, best = acc.basis_and_error()
             planned[c].best_error = best
             # Leave room for rounding to the storage precision, which pass 2 adds to e_r.
-            if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps:
+            # The coefficients are decided before any is written: each is at most the
+            # cluster's norm, and must stay finite in the storage dtype at the input's
+            # magnitude (entries near float32's largest can overflow there).
+            if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps and \
+                    source.storable(np.sqrt(acc.norm2), planned[c].members, source.storage_dtype):
                 bases[c] = basis
-            else:  # rounding defeated a bound: keep the guarantee by storing raw
-                logger.info("cluster %d: exact error %.3g leaves no room below eps; stored raw",
-                            c, best)
+            else:  # rounding defeated a bound, or too large to store factored: store raw
+                logger.info("cluster %d: exact error %.3g leaves no room below eps, or its "
+                            "coefficients would overflow; stored raw", c, best)
                 planned[c].factored = False
     return bases
 
@@ -273,14 +278,16 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
         norm2[c] += sqnorm(data)
         if planned[c].bound is None:
             singleton_error[c] = truncation_error(singular_values2(data), rank)
+        # Stored numbers are unscaled to the input's magnitude by the source; `back` is what
+        # they read back as in the working scale, where the error is computed.
         if c in bases:
             basis = bases[c]
-            coeffs = coefficients(as_compute(basis), data).astype(dtype)
-            diff = data - as_compute(basis) @ as_compute(coeffs)
+            coeffs, back = source.to_storage(coefficients(as_compute(basis), data), part.indices, dtype)
+            diff = data - as_compute(basis) @ _finite(back, c)
             sinks[c].add(coeffs)
         else:
-            raw = part.data.astype(dtype)
-            diff = data - as_compute(raw)
+            raw, back = source.to_storage(data, part.indices, dtype)
+            diff = data - _finite(back, c)
             sinks[c].add(raw)
         err2[c] += sqnorm(diff)
         worst[c] = max(worst[c], worst_member(part, diff))
@@ -296,3 +303,11 @@ def _write_clusters(source, planned, labels, bases, rank, writer, budget_bytes, 
                                       rank=0 if basis is None else basis.shape[1],
                                       max_matrix_error=float(worst[c])))
     return encoded
+
+
+def _finite(back, c: int) -> np.ndarray:
+    """Stored numbers read back; ``source.storable`` (coefficients) and the input's own range
+    (raw) keep them finite, so None here is a defect, not bad input."""
+    if back is None:
+        raise RuntimeError(f"cluster {c}: a stored number overflowed the storage dtype")
+    return back

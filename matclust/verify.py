@@ -20,7 +20,8 @@ import numpy as np
 
 from matclust import defaults
 from matclust.engine import budget as qb
-from matclust.engine.linalg import as_compute, sqnorm
+from matclust.engine.linalg import (ScaledSums, as_compute, peak, peak_exponents, sqnorm,
+                                    sqnorm_scaled, times_power2)
 from matclust.errors import InputError
 from matclust import limits
 from matclust.limits import verify_plan
@@ -28,6 +29,9 @@ from matclust.sources import open_source
 from matclust.sources.base import column_ranges
 from matclust.store import ResultStore
 from matclust.streaming import cluster_parts
+
+#: Squared norms for which error_terms keeps the unscaled sums.
+PLAIN_RANGE = (2.0**-800, 2.0**800)
 
 #: Orthonormality tolerance of a stored basis, in units of its precision's machine epsilon.
 ORTHO_ULPS = 1e3
@@ -61,6 +65,33 @@ def cluster_columns(basis, stored) -> np.ndarray:
     if basis is None:
         return as_compute(stored)
     return as_compute(basis) @ as_compute(stored)
+
+
+def error_terms(data, basis, stored):
+    """Squared error and squared norm of input columns ``data`` against what is stored for
+    them (``basis @ stored``, or ``stored`` itself when ``basis`` is None), each as a pair
+    (f, e) standing for f * 2**e (see ScaledSums).
+
+    Both are computed at a power of two that brings the larger of the input's and the stored
+    numbers' largest entries to [1/2, 1), exactly, and the error is rescaled once more on its
+    own: nothing under- or overflows at any magnitude, and nothing depends on the scale the
+    clustering worked in, so a store wrong at 1e-300 or 1e300 is caught as at 1.
+
+    The plain sums are used when they are safely inside the range (the usual case; it saves
+    the rescaling): a squared norm in [2**-800, 2**800] leaves room for relative errors down
+    to 2**-100 before the squared error could underflow."""
+    with np.errstate(all="ignore"):  # an overflow shows in the sums: redone scaled below
+        plain_norm2 = sqnorm(data)
+        plain_err2 = sqnorm(as_compute(data) - cluster_columns(basis, stored))
+    if PLAIN_RANGE[0] <= plain_norm2 <= PLAIN_RANGE[1] and np.isfinite(plain_err2):
+        return (plain_err2, 0), (plain_norm2, 0)
+    if not np.isfinite(stored).all():
+        return (float("inf"), 0), sqnorm_scaled(data)
+    e = int(peak_exponents(max(peak(data), peak(stored))))
+    data = times_power2(as_compute(data), -e)
+    err2, err_exp = sqnorm_scaled(data - cluster_columns(basis, times_power2(as_compute(stored), -e)))
+    norm2, norm_exp = sqnorm_scaled(data)
+    return (err2, err_exp + 2 * e), (norm2, norm_exp + 2 * e)
 
 
 class Problems(list):
@@ -452,26 +483,21 @@ def _verdict(store, errors, eps, problems: Problems) -> dict:
 
 def compare_with_input(store: ResultStore, layout: StoreLayout, src, memory_limit: int,
                        progress=None) -> list[float]:
-    """One sequential pass over the input: every cluster's relative error as stored."""
+    """One sequential pass over the input: every cluster's relative error as stored, summed as
+    (fraction, exponent) pairs so that no magnitude under- or overflows (see error_terms)."""
     C = len(layout.kind)
-    err2 = np.zeros(C)
-    norm2 = np.zeros(C)
+    err2, norm2 = ScaledSums(C), ScaledSums(C)
     budget = verify_plan(memory_limit, src.K, C)
     cache = _StoredColumns(store, layout, budget.cache)
     for c, part in cluster_parts(src, layout.labels, progress, "verifying", budget.batch):
         if c < 0:
             continue
         cols = column_ranges(layout.col_offset[part.indices], np.diff(part.offsets))
-        data = as_compute(part.data)
-        norm2[c] += sqnorm(data)
-        err2[c] += sqnorm(data - cache.columns(c, cols))
-    errors = []
-    for c in range(C):
-        if norm2[c] > 0:
-            errors.append(float(np.sqrt(err2[c] / norm2[c])))
-        else:  # an all-zero cluster: any stored non-zero is an infinite relative error
-            errors.append(0.0 if err2[c] == 0 else float("inf"))
-    return errors
+        part_err2, part_norm2 = error_terms(part.data, *cache.numbers(c, cols))
+        err2.add(c, *part_err2)
+        norm2.add(c, *part_norm2)
+    # An all-zero cluster: 0, or infinite if anything non-zero is stored for it.
+    return [err2.sqrt_ratio(c, norm2) for c in range(C)]
 
 
 class _StoredColumns:
@@ -489,7 +515,8 @@ class _StoredColumns:
         self._held: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._bytes = 0
 
-    def columns(self, c: int, cols: np.ndarray) -> np.ndarray:
+    def numbers(self, c: int, cols: np.ndarray):
+        """(basis or None, the stored numbers of the columns ``cols``)."""
         factored = self.layout.kind[c] == FACTORED
         name = f"clusters/{c}/{'coefficients' if factored else 'raw'}"
         handle = self.store.array(name)
@@ -501,7 +528,7 @@ class _StoredColumns:
             stored = np.asarray(handle[:, lo:hi])[:, cols - lo]
         basis = self._cached(f"clusters/{c}/basis", self.store.array(f"clusters/{c}/basis")) \
             if factored else None
-        return cluster_columns(basis, stored)
+        return basis, stored
 
     def _cached(self, name: str, handle) -> np.ndarray:
         hit = self._held.get(name)
@@ -560,6 +587,10 @@ def reconstruct(path, indices=None, memory_limit: int = defaults.MEMORY_LIMIT):
             basis, stored = cluster_arrays(cluster)
             dtype = stored.dtype
             cols = cluster_columns(basis, stored)
+            if basis is not None:  # a rebuilt entry may round past the dtype's largest, as the input could not
+                limit = float(np.finfo(dtype).max)
+                cols = np.clip(cols.real, -limit, limit) + (
+                    1j * np.clip(cols.imag, -limit, limit) if np.iscomplexobj(cols) else 0)
             members = cluster["members"]
             widths = store.widths[members]
             offsets = np.concatenate([[0], np.cumsum(widths)])

@@ -401,7 +401,8 @@ def test_summary_bound_covers_exact_error(dtype, precision):
             np.complex64 if cplx else (np.float32 if precision == "single" else np.int16))
         # the summary's own invariants, from numpy
         for i in range(K):
-            a = wide(mats[i])
+            # the reader works in its source's working scale: matrix i times 2**exponents[i]
+            a = wide(mats[i]) * 2.0 ** int(rd.source.exponents[i])
             sig = np.linalg.svd(a, compute_uv=False)
             assert rd.norms2[i] == pytest.approx(float(np.sum(sig**2)), rel=1e-12, abs=0)
             f = rd.blocks_of([i])[0]

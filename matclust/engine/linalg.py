@@ -162,3 +162,86 @@ def column_norms2(a: np.ndarray) -> np.ndarray:
     if np.iscomplexobj(a):
         out += np.einsum("ij,ij->j", a.imag, a.imag, dtype=np.float64)
     return out
+
+
+# -- magnitudes: exact power-of-two scaling ------------------------------------------------------
+def times_power2(a: np.ndarray, exponent) -> np.ndarray:
+    """``a * 2**exponent`` as a new array of a's dtype: exact unless the result leaves the
+    dtype's normal range. ``exponent`` is an int or an int array broadcast against ``a`` (e.g.
+    one per column). Complex arrays are scaled part by part (ldexp is real-only)."""
+    a = np.asarray(a)
+    if np.iscomplexobj(a):
+        out = np.empty_like(a)
+        np.ldexp(a.real, exponent, out=out.real)
+        np.ldexp(a.imag, exponent, out=out.imag)
+        return out
+    return np.ldexp(a, exponent)
+
+
+def peak_exponents(peaks: np.ndarray) -> np.ndarray:
+    """For each peak |entry| p > 0 the e with p in [2**(e-1), 2**e), so that ``2**-e p`` lies in
+    [1/2, 1); 0 for p = 0."""
+    return np.frexp(np.asarray(peaks, dtype=np.float64))[1].astype(np.int64)
+
+
+def peak(a: np.ndarray, axis=None):
+    """The largest |real part| or |imaginary part| of the entries (over ``axis``; 0 when
+    empty): within a factor sqrt(2) of the largest modulus, and never overflows."""
+    a = np.asarray(a)
+    parts = (a.real, a.imag) if np.iscomplexobj(a) else (a,)
+    out = np.zeros(()) if axis is None else 0.0
+    for p in parts:
+        out = np.maximum(out, np.maximum(p.max(axis=axis, initial=0), -p.min(axis=axis, initial=0)))
+    return float(out) if axis is None else out.astype(np.float64)
+
+
+def at_common_scale(blocks) -> list[np.ndarray]:
+    """Blocks in double precision, all multiplied by the one power of two that brings their
+    largest entry to [1/2, 1): relative errors and bounds of the blocks taken together are
+    unchanged (exactly), and nothing of them under- or overflows."""
+    blocks = [as_compute(b) for b in blocks]
+    e = int(peak_exponents(max((peak(b) for b in blocks), default=0.0)))
+    return [times_power2(b, -e) for b in blocks]
+
+
+def sqnorm_scaled(a: np.ndarray) -> tuple[float, int]:
+    """||a||_F^2 as a pair (f, e) standing for f * 2**e, computed without under- or overflow:
+    ``a`` is first brought to a largest entry in [1/2, 1) by a power of two (exactly)."""
+    top = peak(a)
+    if top == 0.0:
+        return 0.0, 0
+    e = int(peak_exponents(top))
+    return sqnorm(times_power2(as_compute(a), -e)), 2 * e
+
+
+class ScaledSums:
+    """Per slot, a sum of non-negative numbers each given as (f, e) = f * 2**e, held as such a
+    pair: no partial sum under- or overflows, whatever the magnitudes summed (the squared errors
+    and norms of matrices anywhere in double precision's range, e.g.)."""
+
+    def __init__(self, slots: int):
+        self.frac = np.zeros(slots)
+        self.exp = np.zeros(slots, dtype=np.int64)
+
+    def add(self, slot: int, f: float, e: int) -> None:
+        if f == 0.0:
+            return
+        if self.frac[slot] == 0.0:
+            self.frac[slot], self.exp[slot] = f, e
+            return
+        top = max(int(self.exp[slot]), e)
+        # Shifting the smaller term down can only lose what is below the larger one's precision.
+        self.frac[slot] = float(np.ldexp(self.frac[slot], int(self.exp[slot]) - top)) \
+            + float(np.ldexp(f, e - top))
+        self.exp[slot] = top
+
+    def sqrt_ratio(self, slot: int, other: "ScaledSums") -> float:
+        """sqrt(this slot's sum / other's), e.g. a relative error from squared error and
+        norm: inf when only the denominator is 0, 0.0 when both are."""
+        num, den = self.frac[slot], other.frac[slot]
+        if den == 0.0:
+            return 0.0 if num == 0.0 else float("inf")
+        if num == 0.0:
+            return 0.0
+        with np.errstate(over="ignore", under="ignore"):  # inf and 0.0 are the right answers
+            return float(np.sqrt(np.ldexp(num / den, int(self.exp[slot] - other.exp[slot]))))

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from matclust.engine.linalg import as_compute, peak, peak_exponents, times_power2
 from matclust.errors import InputError
 
 #: Bytes of matrix data aimed at per batch read: large enough to amortise per-call overhead,
@@ -53,6 +54,21 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
     if dtype.kind in "iu":
         return np.dtype(np.float32)
     return working_dtype(dtype)
+
+
+def apart_bits(dtype: np.dtype) -> int:
+    """How many powers of two a matrix's largest entry may lie below the collection's largest
+    and still be clustered with the others, for data held in ``dtype`` (see
+    :meth:`MatrixSource.calibrate`).
+
+    Double precision: 400. A clustered matrix then has a squared norm of at least 2**-800 in
+    the working scale, so cluster norms, error energies down to 2**-200 of them and the
+    estimators' rounding margins all stay normal numbers. Single precision: the largest entry
+    stays 2**(mantissa + 8) above the smallest normal number, so what the working scale pushes
+    below the normal range is far below the matrix's own precision.
+    """
+    info = np.finfo(np.dtype(dtype))
+    return min(400, -int(info.minexp) - int(info.nmant) - 8)
 
 
 def is_supported_dtype(dtype: np.dtype) -> bool:
@@ -112,6 +128,11 @@ class Batch:
         np.add.at(out, self.column_owner(), values)
         return out
 
+    def peaks(self) -> np.ndarray:
+        """Per matrix, its largest |real part| or |imaginary part| (float64): the magnitude
+        :meth:`MatrixSource.calibrate` works from; never overflows."""
+        return np.maximum.reduceat(peak(self.data, axis=0), self.offsets[:-1])
+
     def take(self, positions: Sequence[int]) -> "Batch":
         """A batch of the matrices at the given positions of this batch, in that order."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -166,6 +187,7 @@ class MatrixSource:
         if len(zero):
             raise InputError(f"{self.where}: matrix {self.describe(int(zero[0]))} has no columns")
         self.offsets = np.concatenate([[0], np.cumsum(self.widths)]).astype(np.int64)
+        self.calibrate(None)
 
     # -- construction ---------------------------------------------------------------------
     @property
@@ -257,6 +279,78 @@ class MatrixSource:
             "chunk_len": int(self._chunk_len),
         }
 
+    # -- magnitude ----------------------------------------------------------------------------
+    def calibrate(self, peaks: np.ndarray | None) -> None:
+        """Choose the power of two every matrix is multiplied by when read, from each matrix's
+        largest entry as read uncalibrated (:meth:`Batch.peaks`); ``None``: read the values
+        as they are (the state before calibration).
+
+        The whole collection gets one power of two, putting its largest entry in [1/2, 1):
+        squared norms of any cluster then neither over- nor underflow, and since multiplying
+        by a power of two is exact, everything computed afterwards is the same, bit for bit,
+        for x and 2**k x. A nonzero matrix whose largest entry lies more than
+        ``apart_bits(dtype)`` powers of two below the collection's is *apart*: it gets its own
+        power of two (its largest entry in [1/2, 1) too) instead of underflowing, and is
+        stored on its own (:attr:`apart`; the drivers make it a singleton, since a cluster
+        must share one scale).
+        """
+        self.exponents = np.zeros(self.K, dtype=np.int64)
+        self.apart = np.zeros(self.K, dtype=bool)
+        self._scaled = False
+        if peaks is None:
+            return
+        peaks = np.asarray(peaks, dtype=np.float64)
+        own = peak_exponents(peaks)
+        top = int(own.max())
+        self.apart = (peaks > 0) & (own < top - apart_bits(self.dtype))
+        self.exponents = np.where(self.apart, -own, -top).astype(np.int64)
+        self._scaled = bool(self.exponents.any())
+
+    def _column_exponents(self, indices: np.ndarray):
+        """The working scale's exponent of every column of the matrices ``indices`` side by side
+        (one int when they share it)."""
+        exps = self.exponents[indices]
+        if len(exps) == 0 or np.all(exps == exps[0]):
+            return int(exps[0]) if len(exps) else 0
+        return np.repeat(exps, self.widths[indices])
+
+    def to_working_scale(self, batch: Batch) -> Batch:
+        """The batch multiplied by its matrices' powers of two (see :meth:`calibrate`): the one
+        place where data read are scaled. A new array, as the data read may be a view of the
+        caller's (in-memory sources)."""
+        if self._scaled:
+            exps = self._column_exponents(batch.indices)
+            if np.any(exps):
+                batch.data = times_power2(batch.data, exps)
+        return batch
+
+    def to_storage(self, values: np.ndarray, indices: np.ndarray, dtype):
+        """``values`` computed in the working scale for the columns of the matrices ``indices``
+        (side by side; e.g. a cluster's coefficients or raw columns), as stored: multiplied
+        back to the input's magnitude and rounded to ``dtype``; the one place where stored
+        numbers are unscaled.
+
+        Returns (stored, back): ``back`` is what ``stored`` reads back as in the working scale
+        (double precision), for computing the stored error exactly; None when a stored number
+        overflows ``dtype`` (the caller stores the cluster another way).
+        """
+        exps = self._column_exponents(np.asarray(indices, dtype=np.int64))
+        with np.errstate(over="ignore"):  # an overflow is detected below and handled by the caller
+            stored = times_power2(as_compute(values), np.negative(exps)).astype(dtype)
+        if not np.isfinite(stored).all():
+            return stored, None
+        return stored, times_power2(as_compute(stored), exps)
+
+    def storable(self, magnitude: float, indices: np.ndarray, dtype) -> bool:
+        """Whether numbers up to ``magnitude`` in the working scale (e.g. a cluster's column
+        norms, which bound its coefficients) stay finite in ``dtype`` once unscaled; for
+        deciding before any is written."""
+        exps = self.exponents[np.asarray(indices, dtype=np.int64)]
+        # 1 - 2**-20: room for the rounding of the numbers themselves.
+        limit = float(np.finfo(np.dtype(dtype)).max) * (1.0 - 2.0**-20)
+        with np.errstate(over="ignore"):  # a limit beyond double precision's range is inf
+            return bool(magnitude <= float(np.ldexp(limit, int(exps.min()))))
+
     # -- reading --------------------------------------------------------------------------
     def chunk_ranges(self, target_bytes: int | None = None) -> list[tuple[int, int]]:
         """Index ranges [start, stop) covering 0..K, aligned to the storage chunks.
@@ -304,7 +398,7 @@ class MatrixSource:
             return self._read_members(indices)
         data = np.ascontiguousarray(data, dtype=self.dtype)
         self._check_finite(data, indices, offsets)
-        return Batch(indices, data, offsets)
+        return self.to_working_scale(Batch(indices, data, offsets))
 
     def _refuse_missing(self, array, start: int, stop: int, holds) -> None:
         """A stored piece the read needs is missing: an error, never the fill value."""
@@ -343,7 +437,7 @@ class MatrixSource:
         data = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=self.dtype)
         offsets = np.concatenate([[0], np.cumsum(self.widths[indices])]).astype(np.int64)
         self._check_finite(data, indices, offsets)
-        return Batch(indices, data, offsets)
+        return self.to_working_scale(Batch(indices, data, offsets))
 
     def read(self, indices: Sequence[int]) -> Batch:
         """Arbitrary matrices, in the given order, reading each touched chunk range once."""

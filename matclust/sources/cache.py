@@ -63,6 +63,13 @@ class CachedReader:
             self._held += size
         return batch
 
+    def rescale(self) -> None:
+        """Bring the cached batches to the source's working scale after it was calibrated
+        (they were read before; see ``MatrixSource.calibrate``)."""
+        for batch in self._cache.values():
+            self.source.to_working_scale(batch)
+        self._norms2.clear()
+
     def __iter__(self) -> Iterator[Batch]:
         for k in range(len(self.ranges)):
             yield self.batch(k)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from matclust.blas import CORES, on_all_cores
-from matclust.engine.linalg import compute_dtype
+from matclust.engine.linalg import compute_dtype, peak, peak_exponents, times_power2
 from matclust.errors import InputError
 from matclust.sources.base import Batch, MatrixSource
 
@@ -131,12 +131,16 @@ class SummaryReader:
         self.live = K
         self._gone = np.zeros(K, dtype=bool)
         self._scan(progress)
+        self._to_working_scale()
 
     # -- building -------------------------------------------------------------------------
     def _scan(self, progress) -> None:
-        """One pass: every matrix's summary. A batch is split over the cores (each part writes
-        its own rows)."""
+        """One pass: every matrix's summary, each computed in the matrix's own scale (its
+        largest entry brought to [1/2, 1) by a power of two; see :meth:`_to_working_scale`).
+        A batch is split over the cores (each part writes its own rows)."""
         source = self.source
+        source.calibrate(None)  # read the values as they are; the scale is chosen after the pass
+        self._peaks = np.zeros(source.K, dtype=np.float64)
         if progress:
             progress.start("summarising", source.K)
         for batch in source.iter_batches():
@@ -155,6 +159,9 @@ class SummaryReader:
                 progress.advance(len(batch))
 
     def _summarise(self, indices: np.ndarray, stack: np.ndarray) -> None:
+        peaks = peak(stack, axis=(1, 2))
+        self._peaks[indices] = peaks
+        stack = times_power2(stack, -peak_exponents(peaks)[:, None, None])
         rounded, scale, kept2, exact2, norms2, loss2 = self._summaries(stack)
         self.F[indices] = rounded
         self.kept2[indices] = kept2
@@ -162,6 +169,20 @@ class SummaryReader:
         self.norms2[indices] = norms2
         self.loss2[indices] = loss2
         self.tail2[indices] = np.maximum(norms2 - exact2, 0.0)
+
+    def _to_working_scale(self) -> None:
+        """Calibrate the source from the peaks the pass found and bring the summaries from each
+        matrix's own scale to the source's working scale: F_i is linear in A_i, so only the
+        stored scale factors and the squared quantities change, by exact powers of two (by
+        2**-800 at most, see ``apart_bits``: nothing underflows)."""
+        source = self.source
+        source.calibrate(self._peaks)
+        # Working minus own exponent; 0 for all-zero matrices, whose summaries are zero anyway.
+        shift = np.where(self._peaks > 0, source.exponents + peak_exponents(self._peaks), 0)
+        del self._peaks
+        self.scale = np.ldexp(self.scale, shift)
+        for name in ("kept2", "norms2", "loss2", "tail2"):
+            setattr(self, name, np.ldexp(getattr(self, name), 2 * shift))
 
     def _summaries(self, stack: np.ndarray):
         """Summaries of a stack of matrices (b, m, n) in double precision: the rounded F_i
