@@ -276,14 +276,18 @@ def test_output_folder_missing(tmp_path):
     check_rejected(res, tmp_path, before, ["no/such/dir/out.h5", "does not exist"])
 
 
-def test_input_error_mid_run_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("encoding", ["plain", "compact"])
+def test_input_error_mid_run_leaves_nothing(tmp_path, monkeypatch, encoding):
     """An InputError raised while clusters are being written (after the temporary store, the
     lock and the checkpoint exist) removes all of them."""
     import matclust
-    import matclust.api as api
+    import matclust.compact as compact
+    import matclust.sinks as sinks
     from matclust.errors import InputError
 
-    real_encode, calls = api.encode, []
+    owner, name = (sinks, "encode") if encoding == "plain" else (compact.CompactEncoder,
+                                                                   "encode_cluster")
+    real_encode, calls = getattr(owner, name), []
 
     def failing_encode(*args, **kwargs):
         calls.append(1)
@@ -291,11 +295,12 @@ def test_input_error_mid_run_leaves_nothing(tmp_path, monkeypatch):
             raise InputError("data.h5:matrices: cannot read matrix 5 (simulated)")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(api, "encode", failing_encode)
+    monkeypatch.setattr(owner, name, failing_encode)
     X = np.random.default_rng(1).standard_normal((40, 6, 2))
     for out in ("mid.h5", "mid.zarr"):
         calls.clear()
         with pytest.raises(InputError, match="simulated"):
-            matclust.MatrixClusterer(guarantee="cluster", encoding="plain", rank=2, eps=0.05, patience=0).fit(X, tmp_path / out)
+            matclust.MatrixClusterer(guarantee="cluster", encoding=encoding, rank=2, eps=0.05,
+                                     patience=0).fit(X, tmp_path / out)
         assert len(calls) == 3
         assert os.listdir(tmp_path) == [], sorted(os.listdir(tmp_path))
