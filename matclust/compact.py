@@ -121,6 +121,8 @@ class CompactEncoder:
         self.basis_dtype = qb.basis_dtype_for(eps, self.complex)
         # reconstruct rounds to the output precision: leave that room (a few units of it).
         self.eps = float(eps) - 4 * float(np.finfo(storage_dtype).eps)
+        #: The largest |code| the store's code dtype holds (set by the sink).
+        self.max_code = np.iinfo(np.int64).max
 
     # -- one formed cluster -------------------------------------------------------------
     def rounded(self, basis: np.ndarray) -> np.ndarray:
@@ -131,13 +133,13 @@ class CompactEncoder:
                        whole: bool = True) -> tuple[StoredGroup | None, list[StoredGroup]]:
         """``members`` ascending, ``data`` their columns side by side (``offsets``), ``basis``
         the cluster's exact top-r basis or None (not worth factoring). Returns the cluster's
-        stored group (None when no member stays in it) and the groups of the matrices stored
-        alone. With ``whole=False`` the members are one part of a cluster (out of
+        stored group (None when no member stays in it) and the (index, columns) of the members
+        left over, for :meth:`encode_alone` or :meth:`encode_pool`. With ``whole=False`` the members are one part of a cluster (out of
         core: one input batch's share), whose group stays even with one member; with the
         cluster guarantee each part then meets eps on its own."""
         data = np.asarray(data, dtype=compute_dtype(data.dtype))
         if basis is None or (whole and len(members) < 2):
-            return None, [self.encode_alone(i, data[:, offsets[j]: offsets[j + 1]])
+            return None, [(int(i), data[:, offsets[j]: offsets[j + 1]])
                           for j, i in enumerate(members)]
         rounded = basis if basis.dtype == self.basis_dtype else self.rounded(basis)
         coeffs, trunc2 = qb.truncation(rounded, data, offsets)
@@ -153,11 +155,19 @@ class CompactEncoder:
             # Per-matrix budgets first, with either guarantee (every per-matrix encoding meets
             # the cluster guarantee too, so that one never needs more bytes); the cluster
             # guarantee falls back to sharing the cluster's budget where a member's own is spent.
-            q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, False,
+            q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, "matrix",
                             coeffs[:, cols], trunc2[kept])
-            if q is None and self.guarantee == "cluster":
-                q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, True,
-                                coeffs[:, cols], trunc2[kept])
+            if self.guarantee == "cluster":
+                # One step for the whole cluster where it costs fewer bits (matrices of very
+                # different norms: the small ones then cost almost nothing).
+                one = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, "uniform",
+                                  coeffs[:, cols], trunc2[kept])
+                if one is not None and np.abs(one.codes).max(initial=0) <= self.max_code and (
+                        q is None or code_bits(one) < code_bits(q)):
+                    q = one
+                if q is None:
+                    q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps,
+                                    "proportional", coeffs[:, cols], trunc2[kept])
             if q is None:
                 keep[:] = False
             else:
@@ -165,9 +175,8 @@ class CompactEncoder:
                 rows2 = np.sum(np.abs(coeffs[:, cols]) ** 2, axis=1)
                 group = StoredGroup(members[kept], np.diff(sub_offsets), rounded, q,
                                     max(float(bound or 0.0), 0.0), np.sqrt(rows2))
-        alone = [self.encode_alone(members[j], data[:, offsets[j]: offsets[j + 1]])
-                 for j in np.flatnonzero(~keep)]
-        return group, alone
+        return group, [(int(members[j]), data[:, offsets[j]: offsets[j + 1]])
+                       for j in np.flatnonzero(~keep)]
 
     def _keep(self, data, offsets, norm2, trunc2) -> np.ndarray:
         eps2 = self.eps * self.eps
@@ -201,18 +210,15 @@ class CompactEncoder:
             return StoredGroup(np.array([index]), np.array([width]), None, q, 0.0)
         shift = int(np.frexp(peak)[1])
         scaled = qb.scaled_pow2(block, -shift)
-        u, s, _ = np.linalg.svd(scaled, full_matrices=False)
-        k = qb.own_rank(s ** 2, self.m, width, self.rank, self.eps, EVICT_SHARE,
-                        self.basis_dtype.itemsize, self.complex)
+        u, s, vt = np.linalg.svd(scaled, full_matrices=False)
+        dct = qb.to_dct(scaled)
+        k = qb.own_rank(s, vt, dct, self.eps, self.rank, EVICT_SHARE, self.basis_dtype.itemsize)
         q, basis = None, None
         if k:
             basis = np.ascontiguousarray(u[:, :k].astype(self.basis_dtype))
             q = qb.quantise(basis, scaled, offsets, self.eps)
         if q is None:
-            basis = None
-            q = qb.quantise(None, scaled, offsets, self.eps)
-        if q is None:  # cannot happen: the raw safe step bounds every entry's rounding
-            raise RuntimeError(f"matrix {index}: no encoding met eps")
+            basis, q = None, self._dct_codes(index, scaled, dct, offsets)
         exps = q.exponents.astype(np.int64)
         q.exponents = np.where(exps == qb.ZERO_STEP, exps,
                                np.clip(exps + qb.STEP_GRID * shift, qb.ZERO_STEP + 1,
@@ -223,6 +229,49 @@ class CompactEncoder:
             group.basis_norms = s[:k]  # in the matrix's own scale, like its norms
         group.bound = group.error
         return group
+
+    def _dct_codes(self, index: int, block: np.ndarray, dct: np.ndarray, offsets,
+                   allocation: str = "matrix") -> qb.Quantised:
+        """Codes of the DCT coefficients of one matrix (or of several side by side, each
+        transformed on its own). The transform keeps Frobenius norms, so the coefficients'
+        error is the matrices'; the decoded matrices are checked all the same, and the target
+        lowered a little should the transform's rounding ever tip one over."""
+        target = self.eps
+        for _ in range(8):
+            q = qb.quantise(None, dct, offsets, target, allocation)
+            if q is None:  # cannot happen: the raw safe step bounds every entry's rounding
+                break
+            steps = qb.step_values(q.exponents)
+            err2 = np.array([float(np.sum(np.abs(
+                block[:, a:b] - qb.decode(None, q.codes[:, a:b], steps[j], self.complex)) ** 2))
+                for j, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))])
+            allowed = self.eps ** 2 * q.norm2
+            if (np.all(err2 <= allowed) if allocation == "matrix"
+                    else err2.sum() <= allowed.sum()):
+                q.err2 = err2
+                return q
+            target *= 0.999
+        raise RuntimeError(f"matrix {index}: no encoding met eps")
+
+    def encode_pool(self, members: np.ndarray, blocks: list[np.ndarray]) -> StoredGroup:
+        """Matrices that join no factored cluster, under the cluster guarantee: one raw group
+        of DCT coefficients with one step, its total error within eps (the weaker guarantee
+        lets the budget go where it buys the most, as a whole-collection compressor would)."""
+        data = np.hstack([np.asarray(b, dtype=compute_dtype(b.dtype)) for b in blocks])
+        widths = np.array([b.shape[1] for b in blocks], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        dct = np.hstack([qb.to_dct(data[:, a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+        q = self._dct_codes(int(members[0]), data, dct, offsets, "uniform")
+        if np.abs(q.codes).max(initial=0) > self.max_code:  # keep within the codes' dtype
+            q = self._dct_codes(int(members[0]), data, dct, offsets, "proportional")
+        group = StoredGroup(np.asarray(members, dtype=np.int64), widths, None, q, 0.0)
+        group.bound = group.error
+        return group
+
+
+def code_bits(q: qb.Quantised) -> float:
+    """Estimated bits of a group's codes (:func:`matclust.engine.budget.estimated_bits`)."""
+    return qb.estimated_bits(q.codes, 1.0)
 
 
 def _columns(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -54,6 +54,7 @@ class CompactWriter:
         self.K, self.m = int(K), int(m)
         self.widths = np.asarray(widths, dtype=np.int64)
         self.code_dtype = np.dtype(code_dtype)
+        self.complex = bool(complex_data)
         self.basis_dtype = np.dtype(basis_dtype)
         self.labels = np.full(self.K, -1, dtype=np.int64)
         self.exponents = np.zeros(self.K, dtype=np.int16)
@@ -91,8 +92,10 @@ class CompactWriter:
         self.labels[group.members] = cid
         self.exponents[group.members] = group.quantised.exponents
         offsets = np.concatenate([[0], np.cumsum(group.widths)]).astype(np.int64)
+        raw = group.basis is None
         for j, i in enumerate(group.members):
-            self._pending[int(i)] = group.quantised.matrix_codes(offsets, j)
+            self._pending[int(i)] = qb.flatten_codes(group.quantised.matrix_codes(offsets, j),
+                                                     raw, self.complex)
         self._drain()
 
     def stats(self) -> list[dict]:
@@ -107,6 +110,11 @@ class CompactWriter:
                         "rank": rank, "bound": max(info["bound"], error), "error": error,
                         "stored": "factored" if rank else "raw"})
         return out
+
+    @property
+    def waiting(self) -> int:
+        """Matrices encoded but not yet written, waiting for an earlier one."""
+        return len(self._pending)
 
     @property
     def stored_numbers(self) -> int:
@@ -209,7 +217,8 @@ class CompactReader:
         steps = qb.step_values(self.exponents[start:stop])
         for j, i in enumerate(range(start, stop)):
             a, b = self.code_offsets[i] - lo, self.code_offsets[i + 1] - lo
-            codes = flat[a:b].reshape(self.rows[i] * (2 if self.complex else 1), self.widths[i])
+            raw = self.ranks[self.labels[i]] == 0
+            codes = qb.unflatten_codes(flat[a:b], self.rows[i], self.widths[i], raw, self.complex)
             yield i, qb.decode(self.basis(int(self.labels[i])), codes, steps[j], self.complex)
 
     def consistency_problems(self) -> list[str]:

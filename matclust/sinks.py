@@ -68,6 +68,12 @@ def write_cluster(writer, cid: int, enc: EncodedCluster) -> None:
         writer.write_array(f"{prefix}/raw", enc.raw)
 
 
+#: Matrices pooled into one group at most (cluster guarantee), and how many later matrices'
+#: codes may wait behind a pooled one before the pool is stored (bounds the memory they take).
+POOL_MATRICES = 4096
+PENDING_MATRICES = 65536
+
+
 class CompactSink:
     """The compact encoding (:mod:`matclust.compact`) into the matclust/2 arrays
     (:mod:`matclust.format2`)."""
@@ -79,12 +85,18 @@ class CompactSink:
                                       source.m, source.storage_dtype)
         parts = 2 if complex_data else 1
         widest = int(source.widths.max())
-        most = parts * max(source.m, params["rank"]) * widest  # codes of one matrix, at most
+        # Codes of one matrix at most, with its own budget: every encoding keeps within that
+        # bound (one step for a group is used only where its codes do).
+        most = parts * max(source.m, params["rank"]) * widest
+        code_dtype = qb.code_dtype(max_code_bound(params["eps"], most))
+        self.encoder.max_code = (int(np.iinfo(code_dtype).max) - 1) // 2
         self.out = CompactWriter(writer, source.K, source.m, source.widths, complex_data,
-                                 qb.code_dtype(max_code_bound(params["eps"], most)),
-                                 self.encoder.basis_dtype)
+                                 code_dtype, self.encoder.basis_dtype)
         self.kept = []  # the stored groups, when there is no store to hold them
         self.worst = 0.0
+        # Cluster guarantee: matrices that join no factored cluster wait here to be stored as
+        # one group of DCT coefficients with one step (matclust.compact.encode_pool).
+        self.pool: list[tuple[int, np.ndarray]] = []
 
     def unscale(self, group):
         """The group's steps and norms in the input's magnitude: the source multiplied every
@@ -122,10 +134,29 @@ class CompactSink:
         batch = formed.batch if formed.batch is not None else reader.get(formed.members)
         batch = batch.take(np.argsort(batch.indices, kind="stable"))
         basis = formed.basis if formed.factored else None
-        group, alone = self.encoder.encode_cluster(batch.indices, batch.data, batch.offsets,
-                                                   basis, formed.bound)
-        for g in ([group] if group is not None else []) + alone:
-            self._add(g)
+        group, leftovers = self.encoder.encode_cluster(batch.indices, batch.data, batch.offsets,
+                                                       basis, formed.bound)
+        if group is not None:
+            self._add(group)
+        self.leftovers(leftovers)
+
+    def leftovers(self, items) -> None:
+        """Matrices in no factored cluster: each alone (matrix guarantee) or pooled."""
+        if self.params["guarantee"] == "matrix":
+            for index, block in items:
+                self._add(self.encoder.encode_alone(index, block))
+            return
+        self.pool.extend((index, np.array(block)) for index, block in items)
+        # A full pool, or codes of later matrices piling up behind the pooled ones.
+        if len(self.pool) >= POOL_MATRICES or (self.pool and self.out.waiting > PENDING_MATRICES):
+            self.flush_pool()
+
+    def flush_pool(self) -> None:
+        if self.pool:
+            self.pool.sort(key=lambda item: item[0])
+            members = np.array([i for i, _ in self.pool], dtype=np.int64)
+            self._add(self.encoder.encode_pool(members, [b for _, b in self.pool]))
+            self.pool = []
 
     def store_planned(self, planned, form_eps, budget, progress) -> None:
         from matclust.streaming import store_planned_compact
@@ -134,5 +165,6 @@ class CompactSink:
                               budget, progress)
 
     def finish(self):
+        self.flush_pool()
         labels = self.out.finish(self.source.names)
         return labels, self.out.stats(), self.out.stored_numbers, self.worst

@@ -207,16 +207,26 @@ class _Hdf5Backend(_Backend):
                 self._file.close()
 
 
+#: Compressed arrays up to this size are one chunk (HDF5 caps a chunk at 4 GiB).
+WHOLE_CHUNK_BYTES = 64 << 20
+
+
 def _hdf5_compression(data: np.ndarray) -> dict:
-    """Byte shuffle, then zstd (hdf5plugin's filter 32015): h5py reads it once hdf5plugin is
-    imported. Scalars and empty arrays are stored plainly."""
+    """Blosc with zstd after a bit shuffle (hdf5plugin's filter 32001): h5py reads it once
+    hdf5plugin is imported. Bit shuffling puts the many all-zero high bits of small codes
+    together (bench: 2 % fewer bytes than a byte shuffle on image patches). Scalars and empty
+    arrays are stored plainly."""
     if data.ndim == 0 or data.size == 0:
         return {}
     import hdf5plugin
 
     from matclust.compact import ZSTD_LEVEL
 
-    return {"shuffle": data.dtype.itemsize > 1, "chunks": True, **hdf5plugin.Zstd(clevel=ZSTD_LEVEL)}
+    # One chunk where it is not large: h5py's own chunking cuts arrays into pieces of a few
+    # KiB, each compressed alone.
+    chunks = data.shape if data.nbytes <= WHOLE_CHUNK_BYTES else True
+    return {"chunks": chunks, **hdf5plugin.Blosc(cname="zstd", clevel=ZSTD_LEVEL,
+                                                 shuffle=hdf5plugin.Blosc.BITSHUFFLE)}
 
 
 class _Hdf5Appendable:
@@ -277,13 +287,13 @@ class _ZarrBackend(_Backend):
 
 
 def _zarr_compression(dtype: np.dtype) -> list:
-    """Zarr's Blosc codec: byte shuffle and zstd, the same pipeline as the HDF5 stores."""
+    """Zarr's Blosc codec: bit shuffle and zstd, the same pipeline as the HDF5 stores."""
     from zarr.codecs import BloscCodec
 
     from matclust.compact import ZSTD_LEVEL
 
     return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, typesize=np.dtype(dtype).itemsize,
-                       shuffle="shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle")]
+                       shuffle="bitshuffle")]
 
 
 def _backend(path: str, mode: str):

@@ -194,13 +194,12 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             cid[c] = out.new_cluster(rounded[c], planned[c].bound or 0.0,
                                      sink.cluster_shift(planned[c].members))
         for c, part in cluster_parts(source, labels, progress, "writing"):
-            group, alone = encoder.encode_cluster(part.indices, part.data, part.offsets,
-                                                  rounded.get(c), planned[c].bound,
-                                                  whole=False)
+            group, leftovers = encoder.encode_cluster(part.indices, part.data, part.offsets,
+                                                      rounded.get(c), planned[c].bound,
+                                                      whole=False)
             if group is not None:
                 sink._add(group, cid[c])
-            for g in alone:
-                sink._add(g)
+            sink.leftovers(leftovers)
 
 
 def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: bool):

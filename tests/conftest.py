@@ -496,7 +496,8 @@ def tamper_coefficient(store_path) -> int:
 def decode_compact(path):
     """(attrs, labels, every matrix decoded in float64/complex128) of a compact store, following
     docs/format.md only: codes zig-zag mapped, matrices in index order, each (rows, n_i)
-    row-major (complex: real rows then imaginary rows), step 2^(e/16), -32768 meaning 0."""
+    row-major (complex: real rows then imaginary rows), step 2^(e/16), -32768 meaning 0; with
+    rank 0 the codes are DCT coefficients (inverted here with scipy, not matclust's own DCT)."""
     path = os.fspath(path)
     names = ("labels", "widths", "step_exponents", "codes", "cluster_ranks", "bases")
     if _is_h5(path):
@@ -525,14 +526,29 @@ def decode_compact(path):
     for i, (c, n) in enumerate(zip(labels, arr["widths"].astype(np.int64))):
         r = int(ranks[c])
         rows = (r if r else m) * (2 if cplx else 1)
-        z = codes[pos: pos + rows * n].reshape(rows, n).astype(np.float64)
+        flat = codes[pos: pos + rows * n]
         pos += rows * n
+        if r:
+            z = flat.reshape(rows, n).astype(np.float64)
+        else:  # DCT coefficients are stored by frequency i + j, then i (real part first)
+            z = np.empty((rows, n))
+            half = rows // 2 if cplx else rows
+            ii, jj = np.meshgrid(np.arange(half), np.arange(n), indexing="ij")
+            order = sorted(range(half * n), key=lambda t: (ii.ravel()[t] + jj.ravel()[t], ii.ravel()[t]))
+            for p, part in enumerate(np.split(flat, 2) if cplx else [flat]):
+                block = np.empty(half * n)
+                block[order] = part
+                z[p * half:(p + 1) * half] = block.reshape(half, n)
         e = int(arr["step_exponents"][i])
         z = z * (0.0 if e == -32768 else 2.0 ** (e / 16))
         if cplx:
             z = z[: rows // 2] + 1j * z[rows // 2:]
-        out.append(bases[:, starts[c]: starts[c] + r].astype(z.dtype if cplx else np.float64) @ z
-                   if r else z)
+        if r:
+            out.append(bases[:, starts[c]: starts[c] + r].astype(z.dtype if cplx else np.float64) @ z)
+        else:  # no basis: the codes are the matrix's orthonormal 2-D DCT-II coefficients
+            from scipy.fft import idctn
+
+            out.append(idctn(z, type=2, norm="ortho"))
     assert pos == len(codes), f"{len(codes) - pos} codes left over"
     return attrs, labels, out
 

@@ -26,8 +26,8 @@ def test_zigzag_and_steps_round_trip():
 
 
 @pytest.mark.parametrize("complex_data", [False, True])
-@pytest.mark.parametrize("shared", [False, True])
-def test_quantise_meets_eps_on_decoded_values(complex_data, shared):
+@pytest.mark.parametrize("allocation", ["matrix", "proportional", "uniform"])
+def test_quantise_meets_eps_on_decoded_values(complex_data, allocation):
     rng = np.random.default_rng(3)
     m, r, widths = 24, 5, [3, 1, 6, 2]
     basis, _ = np.linalg.qr(rng.standard_normal((m, r)))
@@ -41,7 +41,7 @@ def test_quantise_meets_eps_on_decoded_values(complex_data, shared):
     offsets = np.concatenate([[0], np.cumsum(widths)])
     rounded = basis.astype(np.complex64 if complex_data else np.float16)
     eps = 0.05
-    q = qb.quantise(rounded, data, offsets, eps, shared)
+    q = qb.quantise(rounded, data, offsets, eps, allocation)
     assert q is not None
     errs = []
     for j, block in enumerate(blocks):
@@ -49,7 +49,7 @@ def test_quantise_meets_eps_on_decoded_values(complex_data, shared):
         dec = qb.decode(rounded, codes, qb.step_values(q.exponents[j : j + 1])[0], complex_data)
         errs.append(np.linalg.norm(block - dec) / np.linalg.norm(block))
         assert np.isclose(np.linalg.norm(block - dec) ** 2, q.err2[j], rtol=1e-9)
-    if shared:
+    if allocation != "matrix":
         total = np.sqrt(sum(np.linalg.norm(b - qb.decode(rounded, q.matrix_codes(offsets, j),
                         qb.step_values(q.exponents[j:j + 1])[0], complex_data)) ** 2
                         for j, b in enumerate(blocks)) / sum(np.linalg.norm(b) ** 2 for b in blocks))
