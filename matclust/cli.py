@@ -267,7 +267,7 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_lim
         matrix = (f", worst matrix {worst}: {result['max_matrix_error']:.4g}"
                   if worst is not None else "")
         console.print(f"{status}: {result['clusters']} clusters ({guarantee} guarantee), max "
-                      f"cluster error {result['max_error']:.4g} (eps {result['eps']:g}){matrix}, "
+                      f"cluster error {result['max_error']:.4g} (eps {result['eps']}){matrix}, "
                       f"{len(result['over_eps'])} over eps")
         for c in result["over_eps"][:20]:
             what = "matrix" if guarantee == "matrix" and "worst_matrix" in result else "cluster"

@@ -11,9 +11,11 @@ compressed arrays, and matrix i's codes are found from the labels, widths and ra
   rows_i = cluster_ranks[labels[i]], or m where that rank is 0 (raw entries);
 * ``cluster_ranks`` (C,) int32; ``bases`` (m, R): the bases of the clusters with rank > 0 side
   by side, in cluster order; A_i = bases[:, b_c : b_c + r_c] @ (step_i * Z_i), or step_i * Z_i;
-* ``cluster_norms`` (C,) float64: ||M_c||_F of each cluster; ``basis_norms`` (R,) float64: the
-  norm captured along each stored basis column; ``cluster_errors``, ``cluster_bounds`` (C,)
-  float32, rounded up: the stored relative error of each cluster and its bound.
+* per factored cluster (r_c > 0, in cluster order): ``cluster_norms`` float64 in [1/2, 1) and
+  ``cluster_norm_exponents`` int32, ||M_c||_F = fraction * 2^exponent; ``basis_norms`` (R,)
+  float64: the norm captured along each basis column, in units of the same power of two;
+  ``cluster_bounds`` float32 (rounded up): the method's bound;
+* ``cluster_errors`` (C,) float32, rounded up: every cluster's stored relative error.
 
 Every array but ``labels``/``widths``-sized metadata is compressed with byte shuffle + zstd
 (h5py with hdf5plugin; zarr's Blosc codec).
@@ -27,7 +29,8 @@ from matclust.compact import CODE_CHUNK, StoredGroup
 from matclust.engine import budget as qb
 
 ARRAYS = ("labels", "widths", "step_exponents", "codes", "cluster_ranks", "bases",
-          "cluster_norms", "basis_norms", "cluster_errors", "cluster_bounds")
+          "cluster_norms", "cluster_norm_exponents", "basis_norms", "cluster_bounds",
+          "cluster_errors")
 
 
 def _round_up32(x) -> np.ndarray:
@@ -168,12 +171,24 @@ class CompactWriter:
                       compress=True)
         stacked = np.hstack(bases) if bases else np.zeros((self.m, 0))
         w.write_array("bases", stacked.astype(self.basis_dtype), compress=True)
-        norms = [float(np.ldexp(np.sqrt(i["norm2"]), i["shift"])) for i in kept]
-        w.write_array("cluster_norms", np.asarray(norms, dtype=np.float64), compress=True)
-        rows = [np.ldexp(np.sqrt(i["rows2"]), i["shift"]) for i in kept if i["basis"] is not None]
-        w.write_array("basis_norms", np.concatenate(rows) if rows else np.zeros(0), compress=True)
+        # Per factored cluster (what merges and appends bound newcomers with): its norm as a
+        # fraction in [1/2, 1) and a power of two (a norm of 1e300-sized entries overflows a
+        # float), the norm captured along each basis column in the same power of two, its bound.
+        factored = [(i, s) for i, s in zip(kept, stats) if i["basis"] is not None]
+        fractions, exponents, along = [], [], []
+        for info, _ in factored:
+            fraction, e = np.frexp(np.sqrt(info["norm2"]))
+            fractions.append(fraction)
+            exponents.append(int(e) + info["shift"])
+            along.append(np.ldexp(np.sqrt(info["rows2"]), -int(e)))
+        w.write_array("cluster_norms", np.asarray(fractions, dtype=np.float64), compress=True)
+        w.write_array("cluster_norm_exponents", np.asarray(exponents, dtype=np.int32),
+                      compress=True)
+        w.write_array("basis_norms", np.concatenate(along) if along else np.zeros(0),
+                      compress=True)
+        w.write_array("cluster_bounds", _round_up32([s["bound"] for _, s in factored]),
+                      compress=True)
         w.write_array("cluster_errors", _round_up32([s["error"] for s in stats]), compress=True)
-        w.write_array("cluster_bounds", _round_up32([s["bound"] for s in stats]), compress=True)
         if names is not None:
             w.write_strings("names", names)
         return self.labels
@@ -184,6 +199,13 @@ class CompactReader:
 
     def __init__(self, backend, m: int, complex_data: bool):
         get = backend.get
+        self.missing = [name for name in ARRAYS if not backend.has(name)]
+        if self.missing:
+            raise KeyError(f"no {', '.join(self.missing)} array")
+        self._factored_arrays = {name: get(name).shape[0] for name in
+                                 ("cluster_norms", "cluster_norm_exponents", "cluster_bounds")}
+        self._errors_len = get("cluster_errors").shape[0]
+        self._basis_norms_len = get("basis_norms").shape[0]
         self.m = int(m)
         self.complex = bool(complex_data)
         self.labels = np.asarray(get("labels")[...], dtype=np.int64)
@@ -241,6 +263,15 @@ class CompactReader:
         if self._codes.shape[0] != self.code_offsets[-1]:
             problems.append(f"codes holds {self._codes.shape[0]} values; labels, widths and ranks "
                             f"need {self.code_offsets[-1]}")
+        factored = int(np.count_nonzero(self.ranks > 0))
+        for name, length in self._factored_arrays.items():
+            if length != factored:
+                problems.append(f"{name} has {length} entries for {factored} factored clusters")
+        if self._errors_len != C:
+            problems.append(f"cluster_errors has {self._errors_len} entries for {C} clusters")
+        if self._basis_norms_len != int(self.basis_offsets[-1]):
+            problems.append(f"basis_norms has {self._basis_norms_len} entries for "
+                            f"{int(self.basis_offsets[-1])} basis columns")
         shape = tuple(self._bases_handle.shape)
         if shape != (self.m, int(self.basis_offsets[-1])):
             problems.append(f"bases has shape {shape}; the ranks need ({self.m}, "

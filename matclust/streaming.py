@@ -187,12 +187,15 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
     labels = _labels_of(planned, source.K)
     encoder, out = sink.encoder, sink.out
     with single_threaded():
-        bases = _exact_bases(source, planned, labels, rank, form_eps, budget_bytes, progress)
+        bases = _exact_bases(source, planned, labels, rank, form_eps, budget_bytes, progress,
+                             float_coefficients=False)
         rounded, cid = {}, {}
         for c in sorted(bases):
             rounded[c] = encoder.rounded(bases.pop(c))
             cid[c] = out.new_cluster(rounded[c], planned[c].bound or 0.0,
                                      sink.cluster_shift(planned[c].members))
+        logger.info("writing pass over the input: %d clusters, %d factored (compact)",
+                    len(planned), len(rounded))
         for c, part in cluster_parts(source, labels, progress, "writing"):
             group, leftovers = encoder.encode_cluster(part.indices, part.data, part.offsets,
                                                       rounded.get(c), planned[c].bound,
@@ -219,7 +222,11 @@ def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: b
         yield group
 
 
-def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> dict[int, np.ndarray]:
+def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress,
+                 float_coefficients: bool = True) -> dict[int, np.ndarray]:
+    """Every factored cluster's exact basis, in passes over the input. ``float_coefficients``:
+    coefficients will be stored as floats of the storage dtype, which must hold them (the
+    compact encoding's codes and steps hold any magnitude)."""
     m = source.m
     factored = [c for c, cl in enumerate(planned) if cl.factored]
     bases: dict[int, np.ndarray] = {}
@@ -238,8 +245,9 @@ def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress) -> 
             # The coefficients are decided before any is written: each is at most the
             # cluster's norm, and must stay finite in the storage dtype at the input's
             # magnitude (entries near float32's largest can overflow there).
-            if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps and \
-                    source.storable(np.sqrt(acc.norm2), planned[c].members, source.storage_dtype):
+            if best <= eps - STORAGE_ULPS * np.finfo(source.storage_dtype).eps and (
+                    not float_coefficients or
+                    source.storable(np.sqrt(acc.norm2), planned[c].members, source.storage_dtype)):
                 bases[c] = basis
             else:  # rounding defeated a bound, or too large to store factored: store raw
                 logger.info("cluster %d: exact error %.3g leaves no room below eps, or its "

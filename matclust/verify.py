@@ -362,6 +362,8 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaul
     ``max_error``, ``over_eps`` (cluster ids), ``problems`` (descriptions) and ``errors``.
     """
     with ResultStore(path, strict=False) as store:
+        if store.params is None:  # nothing says what to verify against: bad input, not a verdict
+            store._json_attr("params", strict=True)
         params = store.params or {}
         if fill_missing is None:  # as the run that wrote the store read its input
             fill_missing = bool(params.get("fill_missing", False))
@@ -551,6 +553,10 @@ def reconstruct(path, indices=None, memory_limit: int = defaults.MEMORY_LIMIT):
     The matrices are returned together: ``memory_limit`` is checked against their size (and
     the per-matrix bookkeeping) before any is decoded."""
     with ResultStore(path) as store:
+        K = len(store.labels)
+        bad = [i for i in indices or () if not 0 <= i < K]  # before numpy: any int may come
+        if bad:
+            raise InputError(f"{path}: index {bad[0]} out of range (the store holds K = {K})")
         needed = reconstruct_bytes(store, indices)
 
         def fits(limit):
@@ -567,10 +573,6 @@ def reconstruct(path, indices=None, memory_limit: int = defaults.MEMORY_LIMIT):
         if problems:  # decoding would shift or mis-size matrices
             raise InputError(f"{path}: inconsistent result store ({problems[0]}); "
                              f"see matclust verify")
-        K = len(store.labels)
-        bad = [i for i in indices or () if not 0 <= i < K]  # before numpy: any int may come
-        if bad:
-            raise InputError(f"{path}: index {bad[0]} out of range (the store holds K = {K})")
         wanted = np.arange(K) if not indices else np.asarray(indices, dtype=np.int64)
         transpose = bool(store.params.get("transpose", False))
         if store.compact is not None:

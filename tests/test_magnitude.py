@@ -23,8 +23,8 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from conftest import (best_error, check_partition, check_stored_dtypes, read_store,
-                      run_inprocess, run_matclust, sq, tamper_coefficient, wide)
+from conftest import (PAPER, best_error, check_partition, check_stored_dtypes, decode_compact,
+                      read_store, run_inprocess, run_matclust, sq, tamper_coefficient, wide)
 from test_out_of_core import largest_first
 
 from matclust.collections_io import write_collection
@@ -82,10 +82,12 @@ def quietly(*args, check=None):
         return run_inprocess(*args, check=check)
 
 
-def cluster(path, mode, *extra):
+def cluster(path, mode, *extra, encoding=PAPER):
+    """The paper's layout by default (its arrays are checked here); ``encoding=()`` for the
+    default compact one."""
     out = f"{path}.out.h5"
-    res = quietly("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS, "--mode", mode,
-                  "--json", *extra)
+    res = quietly("cluster", *encoding, path, "-o", out, "--rank", RANK, "--eps", EPS, "--mode",
+                  mode, "--json", *extra)
     assert res.returncode == 0 and res.stderr == "", res
     return out
 
@@ -143,6 +145,48 @@ def test_results_do_not_depend_on_magnitude(tmp_path, dtype, mode):
     quietly("reconstruct", store, "-o", str(tmp_path / "back.h5"), check=0)
     # verify catches a wrong store at the last (most extreme) magnitude too
     tamper_relative(store)
+    res = quietly("verify", store)
+    assert res.returncode == 1 and "FAILED" in res.stdout, res
+
+
+def compact_errors(store_path, mats) -> np.ndarray:
+    """Every matrix's relative error in a compact store, from conftest's independent decoder,
+    input and decoded matrix both rescaled by the matrix's own power of two (exact)."""
+    _, _, decoded = decode_compact(store_path)
+    out = []
+    for a, d in zip(mats, decoded):
+        e = int(np.frexp(float(np.abs(wide(a)).max()))[1])
+        a1, d1 = rescaled(wide(a), -e), rescaled(np.asarray(d, wide(a).dtype), -e)
+        out.append(np.linalg.norm(a1 - d1) / np.linalg.norm(a1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ["float64", "complex128", "float32", "int64"])
+def test_compact_results_do_not_depend_on_magnitude(tmp_path, dtype, mode):
+    """The default encoding: same labels at every scale, every matrix within eps of itself
+    (checked by an independent decoder at the matrix's own scale), verify accepts the store and
+    catches one damaged at the most extreme scale."""
+    base, _ = planted_collection(K, M, N, 4, RANK, 0.01, dtype, None, 0, 10.0)
+    labels = None
+    for scale in [1] + SCALES[dtype]:
+        x = scaled(base, dtype, scale) if scale != 1 else base
+        path = str(tmp_path / f"x{scale}.h5")
+        write_collection(path, x, layout="stack", dataset="matrices")
+        store = cluster(path, mode, encoding=())
+        with h5py.File(store) as f:
+            got = f["labels"][...]
+        labels = got if labels is None else labels
+        assert np.array_equal(got, labels), (dtype, mode, scale)
+        assert compact_errors(store, list(x)).max() <= EPS, (dtype, mode, scale)
+        res = quietly("verify", store, check=0)
+        assert "OK" in res.stdout and res.stderr == ""
+    import hdf5plugin  # noqa: F401  (the store's filter)
+
+    with h5py.File(store, "r+") as f:  # a wrong code: that matrix is far off at any scale
+        codes = f["codes"][...]
+        codes[:8] += 40
+        f["codes"][...] = codes
     res = quietly("verify", store)
     assert res.returncode == 1 and "FAILED" in res.stdout, res
 
@@ -208,6 +252,8 @@ def test_no_warning_reaches_stderr(tmp_path):
         path, store = str(tmp_path / f"{name}.h5"), str(tmp_path / f"{name}-out.h5")
         write_collection(path, x, layout="stack", dataset="matrices")
         runs = [("cluster", path, "-o", store, "--rank", RANK, "--eps", EPS, "--mode", mode, "--json"),
+                ("cluster", *PAPER, path, "-o", store, "--rank", RANK, "--eps", EPS, "--mode", mode,
+                 "--json", "--overwrite"),
                 ("verify", store, "--quiet"),
                 ("reconstruct", store, "-o", str(tmp_path / f"{name}-back.h5"))]
         if name == "f64":

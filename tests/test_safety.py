@@ -229,13 +229,17 @@ def run_limited(kib: int, *args, cwd) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("fmt, K, kib", [(".h5", 1000, 48), (".zarr", 120, 6)])
-def test_a_full_disk_leaves_the_previous_output_whole(work, fmt, K, kib):
+@pytest.mark.parametrize("fmt, K, kib, encoding", [(".h5", 1000, 48, "plain"),
+                                                   (".zarr", 120, 6, "plain"),
+                                                   (".h5", 3000, 16, "compact"),
+                                                   (".zarr", 3000, 6, "compact")])
+def test_a_full_disk_leaves_the_previous_output_whole(work, fmt, K, kib, encoding):
     """``ulimit -f``: the store (HDF5: one file) or the checkpoint and the store's root
     metadata (Zarr: many small files) outgrow the limit."""
     write_planted(work / "big.h5", K=K, m=16, n=6, subspaces=40, noise=0.3)
     out = f"out{fmt}"
-    args = ("cluster", "big.h5", "-o", out, "--rank", 2, "--eps", 0.3, "--quiet", "--overwrite")
+    args = ("cluster", "big.h5", "-o", out, "--rank", 2, "--eps", 0.3, "--quiet", "--overwrite",
+            "--encoding", encoding)
     run_matclust(*args, cwd=work, check=0)
     before = tree_digest(work / out)
     proc = run_limited(kib, *args, "--method", "weyl", cwd=work)
