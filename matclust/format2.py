@@ -26,6 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from matclust.compact import CODE_CHUNK, StoredGroup
+
+#: Codes compressed both ways to choose the shuffle (the first ones written).
+SHUFFLE_SAMPLE = 1 << 18
 from matclust.engine import budget as qb
 
 ARRAYS = ("labels", "widths", "step_exponents", "codes", "cluster_ranks", "bases",
@@ -65,8 +68,7 @@ class CompactWriter:
         self._next = 0
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
-        self._codes = writer.create_appendable("codes", self.code_dtype, CODE_CHUNK) \
-            if writer is not None else None
+        self._codes = None  # created with the first codes: see _codes_array
         self.clusters: list[dict] = []
         self.code_count = 0
 
@@ -135,16 +137,32 @@ class CompactWriter:
             if self._buffered >= CODE_CHUNK:
                 self._flush()
 
+    def _codes_array(self, sample: np.ndarray):
+        """The codes array, with the shuffle that compresses the first codes best: a bit
+        shuffle for sparse codes (DCT coefficients: most high bits zero), a byte shuffle for
+        dense ones (weights: zstd's Huffman stage then sees whole low bytes; bench: 10 % on
+        MiniLM columns)."""
+        if self._codes is None:
+            from numcodecs import Blosc
+
+            from matclust.compact import ZSTD_LEVEL
+
+            sample = sample[:SHUFFLE_SAMPLE].astype(self.code_dtype)
+            sizes = {mode: len(Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=flag).encode(sample))
+                     for mode, flag in (("bit", Blosc.BITSHUFFLE), ("byte", Blosc.SHUFFLE))}
+            self.shuffle = min(sizes, key=sizes.get)
+            self._codes = self.writer.create_appendable("codes", self.code_dtype, CODE_CHUNK,
+                                                        self.shuffle)
+        return self._codes
+
     def _flush(self) -> None:
-        if not self._buffer or self._codes is None:
+        if not self._buffer or self.writer is None:
             return
         flat = np.concatenate(self._buffer)
-        if flat.size and flat.max() > np.iinfo(self.code_dtype).max:
-            raise RuntimeError(f"codes exceed {self.code_dtype} (a bound was wrong)")
         # Whole chunks only until the end, so no chunk is compressed twice.
         keep = len(flat) - len(flat) % CODE_CHUNK if self._next < self.K else len(flat)
         if keep:
-            self._codes.append(flat[:keep].astype(self.code_dtype))
+            self._codes_array(flat).append(flat[:keep])
         self._buffer = [flat[keep:]] if keep < len(flat) else []
         self._buffered = len(flat) - keep
 
@@ -154,6 +172,8 @@ class CompactWriter:
         if self._next != self.K:
             raise RuntimeError(f"matrix {self._next} was never encoded")
         self._flush()
+        if self.writer is not None:
+            self._codes_array(np.zeros(1, dtype=self.code_dtype))  # no codes at all: empty
         used = [c for c, info in enumerate(self.clusters) if info["size"]]
         renumber = np.full(len(self.clusters), -1, dtype=np.int64)
         renumber[used] = np.arange(len(used))

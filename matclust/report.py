@@ -45,7 +45,13 @@ def build_report(params: dict, K: int, m: int, rank: int, eps: float, stats: lis
     """Assemble the report from the per-cluster stats. ``file_bytes`` and ``bytes_ratio``
     are filled in once the store is written (0 without one)."""
     input_numbers = m * sum(s["columns"] for s in stats)
-    paper = sum(paper_params(rank, m, s["columns"], s["size"]) for s in stats)
+    if params.get("encoding") == "compact":
+        # The paper's count for what is stored: a factored cluster at its own rank, a group
+        # of matrices kept by their (DCT) entries as m N numbers.
+        paper = sum(paper_params(s["rank"], m, s["columns"], 2) if s["stored"] == "factored"
+                    else m * s["columns"] for s in stats)
+    else:
+        paper = sum(paper_params(rank, m, s["columns"], s["size"]) for s in stats)
     return {
         "params": params,
         "K": int(K),
