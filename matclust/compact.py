@@ -144,7 +144,7 @@ class CompactEncoder:
         rounded = basis if basis.dtype == self.basis_dtype else self.rounded(basis)
         coeffs, trunc2 = qb.truncation(rounded, data, offsets)
         norm2 = qb.per_matrix(column_norms2(data), offsets)
-        keep = self._keep(data, offsets, norm2, trunc2)
+        keep = self.keeps(data, offsets, norm2, trunc2)
         if whole and keep.sum() < 2:
             keep[:] = False
         kept = np.flatnonzero(keep)
@@ -178,7 +178,10 @@ class CompactEncoder:
         return group, [(int(members[j]), data[:, offsets[j]: offsets[j + 1]])
                        for j in np.flatnonzero(~keep)]
 
-    def _keep(self, data, offsets, norm2, trunc2) -> np.ndarray:
+    def keeps(self, data, offsets, norm2, trunc2) -> np.ndarray:
+        """Which members stay in their cluster (the others are evicted): their truncation
+        leaves enough of the budget (matrix guarantee), or, for the cluster guarantee, all but
+        the members worst off until the cluster's truncation leaves enough of its budget."""
         eps2 = self.eps * self.eps
         # A non-zero matrix whose squared norm underflows (or nearly) cannot share a budget
         # computed in this scale; alone, it is rescaled.

@@ -164,6 +164,25 @@ class CompactSink:
         store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
                               budget, progress)
 
+    def recluster(self, indices: np.ndarray, budget_bytes: int) -> bool:
+        """Cluster ``indices`` again among themselves, in memory, and add what that stores
+        (out of core: the members evicted from the planned clusters). False, and nothing
+        done, when their matrices would take more than a quarter of the budget."""
+        from matclust.api import MatrixClusterer
+
+        need = int(self.source.widths[indices].sum()) * self.source.m * self.source.dtype.itemsize
+        if need > budget_bytes // 4:
+            return False
+        blocks = self.source.read(indices).blocks()  # in the working scale, as pass 2 sees them
+        keys = ("rank", "eps", "method", "order", "patience", "oversampling", "guarantee",
+                "memory_limit")
+        sub = MatrixClusterer(**{k: self.params[k] for k in keys}, encoding="compact",
+                              mode="in-memory").fit(blocks)
+        for group in sub.clusters_:
+            group.members = indices[group.members]
+            self._add(group)
+        return True
+
     def finish(self):
         self.flush_pool()
         labels = self.out.finish(self.source.names)

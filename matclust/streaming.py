@@ -194,15 +194,42 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             rounded[c] = encoder.rounded(bases.pop(c))
             cid[c] = out.new_cluster(rounded[c], planned[c].bound or 0.0,
                                      sink.cluster_shift(planned[c].members))
+        if sink.params["guarantee"] == "matrix" and rounded:
+            # Members that leave their cluster here (their own error is above 0.9 eps) would
+            # be stored alone; clustered again among themselves (in memory: they are few)
+            # most join clusters of their own. Their codes wait for the writing pass.
+            evicted = _evicted_members(source, labels, rounded, encoder, progress)
+            if len(evicted) and sink.recluster(evicted, budget_bytes):
+                labels = labels.copy()
+                labels[evicted] = -1
         logger.info("writing pass over the input: %d clusters, %d factored (compact)",
                     len(planned), len(rounded))
         for c, part in cluster_parts(source, labels, progress, "writing"):
+            if c < 0:  # clustered again above
+                continue
             group, leftovers = encoder.encode_cluster(part.indices, part.data, part.offsets,
                                                       rounded.get(c), planned[c].bound,
                                                       whole=False)
             if group is not None:
                 sink._add(group, cid[c])
             sink.leftovers(leftovers)
+
+
+def _evicted_members(source, labels, rounded, encoder, progress) -> np.ndarray:
+    """One pass: the members of factored clusters that the encoder would evict (as
+    :meth:`matclust.compact.CompactEncoder.encode_cluster` decides), in index order."""
+    from matclust.engine import budget as qb
+
+    out = []
+    for c, part in cluster_parts(source, labels, progress, "checking"):
+        basis = rounded.get(c)
+        if basis is None:
+            continue
+        data = as_compute(part.data)
+        _, trunc2 = qb.truncation(basis, data, part.offsets)
+        norm2 = qb.per_matrix(column_norms2(data), part.offsets)
+        out.append(part.indices[~encoder.keeps(data, part.offsets, norm2, trunc2)])
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
 def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: bool):

@@ -164,3 +164,29 @@ def test_cluster_guarantee_never_larger_and_verify_catches_tampering(tmp_path):
         codes[0] += 60
         f["codes"][...] = codes
     run_inprocess("verify", out, check=1)
+
+
+def test_members_evicted_out_of_core_are_clustered_again(tmp_path, monkeypatch):
+    """Out of core the storing pass finds the members above 0.9 eps; they are clustered again
+    among themselves (not stored alone), and every matrix still meets eps."""
+    import matclust.sinks as sinks
+
+    inp = os.fspath(tmp_path / "in.h5")
+    write_planted(inp, K=400, m=16, n=4, subspaces=4, rank=3, noise=0.05, dtype="float32")
+    mats, _, _ = load_input(inp)
+    calls = []
+    real = sinks.CompactSink.recluster
+
+    def spy(self, indices, budget):
+        calls.append(len(indices))
+        return real(self, indices, budget)
+
+    monkeypatch.setattr(sinks.CompactSink, "recluster", spy)
+    reports = {}
+    for mode in ("in-memory", "out-of-core"):
+        out = os.fspath(tmp_path / f"{mode}.h5")
+        reports[mode] = run_inprocess("cluster", inp, "-o", out, "--rank", "3", "--eps", "0.1",
+                                      "--mode", mode, "--json", check=0).json()
+        check_compact(out, mats, 0.1, "matrix")
+    assert calls and calls[0] > 0, "no member was evicted: the test shows nothing"
+    assert reports["out-of-core"]["singletons"] < calls[0]  # most joined clusters again
