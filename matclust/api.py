@@ -409,6 +409,7 @@ class MatrixClusterer:
         progress.start("clustering", source.K)
         for formed in log.clusters(driver) if log else driver.clusters():
             sink.consume(formed, reader)
+        sink.clusters_done(reader)
 
     def _plan_out_of_core(self, source, params, estimator, budget, guard, sink, progress,
                           form_eps):

@@ -35,7 +35,7 @@ TRUNCATION_SHARE = 0.81
 #: budget (a little above TRUNCATION_SHARE: the rounded basis adds a little).
 EVICT_SHARE = 0.9
 #: Zstd level of the compressed arrays (levels above ~10 gained < 1 % on the bench collections).
-ZSTD_LEVEL = 9
+ZSTD_LEVEL = 7
 #: Codes per chunk of the codes array.
 CODE_CHUNK = 1 << 20
 
@@ -201,35 +201,75 @@ class CompactEncoder:
 
     # -- one matrix alone ------------------------------------------------------------------
     def encode_alone(self, index: int, block: np.ndarray) -> StoredGroup:
-        """One matrix at its own rank (or raw), rescaled by a power of two so that neither its
-        norm nor its budget under- or overflows; the step absorbs the scale exactly."""
-        block = np.asarray(block, dtype=compute_dtype(block.dtype))
-        peak = float(np.max(np.abs(block))) if block.size else 0.0
-        width = block.shape[1]
-        offsets = np.array([0, width], dtype=np.int64)
-        if peak == 0.0:
-            q = qb.Quantised(np.zeros((self.m * (2 if self.complex else 1), width), np.int64),
-                             np.array([qb.ZERO_STEP], np.int16), np.zeros(1), np.zeros(1))
-            return StoredGroup(np.array([index]), np.array([width]), None, q, 0.0)
-        shift = int(np.frexp(peak)[1])
-        scaled = qb.scaled_pow2(block, -shift)
-        u, s, vt = np.linalg.svd(scaled, full_matrices=False)
-        dct = qb.to_dct(scaled)
-        k = qb.own_rank(s, vt, dct, self.eps, self.rank, EVICT_SHARE, self.basis_dtype.itemsize)
-        q, basis = None, None
-        if k:
-            basis = np.ascontiguousarray(u[:, :k].astype(self.basis_dtype))
-            q = qb.quantise(basis, scaled, offsets, self.eps)
-        if q is None:
-            basis, q = None, self._dct_codes(index, scaled, dct, offsets)
+        """One matrix at its own rank (or by its DCT coefficients); see :meth:`encode_many`."""
+        return self.encode_many([(index, block)])[0]
+
+    def encode_many(self, items) -> list[StoredGroup]:
+        """Matrices ``(index, block)`` each stored alone, at its own rank or by its DCT
+        coefficients (:func:`matclust.engine.budget.own_rank` picks the one estimated
+        smaller). Each is rescaled by a power of two first, so that neither its norm nor its
+        budget under- or overflows; its step absorbs the scale exactly. The DCT ones are
+        quantised together (one vectorised step search instead of one per matrix)."""
+        out: list[StoredGroup | None] = [None] * len(items)
+        raw = []  # (position, index, scaled block, its DCT, shift)
+        by_shape: dict[tuple, list[int]] = {}
+        blocks = [np.asarray(block, dtype=compute_dtype(block.dtype)) for _, block in items]
+        for pos, block in enumerate(blocks):
+            by_shape.setdefault(block.shape, []).append(pos)
+        for shape, positions in by_shape.items():
+            stack = np.stack([blocks[p] for p in positions])
+            peaks = np.abs(stack).reshape(len(positions), -1).max(axis=1)
+            shifts = np.where(peaks > 0, np.frexp(peaks)[1], 0).astype(np.int64)
+            scaled = qb.scaled_pow2(stack, -shifts[:, None, None])
+            # One batched SVD and DCT for all matrices of this shape.
+            u, s, vt = np.linalg.svd(scaled, full_matrices=False)
+            dct = qb.dct_matrix(shape[0]) @ scaled @ qb.dct_matrix(shape[1]).T
+            ranks = qb.own_ranks(s, vt, dct, self.eps, self.rank, EVICT_SHARE,
+                                 self.basis_dtype.itemsize)
+            for j, pos in enumerate(positions):
+                index, width = items[pos][0], shape[1]
+                if peaks[j] == 0:
+                    q = qb.Quantised(np.zeros((self.m * (2 if self.complex else 1), width),
+                                              np.int64), np.array([qb.ZERO_STEP], np.int16),
+                                     np.zeros(1), np.zeros(1))
+                    out[pos] = StoredGroup(np.array([index]), np.array([width]), None, q, 0.0)
+                    continue
+                k = int(ranks[j])
+                if k:
+                    basis = np.ascontiguousarray(u[j, :, :k].astype(self.basis_dtype))
+                    q = qb.quantise(basis, scaled[j], np.array([0, width]), self.eps)
+                    if q is not None:
+                        out[pos] = self._alone(index, width, basis, q, int(shifts[j]))
+                        out[pos].basis_norms = s[j, :k]  # in the matrix's own scale
+                        continue
+                raw.append((pos, index, scaled[j], dct[j], int(shifts[j])))
+        raw.sort(key=lambda r: r[0])
+        if raw:
+            widths = np.array([r[2].shape[1] for r in raw], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+            q = qb.quantise(None, np.hstack([r[3] for r in raw]), offsets, self.eps)
+            steps = qb.step_values(q.exponents) if q is not None else None
+            for j, (pos, index, scaled, dct, shift) in enumerate(raw):
+                one = None
+                if q is not None:  # checked on the decoded matrix, as every encoding is
+                    codes = q.matrix_codes(offsets, j)
+                    err2 = float(np.sum(np.abs(scaled - qb.decode(None, codes, steps[j],
+                                                                  self.complex)) ** 2))
+                    if err2 <= self.eps ** 2 * float(q.norm2[j]):
+                        one = qb.Quantised(codes, q.exponents[j:j + 1].copy(), np.array([err2]),
+                                           q.norm2[j:j + 1])
+                if one is None:  # the transform's rounding tipped it over: lower the target
+                    one = self._dct_codes(index, scaled, dct, np.array([0, widths[j]]))
+                out[pos] = self._alone(index, int(widths[j]), None, one, shift)
+        return out
+
+    def _alone(self, index: int, width: int, basis, q: qb.Quantised, shift: int) -> StoredGroup:
         exps = q.exponents.astype(np.int64)
         q.exponents = np.where(exps == qb.ZERO_STEP, exps,
                                np.clip(exps + qb.STEP_GRID * shift, qb.ZERO_STEP + 1,
                                        np.iinfo(np.int16).max)).astype(np.int16)
         # Norms and errors in the matrix's own scale: only their ratio is used.
         group = StoredGroup(np.array([index]), np.array([width]), basis, q, 0.0, shift=shift)
-        if basis is not None:
-            group.basis_norms = s[:k]  # in the matrix's own scale, like its norms
         group.bound = group.error
         return group
 

@@ -39,6 +39,9 @@ class PlainSink:
             self.kept.append(enc)
         self.encoded.append(enc)
 
+    def clusters_done(self, reader) -> None:
+        """Every cluster has been consumed: nothing waits here."""
+
     def store_planned(self, planned, form_eps, budget, progress) -> None:
         from matclust.streaming import store_planned
 
@@ -72,6 +75,8 @@ def write_cluster(writer, cid: int, enc: EncodedCluster) -> None:
 #: codes may wait behind a pooled one before the pool is stored (bounds the memory they take).
 POOL_MATRICES = 4096
 PENDING_MATRICES = 65536
+#: Matrices stored alone are encoded this many at a time (the matrix guarantee).
+ALONE_BATCH = 256
 
 
 class CompactSink:
@@ -97,6 +102,7 @@ class CompactSink:
         # Cluster guarantee: matrices that join no factored cluster wait here to be stored as
         # one group of DCT coefficients with one step (matclust.compact.encode_pool).
         self.pool: list[tuple[int, np.ndarray]] = []
+        self.unread: list[int] = []  # members of unfactored clusters, read in batches
 
     def unscale(self, group):
         """The group's steps and norms in the input's magnitude: the source multiplied every
@@ -131,6 +137,13 @@ class CompactSink:
             self.kept.append(group)
 
     def consume(self, formed, reader) -> None:
+        if formed.basis is None and formed.batch is None:
+            # Not factored: its members go to the pool; read them together, not one by one
+            # (most such clusters are patience singletons: thousands of small reads).
+            self.unread.extend(int(i) for i in formed.members)
+            if len(self.unread) >= ALONE_BATCH:
+                self.read_unread(reader)
+            return
         batch = formed.batch if formed.batch is not None else reader.get(formed.members)
         batch = batch.take(np.argsort(batch.indices, kind="stable"))
         basis = formed.basis if formed.factored else None
@@ -140,23 +153,32 @@ class CompactSink:
             self._add(group)
         self.leftovers(leftovers)
 
+    def read_unread(self, reader) -> None:
+        if self.unread:
+            batch = reader.get(np.array(self.unread, dtype=np.int64))
+            self.unread = []
+            self.leftovers(zip(batch.indices, batch.blocks()))
+
     def leftovers(self, items) -> None:
-        """Matrices in no factored cluster: each alone (matrix guarantee) or pooled."""
-        if self.params["guarantee"] == "matrix":
-            for index, block in items:
-                self._add(self.encoder.encode_alone(index, block))
-            return
+        """Matrices in no factored cluster wait in a pool: each is then stored alone (matrix
+        guarantee; encoded in batches) or the pool as one group (cluster guarantee)."""
         self.pool.extend((index, np.array(block)) for index, block in items)
         # A full pool, or codes of later matrices piling up behind the pooled ones.
-        if len(self.pool) >= POOL_MATRICES or (self.pool and self.out.waiting > PENDING_MATRICES):
+        full = POOL_MATRICES if self.params["guarantee"] == "cluster" else ALONE_BATCH
+        if len(self.pool) >= full or (self.pool and self.out.waiting > PENDING_MATRICES):
             self.flush_pool()
 
     def flush_pool(self) -> None:
-        if self.pool:
-            self.pool.sort(key=lambda item: item[0])
+        if not self.pool:
+            return
+        self.pool.sort(key=lambda item: item[0])
+        if self.params["guarantee"] == "matrix":
+            for group in self.encoder.encode_many(self.pool):
+                self._add(group)
+        else:
             members = np.array([i for i, _ in self.pool], dtype=np.int64)
             self._add(self.encoder.encode_pool(members, [b for _, b in self.pool]))
-            self.pool = []
+        self.pool = []
 
     def store_planned(self, planned, form_eps, budget, progress) -> None:
         from matclust.streaming import store_planned_compact
@@ -182,6 +204,10 @@ class CompactSink:
             group.members = indices[group.members]
             self._add(group)
         return True
+
+    def clusters_done(self, reader) -> None:
+        """Every cluster has been consumed (in memory): encode what waits to be read."""
+        self.read_unread(reader)
 
     def finish(self):
         self.flush_pool()

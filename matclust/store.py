@@ -305,6 +305,13 @@ def _backend_for(name: str, path: str, mode: str):
     return (_Hdf5Backend if is_hdf5_name(name) else _ZarrBackend)(path, mode)
 
 
+def _sized(report: dict, size: int, compact: bool) -> None:
+    report["file_bytes"] = int(size)
+    report["bytes_ratio"] = report["input_bytes"] / size if size else 0.0
+    if compact:  # what the matrices take on disk is the store itself
+        report["stored_bytes"] = int(size)
+
+
 def disk_bytes(path: str) -> int:
     """Bytes of a file, or of every file under a directory (a Zarr store)."""
     if os.path.isfile(path):
@@ -496,30 +503,25 @@ class ResultWriter:
         self._check_room()
 
     def set_report(self, report: dict) -> None:
-        """The report attribute, with ``file_bytes``: the store's size on disk as written
-        (the report's own digits included: measured again until it no longer changes) and
-        ``bytes_ratio`` = input_bytes / file_bytes."""
+        """The report attribute, with ``file_bytes`` (the store on disk) and ``bytes_ratio`` =
+        input_bytes / file_bytes. Inside the store they are an estimate (the bytes written
+        so far plus the report's own length: measuring after the attribute would take one more
+        flush of the file, 0.1 s); :meth:`commit` puts the final size in ``report``, which is
+        what ``--json`` and ``--report`` print."""
         self._backend.flush()
         compact = report.get("encoding") == "compact"
         # A compact store keeps its per-cluster statistics as arrays (docs/format.md): as JSON,
         # 250,000 clusters' statistics would outweigh the store.
         stored = {k: v for k, v in report.items() if k != "cluster_stats"} if compact else report
-        for _ in range(3):
-            size = disk_bytes(self.temp)
-            for doc in (report, stored):
-                doc["file_bytes"] = int(size)
-                doc["bytes_ratio"] = report["input_bytes"] / size if size else 0.0
-                if compact:  # what the matrices take on disk is the store itself
-                    doc["stored_bytes"] = int(size)
-            self.set_json("report", stored)
-            self._backend.flush()
-            if disk_bytes(self.temp) == size:
-                break
+        self._report = report
+        size = disk_bytes(self.temp) + len(json.dumps(stored, allow_nan=False))
+        _sized(report, size, compact)
+        _sized(stored, size, compact)
+        self.set_json("report", stored)
 
     # -- completion ------------------------------------------------------------------------
     def commit(self) -> None:
         self._backend.set_attr("complete", True)
-        self._backend.flush()
         self._check_room()
         self._backend.close()
         self._check_room()
@@ -530,6 +532,9 @@ class ResultWriter:
         check_target(self.name, self.overwrite, "result")
         replace_atomically(self.temp, self.path)
         logger.info("committed the result store %s", self.path)
+        report = getattr(self, "_report", None)
+        if report is not None:  # the final size, for what is printed
+            _sized(report, disk_bytes(self.path), report.get("encoding") == "compact")
 
     def abort(self) -> None:
         logger.debug("aborted: removing the unfinished %s", self.temp)

@@ -354,38 +354,49 @@ def unflatten_codes(flat: np.ndarray, rows: int, n: int, raw: bool,
     return np.concatenate(out)
 
 
-def estimated_bits(values: np.ndarray, step: float) -> float:
+def estimated_bits(values: np.ndarray, step) -> np.ndarray | float:
     """Bits an entropy coder spends on ``values`` quantised with ``step``, roughly: about
-    log2(|v| / h) + 1.5 for a value that does not round to zero, a fraction of a bit for one
-    that does. Used only to choose between encodings (the bytes are measured on disk)."""
-    mags = np.abs(np.asarray(values)).ravel() / step
-    big = mags >= 0.5
-    return float(np.sum(np.log2(mags[big] + 0.5) + 2.5) + 0.2 * np.count_nonzero(~big))
+    log2(|v| / h) + 2.5 for a value that does not round to zero, a fraction of a bit for one
+    that does. Used only to choose between encodings (the bytes are measured on disk). With
+    ``values`` of shape (B, c) and ``step`` of shape (B,): one estimate per row."""
+    values = np.abs(np.asarray(values))
+    step = np.asarray(step, dtype=np.float64)
+    mags = values / (step[:, None] if step.ndim else step)
+    bits = np.where(mags >= 0.5, np.log2(mags + 0.5) + 2.5, 0.2)
+    return bits.sum(axis=-1) if step.ndim else float(bits.sum())
 
 
-def own_rank(s: np.ndarray, vt: np.ndarray, dct_coeffs: np.ndarray, eps: float,
-             max_rank: int, truncation_share: float, basis_itemsize: int) -> int:
-    """Rank at which one matrix is stored alone, 0 for its DCT coefficients: the choice with the
-    fewest estimated bytes (:func:`estimated_bits`, plus the basis) among the ranks whose
-    truncation leaves at least 1 - ``truncation_share`` of the budget.
+def own_ranks(s: np.ndarray, vt: np.ndarray, dct_coeffs: np.ndarray, eps: float,
+              max_rank: int, truncation_share: float, basis_itemsize: int) -> np.ndarray:
+    """For matrices of one shape, each stored alone: the rank it is stored at, 0 for its DCT
+    coefficients; the choice with the fewest estimated bytes (:func:`estimated_bits`, plus the
+    basis) among the ranks whose truncation leaves at least 1 - ``truncation_share`` of the
+    budget.
 
-    ``s``, ``vt``: the matrix's singular values and right singular vectors; ``dct_coeffs``: its
-    2-D DCT (complex parts count separately, as they are coded)."""
-    total = float(np.sum(s ** 2))
-    if total <= 0:
-        return 0
+    ``s`` (B, p), ``vt`` (B, p, n): the matrices' singular values and right singular vectors;
+    ``dct_coeffs`` (B, m, n): their 2-D DCTs (complex parts count separately, as coded)."""
+    B, m = dct_coeffs.shape[0], dct_coeffs.shape[1]
+    total = np.sum(s ** 2, axis=1)
     allowed = eps * eps * total
-    raw = _real_view(dct_coeffs)
-    best_rank, best = 0, estimated_bits(raw, np.sqrt(12.0 * allowed / raw.size)) / 8
-    m = dct_coeffs.shape[0]
-    tails = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])
-    for k in range(1, min(max_rank, len(s)) + 1):
-        tail = float(tails[k])
-        if tail > truncation_share * allowed:
-            continue
-        coeffs = _real_view(s[:k, None] * vt[:k])
-        step = np.sqrt(12.0 * (allowed - tail) / coeffs.size)
-        cost = basis_itemsize * m * k + estimated_bits(coeffs, step) / 8
-        if cost < best:
-            best_rank, best = k, cost
+    raw = _rows_real(dct_coeffs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best = estimated_bits(raw, np.sqrt(12.0 * allowed / raw.shape[1])) / 8
+    best_rank = np.zeros(B, dtype=np.int64)
+    tails = np.concatenate([np.cumsum((s ** 2)[:, ::-1], axis=1)[:, ::-1], np.zeros((B, 1))],
+                           axis=1)
+    for k in range(1, min(max_rank, s.shape[1]) + 1):
+        tail = tails[:, k]
+        coeffs = _rows_real(s[:, :k, None] * vt[:, :k])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.sqrt(12.0 * np.maximum(allowed - tail, 0.0) / coeffs.shape[1])
+            cost = basis_itemsize * m * k + estimated_bits(coeffs, step) / 8
+        better = (tail <= truncation_share * allowed) & (cost < best)
+        best_rank[better], best[better] = k, cost[better]
+    best_rank[total <= 0] = 0
     return best_rank
+
+
+def _rows_real(a: np.ndarray) -> np.ndarray:
+    """(B, ...) -> (B, c): each matrix's values in a row, complex parts as separate values."""
+    flat = a.reshape(a.shape[0], -1)
+    return np.concatenate([flat.real, flat.imag], axis=1) if np.iscomplexobj(flat) else flat
