@@ -503,21 +503,23 @@ class ResultWriter:
         self._check_room()
 
     def set_report(self, report: dict) -> None:
-        """The report attribute, with ``file_bytes`` (the store on disk) and ``bytes_ratio`` =
-        input_bytes / file_bytes. Inside the store they are an estimate (the bytes written
-        so far plus the report's own length: measuring after the attribute would take one more
-        flush of the file, 0.1 s); :meth:`commit` puts the final size in ``report``, which is
-        what ``--json`` and ``--report`` print."""
+        """The report attribute, with ``file_bytes``: the store's size on disk as written
+        (the report's own digits included: measured again until it no longer changes) and
+        ``bytes_ratio`` = input_bytes / file_bytes. The first flush compresses what HDF5 still
+        holds (work closing the file would do anyway); the others rewrite one attribute."""
         self._backend.flush()
         compact = report.get("encoding") == "compact"
         # A compact store keeps its per-cluster statistics as arrays (docs/format.md): as JSON,
         # 250,000 clusters' statistics would outweigh the store.
         stored = {k: v for k, v in report.items() if k != "cluster_stats"} if compact else report
-        self._report = report
-        size = disk_bytes(self.temp) + len(json.dumps(stored, allow_nan=False))
-        _sized(report, size, compact)
-        _sized(stored, size, compact)
-        self.set_json("report", stored)
+        for _ in range(3):
+            size = disk_bytes(self.temp)
+            _sized(report, size, compact)
+            _sized(stored, size, compact)
+            self.set_json("report", stored)
+            self._backend.flush()
+            if disk_bytes(self.temp) == size:
+                break
 
     # -- completion ------------------------------------------------------------------------
     def commit(self) -> None:
@@ -532,9 +534,6 @@ class ResultWriter:
         check_target(self.name, self.overwrite, "result")
         replace_atomically(self.temp, self.path)
         logger.info("committed the result store %s", self.path)
-        report = getattr(self, "_report", None)
-        if report is not None:  # the final size, for what is printed
-            _sized(report, disk_bytes(self.path), report.get("encoding") == "compact")
 
     def abort(self) -> None:
         logger.debug("aborted: removing the unfinished %s", self.temp)

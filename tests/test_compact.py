@@ -190,3 +190,16 @@ def test_members_evicted_out_of_core_are_clustered_again(tmp_path, monkeypatch):
         check_compact(out, mats, 0.1, "matrix")
     assert calls and calls[0] > 0, "no member was evicted: the test shows nothing"
     assert reports["out-of-core"]["singletons"] < calls[0]  # most joined clusters again
+
+
+@pytest.mark.parametrize("method", ["incremental", "residual", "weyl"])
+@pytest.mark.parametrize("mode", ["in-memory", "out-of-core"])
+def test_every_method_keeps_every_matrix_within_eps(tmp_path, method, mode):
+    inp = os.fspath(tmp_path / "in.zarr")
+    write_planted(inp, K=90, m=10, n=3, subspaces=3, rank=2, noise=0.02, dtype="float32")
+    mats, _, _ = load_input(inp)
+    for guarantee in ("matrix", "cluster"):
+        out = os.fspath(tmp_path / f"{guarantee}.zarr")
+        run_inprocess("cluster", inp, "-o", out, "--rank", "3", "--eps", "0.15", "--method",
+                      method, "--mode", mode, "--guarantee", guarantee, "--json", check=0)
+        check_compact(out, mats, 0.15, guarantee)
