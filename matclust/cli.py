@@ -460,8 +460,8 @@ def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, o
         if path is not None:
             require_path(path, "-o/--output" if path is output else "--plot")
             refuse_clashes(("output", path), [("input", input)])
-            if os.path.lexists(path) and not overwrite:
-                raise exists_error(path)
+            check_target(path, overwrite, "study" if path is output else "plot",
+                         what="output" if path is output else "plot")
     if plot_path:
         require_matplotlib()  # a missing extra fails before the study runs
     with open_source(input, dataset, transpose, fill_missing) as source:

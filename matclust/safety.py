@@ -132,11 +132,36 @@ def _is_report(path: str) -> bool:
     return isinstance(doc, dict) and "params" in doc and "cluster_stats" in doc
 
 
+def _is_study_csv(path) -> bool:
+    """The bound study's CSV: its first line is the study's header."""
+    from matclust.study import COLUMNS
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n") == ",".join(COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _is_study_plot(path) -> bool:
+    """The bound study's plot: a PNG carrying the study's mark in its text chunks."""
+    from matclust.study import PLOT_MARK
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and PLOT_MARK.encode() in head
+
+
 _KINDS = {
     "result": ("a matclust result store", is_result_store),
     "collection": ("a collection written by matclust sample or reconstruct",
                    lambda p: (root_attrs(p) or {}).get(COLLECTION_ATTR) is not None),
     "report": ("a matclust JSON report", _is_report),
+    "study": ("a bound study's CSV written by matclust bounds", _is_study_csv),
+    "plot": ("a bound study's plot written by matclust bounds", _is_study_plot),
 }
 
 

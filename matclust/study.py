@@ -42,6 +42,8 @@ ESTIMATORS = (
 )
 ESTIMATOR_NAMES = tuple(name for name, _, _ in ESTIMATORS)
 #: The CSV header: the issue's columns, then the seconds each estimator (and the exact SVD) took.
+#: Written into the bound study's PNG (its "Software" text).
+PLOT_MARK = "matclust bounds"
 COLUMNS = ("size", "trial", "true_error", *ESTIMATOR_NAMES,
            *(f"{name}_seconds" for name in ESTIMATOR_NAMES), "exact_seconds")
 #: A bound counts as a violation when it is below the exact error by more than this (absolute);
@@ -261,4 +263,5 @@ def plot_study(result: StudyResult, path, title: str | None = None) -> None:
                           f"({trials} per size), {result.violations} violations", fontsize=11)
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path)
+    # The mark lets --overwrite tell a plot matclust wrote from a picture of the user's.
+    fig.savefig(path, format="png", metadata={"Software": PLOT_MARK})

@@ -456,3 +456,19 @@ def test_an_unexpected_failure_is_one_line_and_exit_1(work, monkeypatch):
     monkeypatch.setenv("MATCLUST_DEBUG", "1")
     res = run_inprocess("cluster", "in.h5", "-o", "out.h5", *CLUSTER, "--mode", "in-memory")
     assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def test_bounds_overwrite_replaces_only_its_own_csv_and_plot(work):
+    """`bounds --overwrite` may replace a study CSV and plot it wrote, nothing else."""
+    write_planted(work / "study_in.h5", K=30, m=8, n=3)
+    args = ("bounds", "study_in.h5", "--rank", 2, "--sizes", "2:4:2", "--trials", 1, "--quiet")
+    (work / "mine.csv").write_text("a,b\n1,2\n")
+    (work / "mine.png").write_bytes(b"\x89PNG\r\n\x1a\n not matclust's")
+    before = tree_digest(work)
+    res = run_matclust(*args, "-o", "mine.csv", "--overwrite", cwd=work, check=2)
+    assert "mine.csv" in res.stderr and "not a bound study's CSV" in res.stderr
+    res = run_matclust(*args, "-o", "s.csv", "--plot", "mine.png", "--overwrite", cwd=work, check=2)
+    assert "mine.png" in res.stderr and "not a bound study's plot" in res.stderr
+    assert tree_digest(work) == before
+    run_matclust(*args, "-o", "s.csv", "--plot", "s.png", cwd=work, check=0)
+    run_matclust(*args, "-o", "s.csv", "--plot", "s.png", "--overwrite", cwd=work, check=0)
