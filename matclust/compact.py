@@ -211,7 +211,6 @@ class CompactEncoder:
         budget under- or overflows; its step absorbs the scale exactly. The DCT ones are
         quantised together (one vectorised step search instead of one per matrix)."""
         out: list[StoredGroup | None] = [None] * len(items)
-        raw = []  # (position, index, scaled block, its DCT, shift)
         by_shape: dict[tuple, list[int]] = {}
         blocks = [np.asarray(block, dtype=compute_dtype(block.dtype)) for _, block in items]
         for pos, block in enumerate(blocks):
@@ -226,6 +225,7 @@ class CompactEncoder:
             dct = qb.dct_matrix(shape[0]) @ scaled @ qb.dct_matrix(shape[1]).T
             ranks = qb.own_ranks(s, vt, dct, self.eps, self.rank, EVICT_SHARE,
                                  self.basis_dtype.itemsize)
+            raw = []  # positions in this shape's stack stored by their DCT coefficients
             for j, pos in enumerate(positions):
                 index, width = items[pos][0], shape[1]
                 if peaks[j] == 0:
@@ -242,35 +242,46 @@ class CompactEncoder:
                         out[pos] = self._alone(index, width, basis, q, int(shifts[j]))
                         out[pos].basis_norms = s[j, :k]  # in the matrix's own scale
                         continue
-                raw.append((pos, index, scaled[j], dct[j], int(shifts[j])))
-        raw.sort(key=lambda r: r[0])
-        if raw:
-            widths = np.array([r[2].shape[1] for r in raw], dtype=np.int64)
-            offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
-            q = qb.quantise(None, np.hstack([r[3] for r in raw]), offsets, self.eps)
-            steps = qb.step_values(q.exponents) if q is not None else None
-            for j, (pos, index, scaled, dct, shift) in enumerate(raw):
-                one = None
-                if q is not None:  # checked on the decoded matrix, as every encoding is
-                    codes = q.matrix_codes(offsets, j)
-                    err2 = float(np.sum(np.abs(scaled - qb.decode(None, codes, steps[j],
-                                                                  self.complex)) ** 2))
-                    if err2 <= self.eps ** 2 * float(q.norm2[j]):
-                        one = qb.Quantised(codes, q.exponents[j:j + 1].copy(), np.array([err2]),
-                                           q.norm2[j:j + 1])
-                if one is None:  # the transform's rounding tipped it over: lower the target
-                    one = self._dct_codes(index, scaled, dct, np.array([0, widths[j]]))
-                out[pos] = self._alone(index, int(widths[j]), None, one, shift)
+                raw.append(j)
+            if raw:
+                self._dct_batch(items, positions, np.array(raw), scaled, dct, shifts, out)
         return out
 
+    def _dct_batch(self, items, positions, rows, scaled, dct, shifts, out) -> None:
+        """Matrices of one shape by their DCT coefficients: one step search for all, then
+        every one checked on its decoded matrix (one batched inverse DCT)."""
+        B, (m, n) = len(rows), scaled.shape[1:]
+        coeffs = dct[rows]
+        side_by_side = coeffs.transpose(1, 0, 2).reshape(m, B * n)
+        offsets = np.arange(0, B * n + 1, n, dtype=np.int64)
+        q = qb.quantise(None, side_by_side, offsets, self.eps)
+        ok = np.zeros(B, dtype=bool)
+        if q is not None:
+            codes = q.codes.reshape(q.codes.shape[0], B, n).transpose(1, 0, 2)  # (B, rows, n)
+            values = codes * qb.step_values(q.exponents)[:, None, None]
+            if self.complex:
+                values = values[:, :m] + 1j * values[:, m:]
+            decoded = qb.dct_matrix(m).T @ values @ qb.dct_matrix(n)
+            err2 = np.sum(np.abs(scaled[rows] - decoded) ** 2, axis=(1, 2))
+            ok = err2 <= self.eps ** 2 * q.norm2
+        for t, j in enumerate(rows):
+            pos, index = positions[j], items[positions[j]][0]
+            if ok[t]:
+                one = qb.Quantised(codes[t], q.exponents[t:t + 1].copy(), err2[t:t + 1],
+                                   q.norm2[t:t + 1])
+            else:  # the transform's rounding tipped it over: lower the target for this one
+                one = self._dct_codes(index, scaled[j], dct[j], np.array([0, n]))
+            out[pos] = self._alone(index, n, None, one, int(shifts[j]))
+
     def _alone(self, index: int, width: int, basis, q: qb.Quantised, shift: int) -> StoredGroup:
-        exps = q.exponents.astype(np.int64)
-        q.exponents = np.where(exps == qb.ZERO_STEP, exps,
-                               np.clip(exps + qb.STEP_GRID * shift, qb.ZERO_STEP + 1,
-                                       np.iinfo(np.int16).max)).astype(np.int16)
+        step = int(q.exponents[0])
+        if step != qb.ZERO_STEP:
+            step = min(max(step + qb.STEP_GRID * shift, qb.ZERO_STEP + 1), np.iinfo(np.int16).max)
+        q.exponents = np.array([step], dtype=np.int16)
         # Norms and errors in the matrix's own scale: only their ratio is used.
         group = StoredGroup(np.array([index]), np.array([width]), basis, q, 0.0, shift=shift)
-        group.bound = group.error
+        norm2, err2 = float(q.norm2[0]), float(q.err2[0])
+        group.bound = float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
         return group
 
     def _dct_codes(self, index: int, block: np.ndarray, dct: np.ndarray, offsets,

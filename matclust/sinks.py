@@ -136,6 +136,22 @@ class CompactSink:
         if self.writer is None:
             self.kept.append(group)
 
+    def _add_alone(self, groups) -> None:
+        """Many groups of one matrix each (see :meth:`_add`), with the per-group work batched."""
+        members = np.fromiter((int(g.members[0]) for g in groups), np.int64, len(groups))
+        exps = getattr(self.source, "exponents", None)
+        if exps is not None and np.any(exps[members]):
+            for group in groups:
+                self.unscale(group)
+        norm2 = np.fromiter((float(g.quantised.norm2[0]) for g in groups), float, len(groups))
+        err2 = np.fromiter((float(g.quantised.err2[0]) for g in groups), float, len(groups))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1)), 0.0)
+        self.worst = max(self.worst, float(rel.max(initial=0.0)))
+        self.out.add_alone(groups)
+        if self.writer is None:
+            self.kept.extend(groups)
+
     def consume(self, formed, reader) -> None:
         if formed.basis is None and formed.batch is None:
             # Not factored: its members go to the pool; read them together, not one by one
@@ -173,8 +189,7 @@ class CompactSink:
             return
         self.pool.sort(key=lambda item: item[0])
         if self.params["guarantee"] == "matrix":
-            for group in self.encoder.encode_many(self.pool):
-                self._add(group)
+            self._add_alone(self.encoder.encode_many(self.pool))
         else:
             members = np.array([i for i, _ in self.pool], dtype=np.int64)
             self._add(self.encoder.encode_pool(members, [b for _, b in self.pool]))
