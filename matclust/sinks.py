@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from matclust.blas import single_threaded
 from matclust.compact import CompactEncoder, max_code_bound
 from matclust.encode import EncodedCluster, encode
 from matclust.engine import budget as qb
@@ -222,9 +223,11 @@ class CompactSink:
 
     def clusters_done(self, reader) -> None:
         """Every cluster has been consumed (in memory): encode what waits to be read."""
-        self.read_unread(reader)
+        with single_threaded():  # many small factorisations: see matclust.blas
+            self.read_unread(reader)
 
     def finish(self):
-        self.flush_pool()
+        with single_threaded():
+            self.flush_pool()
         labels = self.out.finish(self.source.names)
         return labels, self.out.stats(), self.out.stored_numbers, self.worst
