@@ -3,11 +3,12 @@
 Most of the work is on small matrices (an eigh of 29 x 29, an SVD of 32 x 16), where OpenBLAS
 threads cost far more than they save: measured here, eigh of 29 x 29 took ~0.1 ms on one
 thread and 2-10 ms on two, and a 384 x 95 SVD 3 ms against 12-45 ms once the other core was
-busy. So clustering runs with BLAS on one thread, and only large work uses every core:
+busy. So clustering runs with BLAS on one thread, and only work that is mostly not BLAS uses
+every core:
 
-* the in-memory residual scans, one product over a whole batch of candidates, get every BLAS
-  thread (:func:`all_threads`; 10,000 MiniLM columns: 2.1 s with one, 1.7 s with two; cutting
-  the batch in pieces for Python threads measured slower);
+* the in-memory residual scans stay on one thread too: on a machine whose other core is busy,
+  a whole command measured slower with two threads for them (MiniLM 10k: 2.1 s against 1.7 s
+  on one; RGB patches: 2.6 s against 2.3 s), though on an idle one two threads were faster;
 * work that is mostly not BLAS (widening two-byte summaries, batched small SVDs) is cut into
   pieces that run on all cores at once (:func:`on_all_cores`; numpy releases the GIL in its
   loops and in LAPACK): the summary scan ran 1.5x faster so.
@@ -32,11 +33,6 @@ _POOL: ThreadPoolExecutor | None = None
 def single_threaded():
     """Context: BLAS on one thread (cheap to enter: the controller is created once)."""
     return _CONTROLLER.limit(limits=1, user_api="blas")
-
-
-def all_threads():
-    """Context: BLAS on every core (inside a single-threaded section)."""
-    return _CONTROLLER.limit(limits=CORES, user_api="blas")
 
 
 def on_all_cores(fn: Callable, items: Iterable) -> list:

@@ -233,8 +233,8 @@ class GreedyDriver:
     def clusters(self) -> Iterator[FormedCluster]:
         """Form clusters one by one, in order; each is final when yielded.
 
-        BLAS runs single-threaded here (see :mod:`matclust.blas`); readers use every core for
-        their batched residual products."""
+        BLAS runs single-threaded here, the readers' residual scans included (see
+        :mod:`matclust.blas`)."""
         with single_threaded():
             yield from self._clusters()
 

@@ -13,7 +13,6 @@ from typing import Iterator
 
 import numpy as np
 
-from matclust.blas import all_threads
 from matclust.engine.linalg import column_norms2, residual_columns2
 from matclust.sources.base import Batch, MatrixSource
 
@@ -98,8 +97,7 @@ class CachedReader:
                 batch, norms2 = batch.take(keep), None
             else:
                 norms2 = self.column_norms2(k, batch)
-            with all_threads():
-                out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data, norms2))
+            out[batch.indices] = batch.reduce_columns(residual_columns2(q, batch.data, norms2))
         return out[candidates]
 
     def _compacted(self, k: int) -> Batch:
