@@ -325,7 +325,8 @@ class MatrixClusterer:
                        "transpose": source.transpose, "stored_dtype": str(source.storage_dtype),
                        **(extra_params or {})})
         # Every matrix may end up a cluster of its own: the plan reserves room for that.
-        in_memory_plan = limits.plan(params["memory_limit"], source.K, source.K)
+        in_memory_plan = limits.plan(params["memory_limit"], source.K,
+                                     limits.cluster_reserve(source.K))
         out_of_core = params["mode"] == "out-of-core" or (
             params["mode"] == "auto" and output is not None
             and source.matrix_bytes > min(in_memory_plan.cache if in_memory_plan else 0,
@@ -407,7 +408,8 @@ class MatrixClusterer:
         log = guard.checkpoint(params, source, driver.norms2) \
             if guard is not None and hasattr(driver, "rebuild") else None
         progress.start("clustering", source.K)
-        for formed in log.clusters(driver) if log else driver.clusters():
+        for formed in within_reserve(log.clusters(driver) if log else driver.clusters(), source,
+                                     params, False):
             sink.consume(formed, reader)
         sink.clusters_done(reader)
 
@@ -425,7 +427,8 @@ class MatrixClusterer:
         # Planning is what a crash would lose: the checkpoint records it as in memory.
         log = guard.checkpoint(params, source, summaries.norms2) if guard is not None else None
         progress.start("clustering", source.K)
-        planned = list(log.clusters(driver) if log else driver.clusters())
+        planned = list(within_reserve(log.clusters(driver) if log else driver.clusters(), source,
+                                      params, True))
         del driver, summaries
         sink.store_planned(planned, form_eps, budget, progress)
 
@@ -448,14 +451,29 @@ def cluster_plan(source: MatrixSource, params: dict, out_of_core: bool) -> limit
     need = summary_bytes(source, params["rank"], params["eps"]) if out_of_core else 0
     K = source.K
 
-    def fits(limit):
-        return limits.plan(limit, K, K, need) is not None
+    def fits(limit, clusters=limits.cluster_reserve(K)):
+        return limits.plan(limit, K, clusters, need) is not None
 
     if not fits(params["memory_limit"]):
         what = "summaries of " if out_of_core else ""
         raise limits.refuse(f"{source.where}: clustering the {what}{K} matrices of {source.m} rows",
                             params["memory_limit"], fits)
-    return limits.plan(params["memory_limit"], K, K, need)
+    return limits.plan(params["memory_limit"], K, limits.cluster_reserve(K), need)
+
+
+def within_reserve(clusters, source: MatrixSource, params: dict, out_of_core: bool):
+    """The formed clusters, stopped with an error naming the limit that holds every matrix as a
+    cluster of its own when more form than the plan reserved memory for (see
+    :func:`matclust.limits.cluster_reserve`): never a run that outgrows its limit."""
+    reserved = limits.cluster_reserve(source.K)
+    for count, cluster in enumerate(clusters, 1):
+        if count > reserved:
+            need = summary_bytes(source, params["rank"], params["eps"]) if out_of_core else 0
+            raise limits.refuse(
+                f"{source.where}: these {source.K} matrices form more than {reserved} clusters; "
+                f"holding them", params["memory_limit"],
+                lambda x: limits.plan(x, source.K, source.K, need) is not None)
+        yield cluster
 
 
 def as_source(X) -> MatrixSource:

@@ -55,3 +55,20 @@ def test_too_small_names_a_limit_that_works(tmp_path):
     assert math.isnan(peak) or peak <= limit, f"peak RSS {peak:.0f} MiB over the named limit {limit} MiB"
     code, peak, err = child_peak_mib(["verify", out, "--quiet", "--memory-limit", f"{limit}MiB"])
     assert code == 0 and (math.isnan(peak) or peak <= limit), (peak, err)
+
+
+def test_more_clusters_than_reserved_stop_with_the_limit_for_all(tmp_path, monkeypatch):
+    """The plan reserves memory for K/8 clusters (at least 65,536); a run that forms more stops
+    with an error naming the limit for K clusters, and writes nothing."""
+    import numpy as np
+
+    from matclust import limits
+    from matclust.api import MatrixClusterer
+    from matclust.errors import InputError
+
+    monkeypatch.setattr(limits, "MIN_RESERVED_CLUSTERS", 4)
+    X = np.random.default_rng(0).standard_normal((64, 12, 4))  # unrelated: 64 singletons
+    out = tmp_path / "o.h5"
+    with pytest.raises(InputError, match=r"form more than 8 clusters.*needs --memory-limit \d+MiB"):
+        MatrixClusterer(rank=2, eps=0.05).fit(X, out)
+    assert not out.exists() and os.listdir(tmp_path) == []
