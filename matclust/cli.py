@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from matclust import __version__, defaults
 from matclust.errors import InputError, WriteFailure
-from matclust.safety import (check_target, disk_full_reason, exists_error, refuse_clashes,
+from matclust.safety import (check_target, disk_full_reason, refuse_clashes,
                              require_path, write_text_atomically)
 
 

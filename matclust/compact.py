@@ -134,7 +134,7 @@ class CompactEncoder:
         """``members`` ascending, ``data`` their columns side by side (``offsets``), ``basis``
         the cluster's exact top-r basis or None (not worth factoring). Returns the cluster's
         stored group (None when no member stays in it) and the (index, columns) of the members
-        left over, for :meth:`encode_alone` or :meth:`encode_pool`. With ``whole=False`` the members are one part of a cluster (out of
+        left over, for :meth:`encode_many` or :meth:`encode_pool`. With ``whole=False`` the members are one part of a cluster (out of
         core: one input batch's share), whose group stays even with one member; with the
         cluster guarantee each part then meets eps on its own."""
         data = np.asarray(data, dtype=compute_dtype(data.dtype))
@@ -200,13 +200,9 @@ class CompactEncoder:
         return keep
 
     # -- one matrix alone ------------------------------------------------------------------
-    def encode_alone(self, index: int, block: np.ndarray) -> StoredGroup:
-        """One matrix at its own rank (or by its DCT coefficients); see :meth:`encode_many`."""
-        return self.encode_many([(index, block)])[0]
-
     def encode_many(self, items) -> list[StoredGroup]:
         """Matrices ``(index, block)`` each stored alone, at its own rank or by its DCT
-        coefficients (:func:`matclust.engine.budget.own_rank` picks the one estimated
+        coefficients (:func:`matclust.engine.budget.own_ranks` picks the one estimated
         smaller). Each is rescaled by a power of two first, so that neither its norm nor its
         budget under- or overflows; its step absorbs the scale exactly. The DCT ones are
         quantised together (one vectorised step search instead of one per matrix)."""

@@ -28,7 +28,7 @@ from matclust import defaults
 from matclust.driver import feeding_order
 from matclust.engine import make_estimator
 from matclust.engine.exact import exact_error
-from matclust.engine.linalg import at_common_scale, compute_dtype
+from matclust.engine.linalg import at_common_scale
 from matclust.errors import InputError, MissingExtraError
 from matclust.sources.cache import CachedReader
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (PAPER, PAPER_PARAMS,
+from conftest import (PAPER_PARAMS,
     best_error,
     check_partition,
     concat,

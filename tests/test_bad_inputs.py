@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PAPER, PAPER_PARAMS, run_matclust, tree_digest
+from conftest import PAPER, run_matclust, tree_digest
 
 RNG = np.random.default_rng(0)
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PAPER, PAPER_PARAMS, concat, load_input, read_store, sq, wide
+from conftest import PAPER, concat, load_input, read_store, sq, wide
 from matclust.api import MatrixClusterer
 from matclust.cli import main
 

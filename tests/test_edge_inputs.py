@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PAPER, PAPER_PARAMS, check_store, read_store, run_matclust
+from conftest import PAPER, check_store, read_store, run_matclust
 from matclust.sample import planted_collection
 
 RANK, EPS = 2, 0.05

@@ -19,7 +19,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (PAPER, PAPER_PARAMS,
+from conftest import (
+    PAPER,
     best_error,
     check_store,
     check_stored_dtypes,

@@ -17,7 +17,6 @@ powers of ten), in memory and out of core. For every run:
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import h5py

@@ -19,7 +19,7 @@ import pytest
 
 import matclust.sources.base as sources_base
 import matclust.streaming as streaming
-from conftest import (PAPER, PAPER_PARAMS,check_partition, check_stored_dtypes, concat, load_input, read_store,
+from conftest import (PAPER, check_partition, check_stored_dtypes, concat, load_input, read_store,
                       run_matclust, sq, wide)
 from matclust import MatrixClusterer
 from matclust import limits

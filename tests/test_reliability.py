@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PAPER, PAPER_PARAMS, read_store, run_matclust, tree_digest, write_planted
+from conftest import PAPER, read_store, run_matclust, tree_digest, write_planted
 
 RANK, EPS = 3, 0.05
 BIG = dict(K=6000, m=24, n=6, subspaces=600, rank=3, noise=0.01, dtype="float32", seed=7)
