@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from matclust.engine import budget as qb
-from matclust.engine.linalg import column_norms2, compute_dtype
+from matclust.engine.linalg import column_norms2, compute_dtype, relative_errors
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ class StoredGroup:
 
     @property
     def matrix_errors(self) -> np.ndarray:
-        n2 = self.quantised.norm2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(n2 > 0, np.sqrt(self.quantised.err2 / np.where(n2 > 0, n2, 1)), 0.0)
+        return relative_errors(self.quantised.err2, self.quantised.norm2)
 
 
 class CompactEncoder:
@@ -270,10 +268,7 @@ class CompactEncoder:
             out[pos] = self._alone(index, n, None, one, int(shifts[j]))
 
     def _alone(self, index: int, width: int, basis, q: qb.Quantised, shift: int) -> StoredGroup:
-        step = int(q.exponents[0])
-        if step != qb.ZERO_STEP:
-            step = min(max(step + qb.STEP_GRID * shift, qb.ZERO_STEP + 1), np.iinfo(np.int16).max)
-        q.exponents = np.array([step], dtype=np.int16)
+        q.exponents = qb.shifted_steps(q.exponents, shift)
         # Norms and errors in the matrix's own scale: only their ratio is used.
         group = StoredGroup(np.array([index]), np.array([width]), basis, q, 0.0, shift=shift)
         norm2, err2 = float(q.norm2[0]), float(q.err2[0])

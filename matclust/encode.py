@@ -14,7 +14,7 @@ import numpy as np
 
 from matclust.driver import FormedCluster
 from matclust.engine.exact import coefficients
-from matclust.engine.linalg import as_compute, column_norms2, sqnorm
+from matclust.engine.linalg import as_compute, column_norms2, relative_errors, sqnorm
 from matclust.sources.cache import CachedReader
 
 
@@ -107,10 +107,7 @@ def worst_member(batch, diff: np.ndarray) -> float:
     the stored columns' differences ``diff`` (zero members: 0 if stored exactly, else 1)."""
     err2 = batch.reduce_columns(column_norms2(diff))
     norm2 = batch.reduce_columns(column_norms2(as_compute(batch.data)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1.0)),
-                       np.where(err2 > 0, 1.0, 0.0))
-    return float(rel.max(initial=0.0))
+    return float(relative_errors(err2, norm2, if_zero=1.0).max(initial=0.0))
 
 
 def _relative(err2: float, norm2: float) -> float:

@@ -14,6 +14,7 @@ from matclust.blas import single_threaded
 from matclust.compact import CompactEncoder, max_code_bound
 from matclust.encode import EncodedCluster, encode
 from matclust.engine import budget as qb
+from matclust.engine.linalg import relative_errors
 from matclust.format2 import CompactWriter
 from matclust.report import cluster_stat
 
@@ -113,11 +114,7 @@ class CompactSink:
         if exps is None or not np.any(exps[group.members]):
             return group
         shift = exps[group.members].astype(np.int64)
-        steps = group.quantised.exponents.astype(np.int64)
-        group.quantised.exponents = np.where(
-            steps == qb.ZERO_STEP, steps,
-            np.clip(steps - qb.STEP_GRID * shift, qb.ZERO_STEP + 1, np.iinfo(np.int16).max)
-        ).astype(np.int16)
+        group.quantised.exponents = qb.shifted_steps(group.quantised.exponents, -shift)
         group.shift -= int(shift[0])
         return group
 
@@ -146,9 +143,7 @@ class CompactSink:
                 self.unscale(group)
         norm2 = np.fromiter((float(g.quantised.norm2[0]) for g in groups), float, len(groups))
         err2 = np.fromiter((float(g.quantised.err2[0]) for g in groups), float, len(groups))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1)), 0.0)
-        self.worst = max(self.worst, float(rel.max(initial=0.0)))
+        self.worst = max(self.worst, float(relative_errors(err2, norm2).max(initial=0.0)))
         self.out.add_alone(groups)
         if self.writer is None:
             self.kept.extend(groups)

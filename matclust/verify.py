@@ -20,8 +20,8 @@ import numpy as np
 
 from matclust import defaults
 from matclust.engine import budget as qb
-from matclust.engine.linalg import (ScaledSums, as_compute, peak, peak_exponents, sqnorm,
-                                    sqnorm_scaled, times_power2)
+from matclust.engine.linalg import (ScaledSums, as_compute, peak, peak_exponents,
+                                    relative_errors, sqnorm, sqnorm_scaled, times_power2)
 from matclust.errors import InputError
 from matclust import limits
 from matclust.limits import verify_plan
@@ -424,9 +424,7 @@ def _verify_compact(store: ResultStore, src, eps: float, guarantee: str, progres
                 shift[i], err2[i], norm2[i] = scaled_error2(a, decoded)
             if progress:
                 progress.advance(len(batch))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        matrix_errors = np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1)),
-                                 np.where(err2 > 0, np.inf, 0.0))
+    matrix_errors = relative_errors(err2, norm2)
     # Cluster errors: every member's sums brought to the cluster's largest scale.
     C = store.n_clusters
     top = np.full(C, np.iinfo(np.int64).min)
@@ -436,9 +434,7 @@ def _verify_compact(store: ResultStore, src, eps: float, guarantee: str, progres
     n2 = np.zeros(C)
     np.add.at(e2, labels, np.ldexp(err2, 2 * (shift - top[labels])))
     np.add.at(n2, labels, np.ldexp(norm2, 2 * (shift - top[labels])))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cluster_errors = np.where(n2 > 0, np.sqrt(e2 / np.where(n2 > 0, n2, 1)),
-                                  np.where(e2 > 0, np.inf, 0.0))
+    cluster_errors = relative_errors(e2, n2)
     checked = matrix_errors if guarantee == "matrix" else cluster_errors
     over = [int(c) for c in np.flatnonzero(~(checked <= eps))] if not problems else []
     worst = int(np.argmax(matrix_errors)) if K and not problems else None

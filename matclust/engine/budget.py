@@ -85,6 +85,15 @@ def step_exponents(steps: np.ndarray) -> np.ndarray:
     return np.clip(e, ZERO_STEP + 1, np.iinfo(np.int16).max)
 
 
+def shifted_steps(exponents, shift) -> np.ndarray:
+    """Step exponents of values multiplied by 2^shift (exact on the grid: 16 shift), the zero
+    step kept, within int16."""
+    e = np.asarray(exponents, dtype=np.int64)
+    moved = np.clip(e + STEP_GRID * np.asarray(shift, dtype=np.int64), ZERO_STEP + 1,
+                    np.iinfo(np.int16).max)
+    return np.where(e == ZERO_STEP, e, moved).astype(np.int16)
+
+
 def zigzag(codes: np.ndarray) -> np.ndarray:
     c = np.asarray(codes, dtype=np.int64)
     return ((c << 1) ^ (c >> 63)).astype(np.uint64)

@@ -64,6 +64,15 @@ def truncation_error(sigma2: np.ndarray, rank: int, total: float | None = None) 
     return float(np.sqrt(min(1.0, tail / denominator)))
 
 
+def relative_errors(err2, norm2, if_zero: float = np.inf) -> np.ndarray:
+    """sqrt(err2 / norm2) element-wise; where norm2 is 0: 0 when err2 is 0 too (a zero matrix
+    stored exactly), else ``if_zero`` (anything stored for a zero matrix is wrong)."""
+    err2, norm2 = np.asarray(err2, dtype=np.float64), np.asarray(norm2, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm2 > 0, np.sqrt(err2 / np.where(norm2 > 0, norm2, 1.0)),
+                        np.where(err2 > 0, if_zero, 0.0))
+
+
 def top_energy(sigma2: np.ndarray, r: int) -> float:
     """Sum of the r largest entries."""
     if len(sigma2) <= r:
