@@ -190,9 +190,9 @@ class CompactWriter:
         self._buffer = [flat[keep:]] if keep < len(flat) else []
         self._buffered = len(flat) - keep
 
-    def finish(self, names=None) -> np.ndarray:
+    def finish(self, names=None) -> tuple[np.ndarray, list[dict]]:
         """Write every array but ``codes`` (already written) once every matrix is encoded;
-        returns the final labels."""
+        returns the final labels and the clusters' statistics (:meth:`stats`)."""
         if self._next != self.K:
             raise RuntimeError(f"matrix {self._next} was never encoded")
         self._flush()
@@ -207,7 +207,7 @@ class CompactWriter:
         stats = self.stats()
         w = self.writer
         if w is None:  # results kept in memory (the API without an output store)
-            return self.labels
+            return self.labels, stats
         w.write_array("labels", self.labels, compress=True)
         w.write_array("widths", self.widths, compress=True)
         w.write_array("step_exponents", self.exponents, compress=True)
@@ -235,7 +235,7 @@ class CompactWriter:
         w.write_array("cluster_errors", _round_up32([s["error"] for s in stats]), compress=True)
         if names is not None:
             w.write_strings("names", names)
-        return self.labels
+        return self.labels, stats
 
 
 class CompactReader:

@@ -237,5 +237,5 @@ class CompactSink:
     def finish(self):
         with single_threaded():
             self.flush_pool()
-        labels = self.out.finish(self.source.names)
-        return labels, self.out.stats(), self.out.stored_numbers, self.worst
+        labels, stats = self.out.finish(self.source.names)
+        return labels, stats, self.out.stored_numbers, self.worst
