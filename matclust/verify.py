@@ -373,9 +373,10 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaul
             except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(f"{path}: damaged result store: its params lack a valid "
                                  f"{exc if isinstance(exc, KeyError) else 'eps'}") from None
-            with open_source(input_path or recorded_input,
-                             dataset if dataset is not None else params.get("dataset"),
-                             bool(params.get("transpose", False)), fill_missing) as src:
+            from matclust.append import open_inputs  # every input an append recorded
+
+            with open_inputs({**params, "input": recorded_input}, len(store.labels), input_path,
+                             dataset, fill_missing, path) as src:
                 return _verify_compact(store, src, eps, params.get("guarantee", "cluster"),
                                        progress)
         if store.labels is not None:  # refuse a limit too small before any work

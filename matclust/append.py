@@ -1,0 +1,416 @@
+"""Appending a collection to an existing result store (``matclust append``).
+
+The new matrices get the indices K0, K0 + 1, ... after the store's K0 matrices. Each first
+tries the store's factored clusters *as stored*: their rounded bases are fixed, so a newcomer's
+error against one is exact and cheap to compute, and the existing members' codes stay as they
+are (:class:`StoredBases` screens every pair at once; :meth:`CompactEncoder.encode_cluster
+<matclust.compact.CompactEncoder.encode_cluster>` then encodes and checks on decoded values).
+A newcomer joins a cluster when
+
+* matrix guarantee: its own decoded error, after its own quantisation, is within eps;
+* cluster guarantee: in addition the cluster's energy-weighted error with it stays within eps,
+  sqrt((e_c^2 N_c^2 + E) / (N_c^2 + N)) <= eps, with the cluster's stored norm N_c
+  (``cluster_norms`` * 2^``cluster_norm_exponents``) and stored error e_c (``cluster_errors``,
+  rounded up, so e_c^2 N_c^2 bounds its squared error from above), and the newcomers' own
+  squared error E and squared norm N (docs/format.md, "Appends").
+
+The others are clustered among themselves with the store's own parameters
+(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids. The grown
+store is written next to the old one and renamed over it when complete (the old one stays
+intact until then), under the store's lock (:mod:`matclust.checkpoint`).
+
+:func:`open_inputs` reads every input a store records, in order, as one collection (for
+``verify``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from matclust import defaults, limits
+from matclust.checkpoint import OutputGuard
+from matclust.compact import EVICT_SHARE, CompactEncoder, max_code_bound
+from matclust.engine import budget as qb
+from matclust.engine.linalg import times_power2
+from matclust.errors import InputError
+from matclust.format2 import CompactWriter
+from matclust.report import build_report
+from matclust.safety import refuse_clashes, require_path
+from matclust.sinks import unscaled
+from matclust.sources import open_source
+from matclust.sources.base import Batch
+from matclust.sources.cache import CachedReader
+from matclust.store import FORMAT, ResultStore, ResultWriter
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of (projections x columns) computed at once while screening newcomers.
+SCREEN_BYTES = 32 * 2**20
+#: Parameters of the store's run that the new matrices are clustered with.
+CLUSTERING_KEYS = ("rank", "eps", "method", "order", "patience", "oversampling", "guarantee")
+
+
+# ---------------------------------------------------------------------------------------------
+# The inputs a store records
+# ---------------------------------------------------------------------------------------------
+def recorded_inputs(params: dict, K: int) -> list[dict]:
+    """Every input the store was built from, in order: ``{input, dataset, K}`` each. A store
+    never appended to records one input (``input``, ``dataset``) holding all K matrices."""
+    inputs = params.get("inputs")
+    if inputs:
+        return [dict(entry) for entry in inputs]
+    return [{"input": params.get("input"), "dataset": params.get("dataset"), "K": int(K)}]
+
+
+def _dataset_key(dataset) -> str:
+    return str(dataset or "").strip("/")
+
+
+def _same_input(entry: dict, path: str, dataset) -> bool:
+    recorded = entry.get("input")
+    if recorded is None:
+        return False
+    same = os.path.realpath(recorded) == os.path.realpath(path) if os.path.exists(path) \
+        else recorded == path
+    return same and _dataset_key(entry.get("dataset")) == _dataset_key(dataset)
+
+
+class ConcatenatedInputs:
+    """Several collections read one after another as one (a store's recorded inputs): K,
+    widths, m and ``iter_batches`` with indices running on from one input to the next."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self.firsts = np.concatenate([[0], np.cumsum([s.K for s in sources])]).astype(np.int64)
+        self.K = int(self.firsts[-1])
+        self.m = sources[0].m
+        self.widths = np.concatenate([s.widths for s in sources])
+        self.where = " + ".join(s.where for s in sources)
+        self.input_dtype = np.result_type(*(s.input_dtype for s in sources))
+        self.storage_dtype = np.result_type(*(s.storage_dtype for s in sources))
+        self.names = None
+
+    def iter_batches(self, target_bytes: int | None = None):
+        for first, source in zip(self.firsts, self.sources):
+            for batch in source.iter_batches(target_bytes):
+                yield Batch(batch.indices + first, batch.data, batch.offsets)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_inputs(params: dict, K: int, input_path=None, dataset=None, fill_missing: bool = False,
+                where: str = "the store"):
+    """The collection a store was built from: its one input (``input_path`` / ``dataset``
+    override what is recorded), or every recorded input in order, read as one."""
+    transpose = bool(params.get("transpose", False))
+    inputs = recorded_inputs(params, K)
+    if len(inputs) == 1:
+        return open_source(input_path or inputs[0]["input"],
+                           dataset if dataset is not None else inputs[0]["dataset"], transpose,
+                           fill_missing)
+    if input_path is not None or dataset is not None:
+        raise InputError(f"{where}: built from {len(inputs)} inputs (matclust append); it is "
+                         "checked against all of them as recorded, so --input and --dataset "
+                         "do not apply")
+    sources = []
+    try:
+        for entry in inputs:
+            source = open_source(entry["input"], entry["dataset"], transpose, fill_missing)
+            sources.append(source)
+            if source.K != entry["K"]:
+                raise InputError(f"{source.where}: holds {source.K} matrices, but {where} "
+                                 f"recorded {entry['K']} from it")
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    return ConcatenatedInputs(sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Newcomers against stored bases
+# ---------------------------------------------------------------------------------------------
+class StoredBases:
+    """The factored clusters of a store, for measuring newcomers against their stored
+    (rounded) bases all at once.
+
+    A rounded basis U is not exactly orthonormal; with U^H U = L L^H, Q = U L^-H is an
+    orthonormal basis of the same range, and ||Q^H a||^2 is the energy of a's least-squares
+    fit by U. All Q^H are stacked (R x m) so that one product screens a batch against every
+    cluster."""
+
+    def __init__(self, reader, complex_data: bool):
+        self.ids = np.flatnonzero(reader.ranks > 0)
+        self.ranks = reader.ranks[self.ids]
+        self.starts = np.concatenate([[0], np.cumsum(self.ranks)]).astype(np.int64)
+        dtype = np.complex128 if complex_data else np.float64
+        self.qh = np.empty((int(self.starts[-1]), reader.m), dtype=dtype)
+        for r in np.unique(self.ranks):
+            which = np.flatnonzero(self.ranks == r)
+            u = np.stack([reader.basis(int(self.ids[k])) for k in which]).astype(dtype)
+            gram = np.swapaxes(u.conj(), 1, 2) @ u
+            lower = np.linalg.cholesky(gram)
+            qh = np.linalg.solve(lower, np.swapaxes(u.conj(), 1, 2))  # L^-1 U^H, (F_r, r, m)
+            rows = (self.starts[which][:, None] + np.arange(r)[None, :]).ravel()
+            self.qh[rows] = qh.reshape(-1, reader.m)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def best(self, batch, norm2: np.ndarray, allowed2: np.ndarray):
+        """For every matrix of ``batch``: the cluster (a store id, -1 for none) whose stored
+        basis fits it within ``EVICT_SHARE`` of ``allowed2`` (its squared error budget) with
+        the fewest estimated code bits, and that fit's squared truncation error.
+
+        Bits: r_c n_i coefficients of energy P at the step the rest of the budget allows,
+        about r_c n_i / 2 log2(2 pi e P / (12 (allowed2 - T))) (a quantised Gaussian; see
+        docs/format.md); ties go to the lower cluster id."""
+        B = len(batch)
+        best_bits = np.full(B, np.inf)
+        best_id = np.full(B, -1, dtype=np.int64)
+        best_trunc = np.zeros(B)
+        if not len(self) or not B:
+            return best_id, best_trunc
+        widths = np.diff(batch.offsets).astype(np.float64)
+        data = np.asarray(batch.data, dtype=self.qh.dtype)
+        per_row = max(1, SCREEN_BYTES // (16 * data.shape[1]))
+        f0 = 0
+        while f0 < len(self):
+            f1 = int(np.searchsorted(self.starts, self.starts[f0] + per_row, side="right")) - 1
+            f1 = min(max(f1, f0 + 1), len(self))
+            lo, hi = self.starts[f0], self.starts[f1]
+            energy = np.abs(self.qh[lo:hi] @ data) ** 2  # (rows, columns)
+            energy = np.add.reduceat(energy, self.starts[f0:f1] - lo, axis=0)
+            proj = np.add.reduceat(energy, batch.offsets[:-1], axis=1)  # (clusters, matrices)
+            trunc = np.maximum(norm2[None, :] - proj, 0.0)
+            spare = allowed2[None, :] - trunc
+            fits = (trunc <= EVICT_SHARE * allowed2[None, :]) & (norm2[None, :] > 0)
+            count = self.ranks[f0:f1, None] * widths[None, :]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bits = count * np.maximum(0.5 * np.log2(2 * np.pi * np.e / 12 * proj / spare), 0)
+            bits = np.where(fits, bits, np.inf)
+            k = np.argmin(bits, axis=0)
+            better = bits[k, np.arange(B)] < best_bits
+            best_bits = np.where(better, bits[k, np.arange(B)], best_bits)
+            best_id = np.where(better, self.ids[f0 + k], best_id)
+            best_trunc = np.where(better, trunc[k, np.arange(B)], best_trunc)
+            f0 = f1
+        return best_id, best_trunc
+
+
+# ---------------------------------------------------------------------------------------------
+# The append
+# ---------------------------------------------------------------------------------------------
+def append_to_store(store_path, input_path, dataset=None, transpose=None,
+                    memory_limit: int = defaults.MEMORY_LIMIT,
+                    progress=None, fill_missing: bool = False) -> dict:
+    """Add the matrices of ``input_path`` to the result store ``store_path``; returns the
+    grown store's report (with an ``append`` entry: what this append did)."""
+    started = time.perf_counter()
+    store_path = require_path(store_path, "STORE")
+    input_path = require_path(input_path, "INPUT")
+    if not os.path.exists(store_path):
+        raise InputError(f"{store_path}: no such result store")
+    refuse_clashes(("store", store_path), [("input", input_path)])
+    with OutputGuard(store_path):
+        with ResultStore(store_path) as old:
+            params = dict(old.params)
+            _refuse_unappendable(old, store_path)
+            K0 = len(old.labels)
+            inputs = recorded_inputs(params, K0)
+            if transpose is None:
+                transpose = bool(params.get("transpose", False))
+            elif bool(transpose) != bool(params.get("transpose", False)):
+                was = "transposed (--transpose)" if params.get("transpose") else \
+                    "as stored (--no-transpose)"
+                raise InputError(f"{store_path}: its matrices were read {was}; INPUT must be "
+                                 "read the same way (reconstruct undoes one choice for all)")
+            with open_source(input_path, dataset, transpose, fill_missing) as source:
+                for k, entry in enumerate(inputs):
+                    if _same_input(entry, source.path, source.dataset):
+                        raise InputError(f"{source.where}: already in {store_path} (input "
+                                         f"{k + 1} of {len(inputs)}); an input is appended once")
+                _check_compatible(old, source, params, store_path)
+                recorded = os.path.abspath(source.path)
+                params["inputs"] = inputs + [{"input": recorded, "dataset": source.dataset,
+                                              "K": int(source.K)}]
+                return _append_compact(old, source, params, store_path, memory_limit,
+                                       progress, started)
+
+
+def _refuse_unappendable(old: ResultStore, path: str) -> None:
+    if old.compact is None:
+        raise InputError(f"{path}: a plain store ({old.format}, --encoding plain) cannot be "
+                         "appended to; cluster the inputs together, or use the compact "
+                         "encoding (the default), whose stores take appends")
+    problems = old.compact.consistency_problems()
+    if problems:
+        raise InputError(f"{path}: inconsistent result store ({problems[0]}); see matclust "
+                         "verify")
+
+
+def _check_compatible(old: ResultStore, source, params: dict, path: str) -> None:
+    m = old.compact.m
+    if source.m != m:
+        what = "columns (with --transpose)" if source.transpose else "rows"
+        raise InputError(f"{source.where}: matrices of {source.m} {what}; the store {path} "
+                         f"holds matrices of {m} rows")
+    stored = np.dtype(params.get("stored_dtype", "float64"))
+    new = np.dtype(source.storage_dtype)
+    if (stored.kind == "c") != (new.kind == "c"):
+        kinds = {True: "complex", False: "real"}
+        raise InputError(f"{source.where}: {kinds[new.kind == 'c']} matrices "
+                         f"({source.input_dtype}); the store {path} holds "
+                         f"{kinds[stored.kind == 'c']} ones ({stored})")
+    if not np.can_cast(new, stored, "safe"):
+        raise InputError(f"{source.where}: {source.input_dtype} matrices need {new} to be "
+                         f"rebuilt; the store {path} rebuilds {stored} (cluster the inputs "
+                         "together instead)")
+
+
+def _append_compact(old: ResultStore, source, params: dict, store_path: str, memory_limit: int,
+                    progress, started: float) -> dict:
+    from matclust.api import NullProgress, scan_norms
+
+    progress = progress or NullProgress()
+    reader_old = old.compact
+    K0, K1, m = len(reader_old.labels), source.K, source.m
+    complex_data = reader_old.complex
+    eps, guarantee = float(params["eps"]), params["guarantee"]
+    stored_dtype = np.dtype(params.get("stored_dtype", "float64"))
+    encoder = CompactEncoder(eps, guarantee, int(params["rank"]), m, stored_dtype)
+    parts = 2 if complex_data else 1
+    needed = qb.code_dtype(max_code_bound(eps, parts * max(m, int(params["rank"]))
+                                          * int(source.widths.max())))
+    code_dtype = np.promote_types(needed, reader_old.codes_dtype)
+    encoder.max_code = (int(np.iinfo(code_dtype).max) - 1) // 2
+    if encoder.basis_dtype != reader_old.bases_dtype:  # new bases go beside the old ones
+        raise InputError(f"{store_path}: its bases are {reader_old.bases_dtype}, not the "
+                         f"{encoder.basis_dtype} its eps asks for; cluster the inputs together")
+
+    # The new matrices are held in memory (they are clustered in memory below).
+    stored = StoredBases(reader_old, complex_data)
+    held = stored.qh.nbytes + 2 * source.matrix_bytes
+
+    def fits(limit):
+        return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
+
+    if not fits(memory_limit):
+        raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
+                            memory_limit, fits)
+    run_plan = limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
+    source.batch_limit = run_plan.batch
+    reader = CachedReader(source, run_plan.cache + source.matrix_bytes)
+    norms2 = scan_norms(reader, progress)  # calibrates: one power of two for all but apart ones
+    # Screening against every stored basis; apart matrices (their own scale) and zero or tiny
+    # ones are clustered with the others instead.
+    choice = np.full(K1, -1, dtype=np.int64)
+    progress.start("screening", K1)
+    for k in range(len(reader)):
+        batch = reader.batch(k)
+        norm2 = norms2[batch.indices]
+        best, _ = stored.best(batch, norm2, encoder.eps ** 2 * norm2)
+        usable = ~source.apart[batch.indices] & (norm2 >= qb.TINY_NORM2)
+        choice[batch.indices] = np.where(usable, best, -1)
+        progress.advance(len(batch))
+
+    writer = ResultWriter(store_path, overwrite=True, fmt=FORMAT)
+    with writer:
+        widths = np.concatenate([reader_old.widths, source.widths])
+        out = CompactWriter(writer, K0 + K1, m, widths, complex_data, code_dtype,
+                            encoder.basis_dtype)
+        out.seed(reader_old)
+        worst = float(old.report.get("max_matrix_error", 0.0))
+        joined = 0
+        leftover = [np.flatnonzero(choice < 0)]
+        for c in np.unique(choice[choice >= 0]):
+            members = np.flatnonzero(choice == c)
+            batch = reader.get(members)
+            group, rest = encoder.encode_cluster(members, batch.data, batch.offsets,
+                                                 reader_old.basis(int(c)), 0.0, whole=False)
+            leftover.append(np.array([i for i, _ in rest], dtype=np.int64))
+            if group is None:
+                continue
+            group = unscaled(group, source.exponents[group.members])
+            if guarantee == "cluster" and not out.error_with(int(c), group) <= encoder.eps:
+                leftover.append(group.members)  # cannot happen: each part meets eps itself
+                continue
+            worst = max(worst, float(group.matrix_errors.max()))
+            group.members = group.members + K0
+            out.add_part(int(c), group)
+            joined += len(group.members)
+        leftover = np.sort(np.concatenate(leftover))
+        logger.info("%d of %d new matrices joined stored clusters; %d clustered anew",
+                    joined, K1, len(leftover))
+        new_clusters = 0
+        if len(leftover):
+            for group in _cluster_anew(source, reader, leftover, params, memory_limit):
+                worst = max(worst, float(group.matrix_errors.max()))
+                group.members = leftover[group.members] + K0
+                out.add(group)
+                new_clusters += 1
+        names = _names(old.names, source.names, K0, K1, len(params["inputs"]))
+        labels, stats = out.finish(names)
+        report = build_report(params, K0 + K1, m, int(params["rank"]), eps, stats,
+                              out.stored_numbers, source.input_dtype.itemsize,
+                              stored_dtype.itemsize, time.perf_counter() - started, worst)
+        new_numbers = m * int(source.widths.sum())
+        report["input_bytes"] = int(old.report.get("input_bytes", 0)) + \
+            new_numbers * source.input_dtype.itemsize
+        report["append"] = {"input": params["inputs"][-1]["input"],
+                            "dataset": source.dataset, "K": int(K1), "joined": int(joined),
+                            "new_clusters": int(new_clusters),
+                            "seconds": round(time.perf_counter() - started, 3)}
+        writer.set_json("params", params)
+        writer.set_report(report)
+        old.close()  # done reading: the new store replaces it
+        writer.commit()
+    return report
+
+
+def _cluster_anew(source, reader, indices: np.ndarray, params: dict, memory_limit: int):
+    """The stored groups of the matrices ``indices`` clustered among themselves with the
+    store's parameters, in the input's own magnitude (the run calibrates them itself, so
+    matrices apart from the others' scale are kept apart as a first run would)."""
+    from matclust.api import MatrixClusterer
+
+    batch = reader.get(indices)
+    exps = source.exponents[indices]
+    blocks = [times_power2(np.array(block), -int(e)) for block, e in zip(batch.blocks(), exps)]
+    del batch
+    # The blocks are in the working dtype (float64 for integers), which the store rebuilds in
+    # its stored dtype (float32): the run keeps that rounding's room off eps as the store's
+    # first run did.
+    chosen = {k: params[k] for k in CLUSTERING_KEYS}
+    chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(np.dtype(params.get("stored_dtype", "float64"))).eps)
+    sub = MatrixClusterer(**chosen, encoding="compact", mode="in-memory",
+                          memory_limit=memory_limit).fit(blocks)
+    return sub.clusters_
+
+
+def _names(old_names, new_names, K0: int, K1: int, count: int):
+    """Member names of the grown store: kept when neither input has any; otherwise each
+    input's own (indices where it has none), the new ones prefixed with the input's number
+    where they would repeat an old one."""
+    if old_names is None and new_names is None:
+        return None
+    old_names = list(old_names) if old_names is not None else [str(i) for i in range(K0)]
+    new_names = list(new_names) if new_names is not None else [str(K0 + i) for i in range(K1)]
+    taken = set(old_names)
+    if taken.intersection(new_names):
+        new_names = [f"input{count}-{name}" for name in new_names]
+        if taken.intersection(new_names) or len(set(new_names)) != K1:
+            raise InputError("the new matrices' names repeat names already in the store")
+    return old_names + new_names
