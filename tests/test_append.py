@@ -1,0 +1,209 @@
+"""`matclust append`: a store of one collection grown by a second one, checked against both
+inputs with the independent decoder of tests/conftest.py (numpy + h5py/zarr only)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import check_compact, decode_compact, load_input, run_inprocess, tree_digest
+
+
+def write_halves(tmp_path, ext, *, K=160, m=12, n=4, subspaces=3, rank=2, noise=0.01,
+                 dtype="float32", seed=0, first=None, layout="stack"):
+    """A planted collection cut in two inputs; ``first`` (planted labels -> bool) picks the
+    matrices of the first input (default: the first half). Returns the two paths and both
+    inputs' matrices and planted labels, in order."""
+    from matclust.collections_io import write_collection
+    from matclust.sample import planted_collection
+
+    mats, labels = planted_collection(K, m, n, subspaces, rank, noise, dtype, None, seed, 10.0)
+    mats = [np.asarray(a) for a in mats]
+    in_first = np.arange(K) < K // 2 if first is None else first(labels)
+    paths = []
+    for part, name in ((in_first, "first"), (~in_first, "second")):
+        path = os.fspath(tmp_path / f"{name}{ext}")
+        chosen = [mats[i] for i in np.flatnonzero(part)]
+        write_collection(path, np.stack(chosen) if layout == "stack" else chosen, layout=layout)
+        paths.append(path)
+    order = np.concatenate([np.flatnonzero(in_first), np.flatnonzero(~in_first)])
+    return paths, [mats[i] for i in order], labels[order], int(in_first.sum())
+
+
+@pytest.mark.parametrize("guarantee", ["matrix", "cluster"])
+@pytest.mark.parametrize("ext", [".h5", ".zarr"])
+def test_append_second_half_keeps_the_guarantee(tmp_path, ext, guarantee):
+    (first, second), mats, _, K0 = write_halves(tmp_path, ext)
+    store = os.fspath(tmp_path / f"store{ext}")
+    eps = 0.05
+    run_inprocess("cluster", first, "-o", store, "--rank", "3", "--eps", str(eps),
+                  "--guarantee", guarantee, "--quiet", check=0)
+    _, labels_before, decoded_before = decode_compact(store)
+    report = run_inprocess("append", store, second, "--json", check=0).json()
+
+    # Both guarantees recomputed from both inputs, read independently, in order.
+    first_mats, _, _ = load_input(first)
+    second_mats, _, _ = load_input(second)
+    both = first_mats + second_mats
+    check_compact(store, both, eps, guarantee)
+    if guarantee == "matrix":
+        rel = check_compact(store, both, eps, "matrix")
+        assert report["max_matrix_error"] >= rel.max() - 1e-9
+    # The first input's matrices decode exactly as before (their codes were not touched).
+    _, labels, decoded = decode_compact(store)
+    assert np.array_equal(labels[:K0], labels_before)
+    for a, b in zip(decoded[:K0], decoded_before):
+        assert np.array_equal(a, b)
+    # Most newcomers come from the same subspaces: they join stored clusters.
+    done = report["append"]
+    assert done["K"] == len(second_mats) and done["joined"] >= 0.9 * len(second_mats)
+    assert np.count_nonzero(labels[K0:] <= labels_before.max()) == done["joined"]
+    assert report["K"] == len(both)
+    inputs = report["params"]["inputs"]
+    assert [os.path.realpath(e["input"]) for e in inputs] == [os.path.realpath(first),
+                                                             os.path.realpath(second)]
+    assert [e["K"] for e in inputs] == [K0, len(second_mats)]
+    # verify reads both inputs; reconstruct and inspect work on the grown store.
+    result = run_inprocess("verify", store, "--json", check=0).json()
+    assert result["ok"] and result["clusters"] == report["clusters"]
+    rebuilt = os.fspath(tmp_path / f"rebuilt{ext}")
+    run_inprocess("reconstruct", store, "-o", rebuilt, check=0)
+    back, _, _ = load_input(rebuilt)
+    assert len(back) == len(both)
+    for a, d in zip(back, decoded):
+        assert np.allclose(a, d, rtol=1e-6, atol=1e-6 * np.abs(d).max())
+    summary = run_inprocess("inspect", store, "--json", check=0).json()[0]
+    assert summary["K"] == len(both) and summary["clusters"] == report["clusters"]
+
+
+@pytest.mark.parametrize("guarantee", ["matrix", "cluster"])
+def test_new_subspaces_form_new_clusters(tmp_path, guarantee):
+    """The first input holds subspaces 0 and 1 only; the second the rest of them and two new
+    subspaces: those form new clusters, the others join the stored ones."""
+    rng = np.random.default_rng(5)
+    pick = rng.random(240) < 0.5
+
+    def first(labels):
+        return (labels < 2) & pick[: len(labels)]
+
+    (one, two), mats, planted, K0 = write_halves(tmp_path, ".h5", K=240, subspaces=4,
+                                                 first=first, noise=0.005)
+    store = os.fspath(tmp_path / "store.h5")
+    eps = 0.05
+    run_inprocess("cluster", one, "-o", store, "--rank", "2", "--eps", str(eps),
+                  "--guarantee", guarantee, "--quiet", check=0)
+    _, before, _ = decode_compact(store)
+    C0 = before.max() + 1
+    report = run_inprocess("append", store, two, "--json", check=0).json()
+    both = load_input(one)[0] + load_input(two)[0]
+    check_compact(store, both, eps, guarantee)
+    _, labels, _ = decode_compact(store)
+    new = labels[K0:]
+    old_kind = planted[K0:] < 2
+    # Old subspaces joined stored clusters; the new subspaces are in new clusters only.
+    assert np.all(new[~old_kind] >= C0)
+    assert np.mean(new[old_kind] < C0) >= 0.9
+    assert report["append"]["new_clusters"] >= 2
+    assert report["clusters"] == labels.max() + 1
+    # A new cluster holds the members of one new subspace (greedy clusters may split one).
+    for c in np.unique(new[~old_kind]):
+        assert len(set(planted[K0:][new == c])) == 1
+    run_inprocess("verify", store, check=0)
+
+
+def test_appends_chain_and_verify_checks_every_input(tmp_path):
+    (one, two), mats, _, K0 = write_halves(tmp_path, ".zarr", K=120)
+    three = os.fspath(tmp_path / "third.zarr")
+    from matclust.collections_io import write_collection
+
+    write_collection(three, np.stack(load_input(two)[0][:10]) * 3.0)
+    store = os.fspath(tmp_path / "store.zarr")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    run_inprocess("append", store, two, "--quiet", check=0)
+    report = run_inprocess("append", store, three, "--json", check=0).json()
+    assert [e["K"] for e in report["params"]["inputs"]] == [K0, 120 - K0, 10]
+    check_compact(store, load_input(one)[0] + load_input(two)[0] + load_input(three)[0], 0.05)
+    run_inprocess("verify", store, check=0)
+    # --input names one collection: a store of three is checked against all three.
+    res = run_inprocess("verify", store, "--input", one, check=2)
+    assert res.stderr.startswith("error:") and "3 inputs" in res.stderr
+    # verify really reads the last input: changed, it fails.
+    import zarr
+
+    arr = zarr.open_array(os.path.join(three, "matrices"), mode="r+")
+    arr[4] = arr[4] * -1.0
+    assert run_inprocess("verify", store, "--json", check=1).json()["ok"] is False
+
+
+def _refused(store, *args, match: str):
+    before = tree_digest(store) if os.path.exists(store) else None
+    res = run_inprocess("append", store, *args, check=2)
+    assert res.stderr.startswith("error:") and match in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1
+    if before is not None:
+        assert tree_digest(store) == before
+    return res
+
+
+def test_bad_appends_are_refused_and_leave_the_store(tmp_path):
+    from matclust.collections_io import write_collection
+
+    (one, two), _, _, _ = write_halves(tmp_path, ".h5", K=60)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    _refused(store, one, match="already in")  # the store's own input
+    run_inprocess("append", store, two, "--quiet", check=0)
+    _refused(store, two, match="already in")  # appended twice
+    rng = np.random.default_rng(0)
+    rows = os.fspath(tmp_path / "rows.h5")
+    write_collection(rows, rng.standard_normal((5, 13, 4)).astype(np.float32))
+    _refused(store, rows, match="13 rows")
+    cplx = os.fspath(tmp_path / "complex.h5")
+    write_collection(cplx, (rng.standard_normal((5, 12, 4)) + 1j).astype(np.complex64))
+    _refused(store, cplx, match="complex")
+    wide = os.fspath(tmp_path / "wide.h5")
+    write_collection(wide, rng.standard_normal((5, 12, 4)))  # float64 into a float32 store
+    _refused(store, wide, match="float64")
+    _refused(store, rows, "--transpose", match="read the same way")
+    _refused(os.fspath(tmp_path / "nothing.h5"), two, match="no such result store")
+    _refused(store, os.fspath(tmp_path / "missing.h5"), match="missing.h5")
+    plain = os.fspath(tmp_path / "plain.h5")
+    run_inprocess("cluster", one, "-o", plain, "--rank", "3", "--eps", "0.05", "--encoding",
+                  "plain", "--quiet", check=0)
+    _refused(plain, two, match="plain store")
+
+
+def test_a_failed_append_leaves_the_old_store(tmp_path, monkeypatch):
+    """A failure after the new store was begun: the old one is untouched, no temporary and
+    no lock remain, and the append can be run again."""
+    import matclust.append as append_module
+
+    (one, two), mats, _, _ = write_halves(tmp_path, ".zarr", K=80, subspaces=4)
+    store = os.fspath(tmp_path / "store.zarr")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    before = tree_digest(store)
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(append_module, "_names", broken)
+    res = run_inprocess("append", store, two, check=1)
+    assert res.stderr.startswith("error:")
+    assert tree_digest(store) == before
+    assert sorted(os.listdir(tmp_path)) == sorted(["first.zarr", "second.zarr", "store.zarr"])
+    monkeypatch.undo()
+    run_inprocess("append", store, two, "--quiet", check=0)
+    check_compact(store, mats, 0.05)
+
+
+def test_a_store_being_written_is_not_appended_to(tmp_path):
+    from matclust.checkpoint import OutputGuard
+
+    (one, two), _, _, _ = write_halves(tmp_path, ".h5", K=40)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    with OutputGuard(store):
+        _refused(store, two, match="being written by another matclust run")
+    run_inprocess("append", store, two, "--quiet", check=0)
