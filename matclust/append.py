@@ -361,7 +361,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
                 group.members = leftover[group.members] + K0
                 out.add(group)
                 new_clusters += 1
-        names = _names(old.names, source.names, K0, K1, len(params["inputs"]))
+        names = _names(old.names, source.names, params["inputs"])
         labels, stats = out.finish(names)
         report = build_report(params, K0 + K1, m, int(params["rank"]), eps, stats,
                               out.stored_numbers, source.input_dtype.itemsize,
@@ -400,17 +400,31 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, memory_limi
     return sub.clusters_
 
 
-def _names(old_names, new_names, K0: int, K1: int, count: int):
-    """Member names of the grown store: kept when neither input has any; otherwise each
-    input's own (indices where it has none), the new ones prefixed with the input's number
-    where they would repeat an old one."""
+def _names(old_names, new_names, inputs: list[dict]):
+    """Member names of the grown store (None when neither input has any). A group's members
+    are read back in sorted name order, so the names must sort in index order: the new input's
+    names are kept when they do, else prefixed with the input's number ("003-name"), and the
+    older names with theirs too when even that does not sort after them. A collection without
+    names contributes its indices, zero-padded."""
     if old_names is None and new_names is None:
         return None
-    old_names = list(old_names) if old_names is not None else [str(i) for i in range(K0)]
-    new_names = list(new_names) if new_names is not None else [str(K0 + i) for i in range(K1)]
-    taken = set(old_names)
-    if taken.intersection(new_names):
-        new_names = [f"input{count}-{name}" for name in new_names]
-        if taken.intersection(new_names) or len(set(new_names)) != K1:
-            raise InputError("the new matrices' names repeat names already in the store")
-    return old_names + new_names
+    K0, K1 = sum(e["K"] for e in inputs[:-1]), inputs[-1]["K"]
+    digits = len(str(K0 + K1 - 1))
+    old_names = list(old_names) if old_names is not None else \
+        [f"{i:0{digits}d}" for i in range(K0)]
+    new_names = list(new_names) if new_names is not None else \
+        [f"{K0 + i:0{digits}d}" for i in range(K1)]
+
+    def in_order(names):
+        return len(set(names)) == len(names) and all(a < b for a, b in zip(names, names[1:]))
+
+    for names in (old_names + new_names,
+                  old_names + [f"{len(inputs):03d}-{name}" for name in new_names]):
+        if in_order(names):
+            return names
+    numbers = np.repeat(np.arange(1, len(inputs) + 1), [e["K"] for e in inputs])
+    names = [f"{k:03d}-{name}" for k, name in zip(numbers, old_names + new_names)]
+    if not in_order(names):
+        raise InputError(f"{inputs[-1]['input']}: its member names repeat or do not sort in "
+                         "index order with the store's")
+    return names

@@ -12,14 +12,14 @@ from conftest import check_compact, decode_compact, load_input, run_inprocess, t
 
 
 def write_halves(tmp_path, ext, *, K=160, m=12, n=4, subspaces=3, rank=2, noise=0.01,
-                 dtype="float32", seed=0, first=None, layout="stack"):
+                 dtype="float32", seed=0, first=None, layout="stack", n_max=None):
     """A planted collection cut in two inputs; ``first`` (planted labels -> bool) picks the
     matrices of the first input (default: the first half). Returns the two paths and both
     inputs' matrices and planted labels, in order."""
     from matclust.collections_io import write_collection
     from matclust.sample import planted_collection
 
-    mats, labels = planted_collection(K, m, n, subspaces, rank, noise, dtype, None, seed, 10.0)
+    mats, labels = planted_collection(K, m, n, subspaces, rank, noise, dtype, n_max, seed, 10.0)
     mats = [np.asarray(a) for a in mats]
     in_first = np.arange(K) < K // 2 if first is None else first(labels)
     paths = []
@@ -135,6 +135,30 @@ def test_appends_chain_and_verify_checks_every_input(tmp_path):
     arr = zarr.open_array(os.path.join(three, "matrices"), mode="r+")
     arr[4] = arr[4] * -1.0
     assert run_inprocess("verify", store, "--json", check=1).json()["ok"] is False
+
+
+@pytest.mark.parametrize("dtype,layout,n_max", [("complex64", "stack", None),
+                                                ("int32", "group", 6), ("float64", "group", 6)])
+def test_other_dtypes_and_groups(tmp_path, dtype, layout, n_max):
+    """Groups of matrices of several widths (names repeated in both inputs: the new ones are
+    renamed) and every dtype family."""
+    (one, two), _, _, K0 = write_halves(tmp_path, ".h5", K=80, dtype=dtype, layout=layout,
+                                        n_max=n_max)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    run_inprocess("append", store, two, "--quiet", check=0)
+    first, names1, _ = load_input(one)
+    second, names2, _ = load_input(two)
+    check_compact(store, first + second, 0.05)
+    run_inprocess("verify", store, check=0)
+    rebuilt = os.fspath(tmp_path / "rebuilt.h5")
+    run_inprocess("reconstruct", store, "-o", rebuilt, check=0)
+    back, names, _ = load_input(rebuilt)
+    if layout == "group":
+        assert len(set(names)) == len(back) == K0 + len(second)
+    for a, b in zip(first + second, back):
+        a = np.asarray(a, np.complex128 if np.iscomplexobj(a) else np.float64)
+        assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) * (1 + 1e-6)
 
 
 def _refused(store, *args, match: str):
