@@ -35,14 +35,14 @@ from matclust import defaults, limits
 from matclust.checkpoint import OutputGuard
 from matclust.compact import EVICT_SHARE, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
-from matclust.engine.linalg import times_power2
+from matclust.engine.linalg import column_norms2, times_power2
 from matclust.errors import InputError
 from matclust.format2 import CompactWriter
 from matclust.report import build_report
 from matclust.safety import refuse_clashes, require_path
 from matclust.sinks import unscaled
 from matclust.sources import open_source
-from matclust.sources.base import Batch
+from matclust.sources.base import Batch, columns_of
 from matclust.sources.cache import CachedReader
 from matclust.store import FORMAT, ResultStore, ResultWriter
 
@@ -176,38 +176,93 @@ class StoredBases:
 
         Bits: r_c n_i coefficients of energy P at the step the rest of the budget allows,
         about r_c n_i / 2 log2(2 pi e P / (12 (allowed2 - T))) (a quantised Gaussian; see
-        docs/format.md); ties go to the lower cluster id."""
+        docs/format.md); ties go to the lower cluster id.
+
+        Two stages. With A_i = sum_j s_j u_j v_j^H and P_c the projection on cluster c's
+        range, ||(I - P_c) A_i||^2 >= sum_{j <= k} s_j^2 ||(I - P_c) u_j||^2: the leading
+        LEADING directions of every matrix rule out, against every cluster at once and
+        cheaply, the clusters that cannot fit it; the exact truncation error is computed for
+        the pairs left."""
         B = len(batch)
         best_bits = np.full(B, np.inf)
         best_id = np.full(B, -1, dtype=np.int64)
         best_trunc = np.zeros(B)
         if not len(self) or not B:
             return best_id, best_trunc
-        widths = np.diff(batch.offsets).astype(np.float64)
-        data = np.asarray(batch.data, dtype=self.qh.dtype)
-        per_row = max(1, SCREEN_BYTES // (16 * data.shape[1]))
+        limit = EVICT_SHARE * allowed2
+        lead, lead_offsets, lead2 = _leading(batch, LEADING)
+        found_f, found_i = [], []  # (cluster, batch position) pairs still possible
+        per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
+        qh_lead = self.qh.astype(lead.dtype)
         f0 = 0
         while f0 < len(self):
             f1 = int(np.searchsorted(self.starts, self.starts[f0] + per_row, side="right")) - 1
             f1 = min(max(f1, f0 + 1), len(self))
             lo, hi = self.starts[f0], self.starts[f1]
-            energy = np.abs(self.qh[lo:hi] @ data) ** 2  # (rows, columns)
+            energy = np.abs(qh_lead[lo:hi] @ lead).astype(np.float64) ** 2
             energy = np.add.reduceat(energy, self.starts[f0:f1] - lo, axis=0)
-            proj = np.add.reduceat(energy, batch.offsets[:-1], axis=1)  # (clusters, matrices)
-            trunc = np.maximum(norm2[None, :] - proj, 0.0)
-            spare = allowed2[None, :] - trunc
-            fits = (trunc <= EVICT_SHARE * allowed2[None, :]) & (norm2[None, :] > 0)
-            count = self.ranks[f0:f1, None] * widths[None, :]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                bits = count * np.maximum(0.5 * np.log2(2 * np.pi * np.e / 12 * proj / spare), 0)
-            bits = np.where(fits, bits, np.inf)
-            k = np.argmin(bits, axis=0)
-            better = bits[k, np.arange(B)] < best_bits
-            best_bits = np.where(better, bits[k, np.arange(B)], best_bits)
-            best_id = np.where(better, self.ids[f0 + k], best_id)
-            best_trunc = np.where(better, trunc[k, np.arange(B)], best_trunc)
+            captured = np.add.reduceat(energy, lead_offsets[:-1], axis=1)  # (clusters, B)
+            # Single precision rounds the captured energy by ~1e-6 of it: leave that room.
+            possible = lead2[None, :] - captured * (1 + 1e-5) <= limit[None, :]
+            f, i = np.nonzero(possible & (norm2 > 0)[None, :])
+            found_f.append(f + f0)
+            found_i.append(i)
             f0 = f1
+        found_f, found_i = np.concatenate(found_f), np.concatenate(found_i)
+        order = np.argsort(found_f, kind="stable")
+        found_f, found_i = found_f[order], found_i[order]
+        bounds = np.searchsorted(found_f, np.arange(len(self) + 1))
+        data = batch.data
+        widths = np.diff(batch.offsets)
+        for f in np.flatnonzero(np.diff(bounds)):
+            positions = found_i[bounds[f]:bounds[f + 1]]
+            cols = columns_of(batch.offsets, positions)
+            sub = np.concatenate([[0], np.cumsum(widths[positions])]).astype(np.int64)
+            proj = qb.per_matrix(column_norms2(self.qh[self.starts[f]:self.starts[f + 1]]
+                                               @ data[:, cols]), sub)
+            trunc = np.maximum(norm2[positions] - proj, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bits = self.ranks[f] * widths[positions] * np.maximum(
+                    0.5 * np.log2(2 * np.pi * np.e / 12 * proj / (allowed2[positions] - trunc)), 0)
+            bits = np.where(trunc <= limit[positions], bits, np.inf)
+            better = bits < best_bits[positions]  # clusters come in id order: ties keep the first
+            take = positions[better]
+            best_bits[take] = bits[better]
+            best_id[take] = self.ids[f]
+            best_trunc[take] = trunc[better]
         return best_id, best_trunc
+
+
+#: Leading directions of each matrix used to rule out clusters (see StoredBases.best).
+LEADING = 2
+
+
+def _leading(batch, k: int):
+    """Per matrix of ``batch``, its leading k directions scaled by their singular values
+    (the matrix itself when it has at most k columns), side by side (single precision, for
+    screening), their offsets, and the squared norm they hold."""
+    widths = np.diff(batch.offsets)
+    keep = np.minimum(widths, k)
+    offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+    out = np.empty((batch.data.shape[0], int(offsets[-1])),
+                   dtype=np.complex64 if np.iscomplexobj(batch.data) else np.float32)
+    held = np.zeros(len(batch))
+    for n in np.unique(widths):
+        which = np.flatnonzero(widths == n)
+        stack = np.stack([batch.block(int(j)) for j in which]).astype(
+            np.complex128 if np.iscomplexobj(batch.data) else np.float64)
+        if n > k:  # from the smaller Gram matrix: s_j u_j = A v_j, or u_j sqrt(lambda_j)
+            m = stack.shape[1]
+            if n <= m:
+                _, v = np.linalg.eigh(np.swapaxes(stack.conj(), 1, 2) @ stack)
+                stack = stack @ v[:, :, -k:]
+            else:
+                lam, u = np.linalg.eigh(stack @ np.swapaxes(stack.conj(), 1, 2))
+                stack = u[:, :, -k:] * np.sqrt(np.maximum(lam[:, None, -k:], 0.0))
+        held[which] = np.sum(np.abs(stack) ** 2, axis=(1, 2))
+        cols = columns_of(offsets, which)
+        out[:, cols] = np.concatenate(list(stack), axis=1) if len(which) else out[:, cols]
+    return out, offsets, held
 
 
 # ---------------------------------------------------------------------------------------------
