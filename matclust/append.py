@@ -411,11 +411,21 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
                     joined, K1, len(leftover))
         new_clusters = 0
         if len(leftover):
-            for group in _cluster_anew(source, reader, leftover, params, memory_limit):
-                worst = max(worst, float(group.matrix_errors.max()))
+            groups, sub_worst = _cluster_anew(source, reader, leftover, params, memory_limit)
+            worst = max(worst, sub_worst)
+            for group in groups:
                 group.members = leftover[group.members] + K0
-                out.add(group)
-                new_clusters += 1
+            # In the sub-run's order (its cluster ids); the many single matrices batched.
+            alone = []
+            for group in groups + [None]:
+                if group is not None and len(group.members) == 1:
+                    alone.append(group)
+                    continue
+                out.add_alone(alone)
+                alone = []
+                if group is not None:
+                    out.add(group)
+            new_clusters = len(groups)
         names = _names(old.names, source.names, params["inputs"])
         labels, stats = out.finish(names)
         report = build_report(params, K0 + K1, m, int(params["rank"]), eps, stats,
@@ -436,15 +446,18 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
 
 
 def _cluster_anew(source, reader, indices: np.ndarray, params: dict, memory_limit: int):
-    """The stored groups of the matrices ``indices`` clustered among themselves with the
-    store's parameters, in the input's own magnitude (the run calibrates them itself, so
-    matrices apart from the others' scale are kept apart as a first run would)."""
+    """The stored groups (and their largest matrix error) of the matrices ``indices``
+    clustered among themselves with the store's parameters, in the input's own magnitude (the
+    run calibrates them itself, so matrices apart from the others' scale are kept apart as a
+    first run would)."""
     from matclust.api import MatrixClusterer
 
     batch = reader.get(indices)
     exps = source.exponents[indices]
     blocks = [times_power2(np.array(block), -int(e)) for block, e in zip(batch.blocks(), exps)]
     del batch
+    if len({block.shape for block in blocks}) == 1:
+        blocks = np.stack(blocks)  # read as one array, not matrix by matrix
     # The blocks are in the working dtype (float64 for integers), which the store rebuilds in
     # its stored dtype (float32): the run keeps that rounding's room off eps as the store's
     # first run did.
@@ -452,7 +465,7 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, memory_limi
     chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(np.dtype(params.get("stored_dtype", "float64"))).eps)
     sub = MatrixClusterer(**chosen, encoding="compact", mode="in-memory",
                           memory_limit=memory_limit).fit(blocks)
-    return sub.clusters_
+    return sub.clusters_, float(sub.report_["max_matrix_error"])
 
 
 def _names(old_names, new_names, inputs: list[dict]):
