@@ -363,6 +363,7 @@ def _result_summary(path: str):
     with store:
         r = store.report
         return {"kind": "matclust result store", "input": store.params.get("input"),
+                "inputs": len(store.params.get("inputs") or [None]),  # grown by appends
                 "method": store.params.get("method"), "order": store.params.get("order"),
                 "rank": store.params.get("rank"), "eps": store.params.get("eps"),
                 "K": r["K"], "m": r["m"], "clusters": r["clusters"], "singletons": r["singletons"],

@@ -76,6 +76,7 @@ def test_append_second_half_keeps_the_guarantee(tmp_path, ext, guarantee):
         assert np.allclose(a, d, rtol=1e-6, atol=1e-6 * np.abs(d).max())
     summary = run_inprocess("inspect", store, "--json", check=0).json()[0]
     assert summary["K"] == len(both) and summary["clusters"] == report["clusters"]
+    assert summary["inputs"] == 2
 
 
 @pytest.mark.parametrize("guarantee", ["matrix", "cluster"])
