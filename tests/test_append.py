@@ -232,3 +232,38 @@ def test_a_store_being_written_is_not_appended_to(tmp_path):
     with OutputGuard(store):
         _refused(store, two, match="being written by another matclust run")
     run_inprocess("append", store, two, "--quiet", check=0)
+
+
+def test_screening_finds_every_stored_basis_that_fits(tmp_path):
+    """StoredBases.best against a brute-force least-squares fit of every new matrix by every
+    stored basis (numpy's lstsq): a matrix gets a cluster exactly when one fits it within
+    0.9 of its budget, and the fit it reports is that cluster's."""
+    from matclust.append import StoredBases
+    from matclust.sources.base import Batch
+    from matclust.store import ResultStore
+
+    (one, two), _, _, _ = write_halves(tmp_path, ".h5", K=200, subspaces=4, noise=0.03,
+                                       dtype="float64")
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.1", "--quiet", check=0)
+    new, _, _ = load_input(two)
+    rng = np.random.default_rng(1)
+    new = new + [rng.standard_normal(new[0].shape) for _ in range(5)]  # fit nothing
+    data = np.hstack(new)
+    offsets = np.concatenate([[0], np.cumsum([a.shape[1] for a in new])])
+    norm2 = np.array([np.sum(a * a) for a in new])
+    allowed2 = 0.1 ** 2 * norm2
+    with ResultStore(store) as st:
+        reader = st.compact
+        chosen, trunc = StoredBases(reader, False).best(
+            Batch(np.arange(len(new)), data, offsets), norm2, allowed2)
+        factored = np.flatnonzero(reader.ranks > 0)
+        exact = np.array([[np.sum((a - reader.basis(int(c)).astype(float) @ np.linalg.lstsq(
+            reader.basis(int(c)).astype(float), a, rcond=None)[0]) ** 2) for c in factored]
+            for a in new])
+    fits = exact <= 0.9 * allowed2[:, None]
+    assert fits.any(axis=1).sum() >= len(new) // 2 and not fits[-5:].any()
+    assert np.array_equal(chosen >= 0, fits.any(axis=1))
+    for i in np.flatnonzero(chosen >= 0):
+        k = int(np.flatnonzero(factored == chosen[i])[0])
+        assert fits[i, k] and np.isclose(trunc[i], exact[i, k], rtol=1e-6, atol=1e-12 * norm2[i])
