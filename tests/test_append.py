@@ -285,3 +285,27 @@ def test_verify_names_damaged_input_records(tmp_path):
         f.attrs["params"] = json.dumps(params)
     res = run_inprocess("verify", store, check=2)
     assert res.stderr.startswith("error:") and "'inputs'" in res.stderr
+
+
+def test_wider_new_matrices_widen_the_codes(tmp_path):
+    """New matrices whose codes need a wider integer type: the old codes are copied widened
+    and still decode as before."""
+    from matclust.collections_io import write_collection
+    from matclust.sample import planted_collection
+
+    narrow, _ = planted_collection(50, 12, 4, 3, 2, 0.01, "float32", None, 3, 10.0)
+    wide, _ = planted_collection(6, 12, 900, 3, 2, 0.01, "float32", None, 3, 10.0)
+    one, two = os.fspath(tmp_path / "narrow.h5"), os.fspath(tmp_path / "wide.h5")
+    write_collection(one, narrow)
+    write_collection(two, wide)
+    store = os.fspath(tmp_path / "store.zarr")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    _, _, before = decode_compact(store)
+    import zarr
+
+    assert zarr.open_group(store)["codes"].dtype == np.uint16
+    run_inprocess("append", store, two, "--quiet", check=0)
+    assert zarr.open_group(store)["codes"].dtype == np.uint32
+    _, _, after = decode_compact(store)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    check_compact(store, load_input(one)[0] + load_input(two)[0], 0.05)
