@@ -176,9 +176,9 @@ class StoredBases:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def best(self, batch, norm2: np.ndarray, allowed2: np.ndarray):
+    def best(self, batch, norm2: np.ndarray, allowed2: np.ndarray, share: float = EVICT_SHARE):
         """For every matrix of ``batch``: the cluster (a store id, -1 for none) whose stored
-        basis fits it within ``EVICT_SHARE`` of ``allowed2`` (its squared error budget) with
+        basis fits it within ``share`` of ``allowed2`` (its squared error budget) with
         the fewest estimated code bits, and that fit's squared truncation error.
 
         Bits: r_c n_i coefficients of energy P at the step the rest of the budget allows,
@@ -196,7 +196,7 @@ class StoredBases:
         best_trunc = np.zeros(B)
         if not len(self) or not B:
             return best_id, best_trunc
-        limit = EVICT_SHARE * allowed2
+        limit = share * allowed2
         lead, lead_offsets, lead2 = _leading(batch, LEADING)
         found_f, found_i = [], []  # (cluster, batch position) pairs still possible
         per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
@@ -308,23 +308,29 @@ def append_to_store(store_path, input_path, dataset=None, transpose=None,
                 recorded = os.path.abspath(source.path)
                 params["inputs"] = inputs + [{"input": recorded, "dataset": source.dataset,
                                               "K": int(source.K)}]
-                return _append_compact(old, source, params, store_path, memory_limit,
-                                       progress, started)
+                run = _append_compact if old.compact is not None else _append_plain
+                return run(old, source, params, store_path, memory_limit, progress, started)
 
 
 def _refuse_unappendable(old: ResultStore, path: str) -> None:
-    if old.compact is None:
-        raise InputError(f"{path}: a plain store ({old.format}, --encoding plain) cannot be "
-                         "appended to; cluster the inputs together, or use the compact "
-                         "encoding (the default), whose stores take appends")
-    problems = old.compact.consistency_problems()
+    from matclust.baselines import is_baseline
+    from matclust.verify import Problems, check_structure_v1
+
+    if is_baseline(old.params.get("method")):
+        raise InputError(f"{path}: made by the baseline {old.params.get('method')}, without "
+                         "error control; appends keep a guarantee it does not have")
+    if old.compact is not None:
+        problems = old.compact.consistency_problems()
+    else:
+        problems = Problems()
+        check_structure_v1(old, problems)
     if problems:
         raise InputError(f"{path}: inconsistent result store ({problems[0]}); see matclust "
                          "verify")
 
 
 def _check_compatible(old: ResultStore, source, params: dict, path: str) -> None:
-    m = old.compact.m
+    m = old.compact.m if old.compact is not None else int(old.report["m"])
     if source.m != m:
         what = "columns (with --transpose)" if source.transpose else "rows"
         raise InputError(f"{source.where}: matrices of {source.m} {what}; the store {path} "
@@ -454,7 +460,179 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
     return report
 
 
-def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_bytes: int):
+class _PlainClusters:
+    """A plain (matclust/1) store's clusters held in memory, seen as :class:`StoredBases`
+    reads a compact one: ``ranks``, ``basis(c)``, ``m``."""
+
+    def __init__(self, store: ResultStore):
+        self.clusters = [store.cluster(c) for c in range(store.n_clusters)]
+        self.m = int(store.report["m"])
+        self.ranks = np.array([cl["basis"].shape[1] if "basis" in cl else 0
+                               for cl in self.clusters], dtype=np.int64)
+
+    def basis(self, c: int):
+        return self.clusters[c].get("basis")
+
+
+def _append_plain(old: ResultStore, source, params: dict, store_path: str, memory_limit: int,
+                  progress, started: float) -> dict:
+    """The plain layout: every cluster group is copied, those new matrices joined extended by
+    their coefficients against the stored basis (at the stored precision, the error computed
+    on exactly what is stored), the new clusters written as a first run writes them."""
+    from matclust.api import NullProgress, scan_norms
+    from matclust.encode import EncodedCluster
+    from matclust.report import cluster_stat
+    from matclust.sinks import write_cluster
+    from matclust.store import PLAIN_FORMAT, disk_bytes
+
+    progress = progress or NullProgress()
+    K0, K1, m = len(old.labels), source.K, source.m
+    eps, guarantee = float(params["eps"]), params["guarantee"]
+    stats = old.report["cluster_stats"]
+    held = disk_bytes(store_path) + 2 * source.matrix_bytes  # plain arrays are not compressed
+
+    def fits(limit):
+        return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
+
+    if not fits(memory_limit):
+        raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
+                            memory_limit, fits)
+    run_plan = limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
+    stored = _PlainClusters(old)
+    bases = StoredBases(stored, source.dtype.kind == "c")
+    source.batch_limit = run_plan.batch
+    reader = CachedReader(source, source.matrix_bytes)
+    norms2 = scan_norms(reader, progress)
+    # Without quantisation the whole budget goes to truncation; rounding the coefficients to
+    # the stored precision is checked exactly below.
+    choice = np.full(K1, -1, dtype=np.int64)
+    for k in range(len(reader)):
+        batch = reader.batch(k)
+        norm2 = norms2[batch.indices]
+        best, _ = bases.best(batch, norm2, eps ** 2 * norm2, share=1.0)
+        usable = ~source.apart[batch.indices] & (norm2 > 0)
+        choice[batch.indices] = np.where(usable, best, -1)
+
+    encoded = []  # every cluster as it will be written, old ones first
+    worst = float(old.report.get("max_matrix_error", 0.0))
+    leftover = [np.flatnonzero(choice < 0)]
+    joined = 0
+    for c, cl in enumerate(stored.clusters):
+        s = stats[c]
+        members = np.flatnonzero(choice == c)
+        enc = EncodedCluster(cl["members"], int(s["columns"]), float(s["bound"]),
+                             float(s["error"]), basis=cl.get("basis"),
+                             coefficients=cl.get("coefficients"), raw=cl.get("raw"))
+        if len(members):
+            part = _plain_part(enc, reader.get(members), source, eps, guarantee)
+            leftover.append(members[~part["kept"]])
+            if part["kept"].any():
+                kept = members[part["kept"]]
+                enc.error = _union_error(enc, s, part)  # from the old members' arrays
+                enc.members = np.concatenate([enc.members, kept + K0])
+                enc.columns += int(source.widths[kept].sum())
+                enc.coefficients = np.hstack([enc.coefficients, part["coefficients"]])
+                enc.bound = max(enc.bound, enc.error)
+                worst = max(worst, part["worst"])
+                joined += len(kept)
+        encoded.append(enc)
+    leftover = np.sort(np.concatenate(leftover))
+    new_clusters = 0
+    if len(leftover):
+        groups, sub_worst = _cluster_anew(source, reader, leftover, params, run_plan.cache,
+                                          encoding="plain")
+        worst = max(worst, sub_worst)
+        for enc in groups:
+            enc.members = leftover[enc.members] + K0
+            encoded.append(enc)
+        new_clusters = len(groups)
+
+    labels = np.empty(K0 + K1, dtype=np.int64)
+    for c, enc in enumerate(encoded):
+        labels[enc.members] = c
+    new_stats = [cluster_stat(c, enc) for c, enc in enumerate(encoded)]
+    with ResultWriter(store_path, overwrite=True, fmt=PLAIN_FORMAT) as writer:
+        for c, enc in enumerate(encoded):
+            write_cluster(writer, c, enc)
+        writer.write_array("labels", labels)
+        writer.write_array("widths", np.concatenate([old.widths, source.widths]))
+        names = _names(old.names, source.names, params["inputs"])
+        if names is not None:
+            writer.write_strings("names", names)
+        stored_dtype = np.dtype(params.get("stored_dtype", "float64"))
+        report = build_report(params, K0 + K1, m, int(params["rank"]), eps, new_stats,
+                              sum(enc.numbers for enc in encoded), source.input_dtype.itemsize,
+                              stored_dtype.itemsize, time.perf_counter() - started, worst)
+        report["input_bytes"] = int(old.report.get("input_bytes", 0)) + \
+            m * int(source.widths.sum()) * source.input_dtype.itemsize
+        report["append"] = {"input": params["inputs"][-1]["input"],
+                            "dataset": source.dataset, "K": int(K1), "joined": int(joined),
+                            "new_clusters": int(new_clusters),
+                            "seconds": round(time.perf_counter() - started, 3)}
+        writer.set_json("params", params)
+        writer.set_report(report)
+        old.close()
+        writer.commit()
+    return report
+
+
+def _plain_part(enc, batch, source, eps: float, guarantee: str) -> dict:
+    """New matrices (``batch``, in the working scale) against a plain cluster's stored basis:
+    their coefficients at the stored precision and which of them keep the guarantee, each on
+    its own (matrix) or together (cluster; the worst off leave until they do). Errors are
+    those of exactly what is stored."""
+    from matclust.engine.exact import coefficients
+    from matclust.engine.linalg import as_compute
+
+    basis = as_compute(enc.basis)
+    data = as_compute(batch.data)
+    coeffs, back = source.to_storage(coefficients(basis, data), batch.indices,
+                                     enc.basis.dtype)
+    kept = np.zeros(len(batch), dtype=bool)
+    if back is None:  # a coefficient overflows the stored dtype: these are clustered anew
+        return {"kept": kept}
+    err2 = batch.reduce_columns(column_norms2(data - basis @ back))
+    norm2 = batch.reduce_columns(column_norms2(data))
+    kept = err2 <= eps * eps * norm2
+    if guarantee == "cluster":
+        kept[:] = True
+        for j in np.argsort(-(err2 / norm2), kind="stable"):
+            if err2[kept].sum() <= eps * eps * norm2[kept].sum():
+                break
+            kept[j] = False
+    cols = columns_of(batch.offsets, np.flatnonzero(kept))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.sqrt(err2[kept] / norm2[kept])
+    exps = source.exponents[batch.indices[kept]]
+    return {"kept": kept, "coefficients": coeffs[:, cols],
+            "err2": (float(err2[kept].sum()), -2 * int(exps[0]) if len(exps) else 0),
+            "norm2": (float(norm2[kept].sum()), -2 * int(exps[0]) if len(exps) else 0),
+            "worst": float(rel.max(initial=0.0))}
+
+
+def _union_error(enc, stat: dict, part: dict) -> float:
+    """The relative error of a plain cluster with new members: sqrt((e_c^2 N_c^2 + E) /
+    (N_c^2 + N)), with the cluster's stored error e_c and norm N_c (recovered from what is
+    stored, ||U C||^2 = N_c^2 (1 - e_c^2), the residual being orthogonal to the basis) and the
+    new members' squared error E and norm N. Both parts are within eps, so is the union:
+    where the numbers leave the floating range, that bound, max(e_c, e_new), is reported."""
+    from matclust.engine.linalg import ScaledSums, as_compute, sqnorm_scaled
+
+    e_c = float(stat["error"])
+    f, e = sqnorm_scaled(as_compute(enc.basis) @ as_compute(enc.coefficients))
+    err, norm = ScaledSums(1), ScaledSums(1)
+    if e_c < 1:
+        norm.add(0, f / (1 - e_c * e_c), e)
+        err.add(0, f * e_c * e_c / (1 - e_c * e_c), e)
+    err.add(0, *part["err2"])
+    norm.add(0, *part["norm2"])
+    union = err.sqrt_ratio(0, norm)
+    new = np.sqrt(part["err2"][0] / part["norm2"][0]) if part["norm2"][0] > 0 else 0.0
+    return union if np.isfinite(union) else max(e_c, float(new))
+
+
+def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_bytes: int,
+                  encoding: str = "compact"):
     """The stored groups (and their largest matrix error) of the matrices ``indices``
     clustered among themselves with the store's parameters, in the input's own magnitude (the
     run calibrates them itself, so matrices apart from the others' scale are kept apart as a
@@ -473,9 +651,10 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     # first run did.
     chosen = {k: params[k] for k in CLUSTERING_KEYS}
     stored_dtype = np.dtype(params.get("stored_dtype", "float64"))
-    chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(stored_dtype).eps)
+    if encoding == "compact":
+        chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(stored_dtype).eps)
     need = sum(block.nbytes for block in blocks)
-    sub = MatrixClusterer(**chosen, encoding="compact", mode="in-memory",
+    sub = MatrixClusterer(**chosen, encoding=encoding, mode="in-memory",
                           memory_limit=max(budget_bytes, 2 * need) + limits.BASELINE_BYTES
                           ).fit(blocks)
     return sub.clusters_, float(sub.report_["max_matrix_error"])

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import check_compact, decode_compact, load_input, run_inprocess, tree_digest
+from conftest import (check_compact, decode_compact, error_close, load_input, read_store,
+                      run_inprocess, tree_digest)
 
 
 def write_halves(tmp_path, ext, *, K=160, m=12, n=4, subspaces=3, rank=2, noise=0.01,
@@ -194,10 +195,10 @@ def test_bad_appends_are_refused_and_leave_the_store(tmp_path):
     _refused(store, rows, "--transpose", match="read the same way")
     _refused(os.fspath(tmp_path / "nothing.h5"), two, match="no such result store")
     _refused(store, os.fspath(tmp_path / "missing.h5"), match="missing.h5")
-    plain = os.fspath(tmp_path / "plain.h5")
-    run_inprocess("cluster", one, "-o", plain, "--rank", "3", "--eps", "0.05", "--encoding",
-                  "plain", "--quiet", check=0)
-    _refused(plain, two, match="plain store")
+    baseline = os.fspath(tmp_path / "baseline.h5")
+    run_inprocess("cluster", one, "-o", baseline, "--rank", "3", "--eps", "0.05", "--method",
+                  "random", "--clusters", "3", "--quiet", check=0)
+    _refused(baseline, two, match="without error control")
 
 
 def test_a_failed_append_leaves_the_old_store(tmp_path, monkeypatch):
@@ -309,3 +310,63 @@ def test_wider_new_matrices_widen_the_codes(tmp_path):
     _, _, after = decode_compact(store)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     check_compact(store, load_input(one)[0] + load_input(two)[0], 0.05)
+
+
+@pytest.mark.parametrize("guarantee", ["matrix", "cluster"])
+@pytest.mark.parametrize("ext", [".h5", ".zarr"])
+def test_plain_stores_take_appends(tmp_path, ext, guarantee):
+    """A plain (matclust/1) store: the joined clusters' groups grow by the new members'
+    coefficients against the stored basis, the old columns unchanged; every matrix (matrix
+    guarantee) or cluster (cluster guarantee) recomputed from both inputs with numpy."""
+    rng = np.random.default_rng(2)
+    pick = rng.random(200) < 0.5
+    (one, two), _, planted, K0 = write_halves(
+        tmp_path, ext, K=200, subspaces=4, noise=0.01, first=lambda lab: (lab < 3) & pick)
+    store = os.fspath(tmp_path / f"store{ext}")
+    eps = 0.05
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", str(eps), "--encoding",
+                  "plain", "--guarantee", guarantee, "--quiet", check=0)
+    before = read_store(store)
+    report = run_inprocess("append", store, two, "--json", check=0).json()
+    after = read_store(store)
+    assert after.attrs["format"] == "matclust/1" and after.report == report
+    mats = load_input(one)[0] + load_input(two)[0]
+    C0 = len(before.clusters)
+    errors = np.zeros(len(mats))
+    for c, cl in enumerate(after.clusters):
+        members = cl["members"]
+        assert np.all(after.labels[members] == c)
+        stored = cl["basis"].astype(float) @ cl["coefficients"] if "basis" in cl \
+            else cl["raw"].astype(float)
+        offsets = np.concatenate([[0], np.cumsum([mats[i].shape[1] for i in members])])
+        err2 = norm2 = 0.0
+        for j, i in enumerate(members):
+            d = np.sum((mats[i] - stored[:, offsets[j]:offsets[j + 1]]) ** 2)
+            errors[i] = np.sqrt(d / np.sum(mats[i] ** 2.0))
+            err2, norm2 = err2 + d, norm2 + np.sum(mats[i] ** 2.0)
+        error = np.sqrt(err2 / norm2)
+        assert error <= eps
+        assert error_close(error, report["cluster_stats"][c]["error"], np.float32)
+        if c < C0:  # the stored members first, their arrays as they were
+            old = before.clusters[c]
+            assert np.array_equal(members[:len(old["members"])], old["members"])
+            for key in ("basis", "raw"):
+                if key in old:
+                    assert np.array_equal(cl[key], old[key])
+            if "coefficients" in old:
+                width = old["coefficients"].shape[1]
+                assert np.array_equal(cl["coefficients"][:, :width], old["coefficients"])
+    seen = np.bincount(np.concatenate([cl["members"] for cl in after.clusters]),
+                       minlength=len(mats))
+    assert np.all(seen == 1)
+    if guarantee == "matrix":
+        assert errors.max() <= eps
+    # The new subspace forms new clusters; the others mostly joined.
+    new = after.labels[K0:]
+    assert np.all(new[planted[K0:] == 3] >= C0) and report["append"]["new_clusters"] >= 1
+    assert np.mean(new[planted[K0:] < 3] < C0) >= 0.9
+    assert report["append"]["joined"] == np.count_nonzero(new < C0)
+    run_inprocess("verify", store, check=0)
+    rebuilt = os.fspath(tmp_path / f"rebuilt{ext}")
+    run_inprocess("reconstruct", store, "-o", rebuilt, check=0)
+    assert len(load_input(rebuilt)[0]) == len(mats)
