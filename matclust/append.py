@@ -15,8 +15,10 @@ A newcomer joins a cluster when
   squared error E and squared norm N (docs/format.md, "Appends").
 
 The others are clustered among themselves with the store's own parameters
-(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids. The grown
-store is written next to the old one and renamed over it when complete (the old one stays
+(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids. Plain
+(matclust/1) stores are grown the same way (:func:`_append_plain`): a joined cluster's group
+gains the new members' coefficients against its stored basis. The grown store is written next
+to the old one and renamed over it when complete (the old one stays
 intact until then), under the store's lock (:mod:`matclust.checkpoint`).
 
 :func:`open_inputs` reads every input a store records, in order, as one collection (for
