@@ -415,8 +415,11 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
             if group is None:
                 continue
             group = unscaled(group, source.exponents[group.members])
-            if guarantee == "cluster" and not out.error_with(int(c), group) <= encoder.eps:
-                leftover.append(group.members)  # cannot happen: each part meets eps itself
+            union = out.error_with(int(c), group)
+            # Not finite: the cluster's and the new members' magnitudes lie too far apart for
+            # one unit (~2^500); above eps: cannot happen, each part meets eps by itself.
+            if not np.isfinite(union) or (guarantee == "cluster" and union > encoder.eps):
+                leftover.append(group.members)
                 continue
             worst = max(worst, float(group.matrix_errors.max()))
             group.members = group.members + K0

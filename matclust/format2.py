@@ -128,7 +128,8 @@ class CompactWriter:
         err2 = float(group.quantised.err2.sum())
         if d == 0:
             return group.norm2, err2, rows2
-        return float(np.ldexp(group.norm2, d)), float(np.ldexp(err2, d)), np.ldexp(rows2, d)
+        with np.errstate(over="ignore", under="ignore"):  # inf: the caller's to refuse
+            return float(np.ldexp(group.norm2, d)), float(np.ldexp(err2, d)), np.ldexp(rows2, d)
 
     def error_with(self, cid: int, group: StoredGroup) -> float:
         """Cluster ``cid``'s relative error were ``group`` added to it: the energy-weighted
@@ -137,7 +138,8 @@ class CompactWriter:
         info = self.clusters[cid]
         norm2, err2, _ = self._in_cluster_scale(info, group)
         total = info["norm2"] + norm2
-        return float(np.sqrt((info["err2"] + err2) / total)) if total > 0 else 0.0
+        with np.errstate(invalid="ignore"):  # inf / inf: NaN, not a number the caller accepts
+            return float(np.sqrt((info["err2"] + err2) / total)) if total > 0 else 0.0
 
     def seed(self, reader: "CompactReader") -> None:
         """Start from a complete store (an append, matclust.append): its K0 matrices become
