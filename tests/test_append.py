@@ -370,3 +370,29 @@ def test_plain_stores_take_appends(tmp_path, ext, guarantee):
     rebuilt = os.fspath(tmp_path / f"rebuilt{ext}")
     run_inprocess("reconstruct", store, "-o", rebuilt, check=0)
     assert len(load_input(rebuilt)[0]) == len(mats)
+
+
+def test_far_magnitudes(tmp_path):
+    """New matrices 10^400 times the stored ones (same subspaces), then 10^190 times: every
+    matrix still within eps (checked scaled by its own largest entry, which no power of ten
+    overflows), however far the magnitudes."""
+    from matclust.collections_io import write_collection
+    from matclust.sample import planted_collection
+
+    mats, _ = planted_collection(120, 12, 4, 3, 2, 0.01, "float64", None, 0, 10.0)
+    parts = [mats[:60] * 1e-200, mats[60:] * 1e200, mats[60:90] * 1e-10]
+    paths = [os.fspath(tmp_path / f"in{k}.h5") for k in range(3)]
+    for path, part in zip(paths, parts):
+        write_collection(path, part)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", paths[0], "-o", store, "--rank", "3", "--eps", "0.05", "--quiet",
+                  check=0)
+    for path in paths[1:]:
+        res = run_inprocess("append", store, path, "--quiet", check=0)
+        assert res.stderr == ""
+    run_inprocess("verify", store, check=0)
+    _, _, decoded = decode_compact(store)
+    originals = [a for part in parts for a in part]
+    for a, d in zip(originals, decoded):
+        scale = np.abs(a).max()
+        assert np.linalg.norm(a / scale - d / scale) <= 0.05 * np.linalg.norm(a / scale)
