@@ -363,6 +363,7 @@ def _result_summary(path: str):
     with store:
         r = store.report
         return {"kind": "matclust result store", "input": store.params.get("input"),
+                "inputs": len(store.params.get("inputs") or [None]),  # grown by appends
                 "method": store.params.get("method"), "order": store.params.get("order"),
                 "rank": store.params.get("rank"), "eps": store.params.get("eps"),
                 "K": r["K"], "m": r["m"], "clusters": r["clusters"], "singletons": r["singletons"],
@@ -563,6 +564,42 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
                       f"{row['compression_ratio']:.3f}", f"{row['max_error']:.4f}", over,
                       f"{row['seconds']:.2f}")
     _console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# append
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("store")
+@click.argument("input")
+@click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
+@click.option("--transpose/--no-transpose", default=None,
+              help="Read INPUT's transposes (default: as the store's inputs were read; the other "
+                   "choice is refused).")
+@memory_limit_option()
+@click.option("--json", "as_json", is_flag=True, help="Print the grown store's JSON report and nothing else.")
+@click.option("--quiet", is_flag=True, help="No progress bars and no table.")
+@fill_missing_option
+def append(store, input, dataset, transpose, memory_limit, as_json, quiet, fill_missing):
+    """Add the matrices of INPUT to the result store STORE without clustering it again.
+
+    A new matrix joins a stored cluster when that cluster's stored basis keeps the store's
+    guarantee with it; the others are clustered among themselves into new clusters. STORE is
+    replaced only once the grown store is complete."""
+    from matclust.append import append_to_store
+    from matclust.progress import RichProgress
+    from matclust.report import render_table
+
+    with RichProgress(enabled=None if not quiet else False) as progress:
+        report = append_to_store(store, input, dataset, transpose, memory_limit, progress,
+                                 fill_missing)
+    if as_json:
+        _emit_json(report)
+    elif not quiet:
+        done = report["append"]
+        _console().print(f"appended {done['K']} matrices: {done['joined']} joined stored "
+                         f"clusters, {done['new_clusters']} new clusters")
+        render_table(report, _console())
 
 
 # ---------------------------------------------------------------------------------------------
