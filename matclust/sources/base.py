@@ -164,6 +164,10 @@ class MatrixSource:
 
     #: Most input bytes per batch of a sequential pass (set from the memory limit's plan).
     batch_limit: int = 2**62
+    #: (function, arguments) opening this collection again, set by the file readers: a source
+    #: sent to another process (pickled) opens its file there by path or URL and storage
+    #: options, with the calibration it had, instead of carrying open file handles.
+    reopen = None
 
     def __init__(self, path: str, dataset: str, transpose: bool, *, stack=None, members=None,
                  find_missing=None):
@@ -479,6 +483,15 @@ class MatrixSource:
 
     def close(self) -> None:
         """Release the underlying file handle (a no-op for in-memory sources)."""
+
+    def __reduce_ex__(self, protocol):
+        if self.reopen is None:  # in-memory sources travel with their arrays
+            return super().__reduce_ex__(protocol)
+        function, args = self.reopen
+        state = {key: getattr(self, key) for key in ("exponents", "apart", "_scaled")}
+        if "batch_limit" in self.__dict__:
+            state["batch_limit"] = self.batch_limit
+        return function, (args, state)
 
     def __enter__(self):
         return self
