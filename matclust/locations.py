@@ -172,6 +172,11 @@ def remote_errors(url: str, action: str):
     except FileNotFoundError as exc:
         raise InputError(f"{url}: cannot {action}: no such object or bucket "
                          f"({_reason(exc)})") from None
+    except TypeError as exc:  # the filesystem met an option it does not take only now
+        if "unexpected keyword" not in str(exc):
+            raise
+        raise InputError(f"--storage-options: not accepted by the {protocol(url)}:// "
+                         f"filesystem ({_reason(exc)})") from None
     except PermissionError as exc:
         raise InputError(f"{url}: cannot {action}: access denied ({_reason(exc)}); check the "
                          "credentials") from None

@@ -150,8 +150,11 @@ class RemoteOutput:
         if protocol(self.url) in _BUCKETED:
             bucket = self.path.split("/", 1)[0]
             with remote_errors(self.url, "look up the bucket"):
-                if not self.fs.exists(bucket):
-                    raise InputError(f"{self.url}: the bucket '{bucket}' does not exist")
+                try:
+                    self.fs.info(bucket)
+                except FileNotFoundError:
+                    raise InputError(f"{self.url}: the bucket '{bucket}' does not exist") \
+                        from None
             if "/" not in self.path:
                 raise InputError(f"{self.url}: name a prefix inside the bucket "
                                  f"(e.g. {self.url.rstrip('/')}/result.zarr)")
