@@ -289,10 +289,20 @@ class RemoteResultWriter(ResultWriter):
 
     def abort(self) -> None:
         logger.debug("aborted: removing the unfinished %s", self.temp)
-        try:
-            self.output.fs.rm(self.output.key(self.generation), recursive=True)
-        except Exception:  # unreachable store: the next run on OUTPUT removes the generation
-            pass
+        fs, key = self.output.fs, self.output.key(self.generation)
+        # A write interrupted by a signal goes on in zarr's I/O thread and may land after the
+        # first removal: look again a little later (the next run on OUTPUT would remove it).
+        for pause in (0.0, 0.2, 0.5):
+            time.sleep(pause)
+            try:
+                fs.invalidate_cache(key)
+                if pause and not fs.find(key):
+                    return
+                fs.rm(key, recursive=True)
+            except FileNotFoundError:
+                pass
+            except Exception:  # unreachable store: the next run on OUTPUT removes it
+                return
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ pytest.importorskip("moto")
 #: The options of every small clustering run here.
 RUN = ("--rank", "2", "--eps", "0.1", "--quiet")
 #: Lease of the lock of runs that get killed: short, so that the test can wait it out.
-LEASE = 4.0
+LEASE = 3.0
 
 
 def _free_port() -> int:
@@ -161,10 +161,10 @@ def test_s3_to_s3_equals_the_local_run(bucket, tmp_path, kind):
     """cluster s3:// -> s3://, then verify, inspect and reconstruct from s3://: the same
     labels, decoded matrices and rebuilt collection as the same run on local files."""
     if kind == "h5":
-        local_in, mats, _ = write_planted(tmp_path / "in.h5", K=150, m=12, n=4, subspaces=4,
+        local_in, mats, _ = write_planted(tmp_path / "in.h5", K=100, m=12, n=4, subspaces=4,
                                           rank=2, dtype="float32")
     else:
-        local_in, mats, _ = write_planted(tmp_path / "in.zarr", K=60, m=12, n=3, n_max=6,
+        local_in, mats, _ = write_planted(tmp_path / "in.zarr", K=24, m=12, n=3, n_max=6,
                                           layout="group", subspaces=3, rank=2, seed=1)
     url_in = bucket.upload(local_in)
     local_out, url_out = tmp_path / "res.zarr", bucket.url("res.zarr")
@@ -266,10 +266,12 @@ def test_killed_run_leaves_nothing_readers_take(bucket, tmp_path, previous):
     --overwrite the previous result is read intact. The dead run's lock holds OUTPUT until its
     lease runs out; the next run then removes the half-written generation."""
     url_in = big_input(bucket, tmp_path)
+    small, _, _ = write_planted(tmp_path / "small.h5", K=30, m=16, n=4)
+    small_in = bucket.upload(small)
     out = bucket.url("res.zarr")
     before = None
     if previous:
-        run_inprocess("cluster", url_in, "-o", out, *RUN, check=0)
+        run_inprocess("cluster", small_in, "-o", out, *RUN, check=0)
         before = bucket.pointer("res.zarr")["generation"]
         _, labels_before, decoded_before = decode_compact(bucket.published("res.zarr"))
     run = spawn_cluster(url_in, "-o", out, *RUN, "--encoding", "plain", "--guarantee",
@@ -304,10 +306,10 @@ def test_killed_run_leaves_nothing_readers_take(bucket, tmp_path, previous):
             zarr.open_group(out, mode="r")  # a plain Zarr reader finds no group either
 
     # The dead run's lock is still within its lease: a new run is refused, naming it.
-    r = run_inprocess("cluster", url_in, "-o", out, *RUN, "--overwrite", check=2)
+    r = run_inprocess("cluster", small_in, "-o", out, *RUN, "--overwrite", check=2)
     assert "being written by another matclust run" in r.stderr and f"pid {run.pid}" in r.stderr
     time.sleep(max(0.0, LEASE + 0.5 - (time.monotonic() - killed_at)))
-    run_inprocess("cluster", url_in, "-o", out, *RUN, "--overwrite", check=0)
+    run_inprocess("cluster", small_in, "-o", out, *RUN, "--overwrite", check=0)
     generation = bucket.pointer("res.zarr")["generation"]
     assert bucket.entries("res.zarr") == sorted(["zarr.json", generation])
     assert half_written != generation and before != generation

@@ -290,6 +290,9 @@ class _Zarr(_Container):
         super().__init__(path, fill_missing)
         import zarr
 
+        #: Members of each group listed so far: selecting a collection walks the hierarchy
+        #: several times, and on an object store every listing is a request.
+        self._listed: dict[str, list] = {}
         try:
             self.root = zarr.open(store if store is not None else path, mode="r")
         except Exception as exc:  # zarr raises several unrelated types for "not a store"
@@ -313,6 +316,11 @@ class _Zarr(_Container):
         return isinstance(obj, zarr.Array)
 
     def _members(self, group) -> list:
+        if group.path not in self._listed:
+            self._listed[group.path] = self._list_members(group)
+        return self._listed[group.path]
+
+    def _list_members(self, group) -> list:
         import warnings
 
         try:
