@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import signal
 import socket
 import subprocess
@@ -334,3 +333,98 @@ def test_second_concurrent_run_is_refused(bucket, tmp_path):
             first.kill()
             first.wait()
     assert bucket.entries("res.zarr") == []  # no generation, no lock: the URL is free again
+
+
+def test_lock_lease_renewal_takeover_and_loss(bucket, monkeypatch):
+    """The lock object directly: held -> a second taker is refused; renewed while held; a dead
+    holder's lock (not renewed for a lease) is taken over; a holder whose lock was replaced
+    notices before publishing and does not delete the other run's lock."""
+    from matclust.errors import InputError, WriteFailure
+    from matclust.objectstore import RemoteLock, RemoteOutput
+
+    monkeypatch.setenv("MATCLUST_LOCK_LEASE", "0.4")
+    key = f"{bucket.name}/res.zarr/.matclust-lock"
+
+    def body():
+        bucket.fs.invalidate_cache()
+        return json.loads(bucket.fs.cat_file(key))
+
+    bucket.fs.pipe_file(key, json.dumps({"pid": 1, "host": "elsewhere", "run": "dead",
+                                         "renewed": time.time() - 10, "lease": 0.4}).encode())
+    lock = RemoteLock(RemoteOutput(bucket.url("res.zarr"))).acquire()  # a dead run's lock
+    try:
+        first = body()
+        assert first["run"] == lock.run and first["pid"] == os.getpid()
+        with pytest.raises(InputError, match="being written by another matclust run"):
+            RemoteLock(RemoteOutput(bucket.url("res.zarr"))).acquire()
+        wait_for(lambda: body()["renewed"] > first["renewed"], "a renewal", timeout=5)
+        lock.confirm()  # still ours
+        bucket.fs.pipe_file(key, json.dumps({"pid": 2, "host": "elsewhere", "run": "other",
+                                             "renewed": time.time(), "lease": 60}).encode())
+        with pytest.raises(WriteFailure, match="lost the output's lock"):
+            lock.confirm()
+    finally:
+        lock.release()
+    assert body()["run"] == "other"
+
+
+def test_http_input_is_read_and_http_output_refused(tmp_path):
+    """http(s):// is read only: a collection served over HTTP (a Zarr folder, an HDF5 file)
+    clusters like the local one; an output URL there is refused."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "www"
+    served.mkdir()
+    write_planted(served / "in.zarr", K=40, m=8, n=3, subspaces=2, rank=2)
+    write_planted(served / "in.h5", K=40, m=8, n=3, subspaces=2, rank=2, seed=2)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for name in ("in.zarr", "in.h5"):
+            run_inprocess("cluster", f"{base}/{name}", "-o", tmp_path / f"{name}-http.zarr",
+                          *RUN, check=0)
+            run_inprocess("cluster", served / name, "-o", tmp_path / f"{name}-local.zarr", *RUN,
+                          check=0)
+            _, labels, decoded = decode_compact(tmp_path / f"{name}-http.zarr")
+            _, local_labels, local_decoded = decode_compact(tmp_path / f"{name}-local.zarr")
+            np.testing.assert_array_equal(labels, local_labels)
+            for a, b in zip(decoded, local_decoded):
+                np.testing.assert_array_equal(a, b)
+        r = run_inprocess("cluster", f"{base}/in.zarr", "-o", f"{base}/out.zarr", *RUN, check=2)
+        assert f"{base}/out.zarr" in r.stderr and "read only" in r.stderr
+        assert not (served / "out.zarr").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pickled_s3_source_reopens_in_another_process(bucket, s3_endpoint, tmp_path):
+    """A source opened from s3:// with explicit storage options, pickled and read in a process
+    without any AWS environment: it opens its URL again with those options (as a Dask worker
+    does) and reads the same matrices, calibration included."""
+    from matclust.locations import use_storage_options
+    from matclust.sources import open_source
+
+    local, mats, _ = write_planted(tmp_path / "in.h5", K=30, m=8, n=3, scale_spread=1e3)
+    url = bucket.upload(local)
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    with use_storage_options(options):
+        source = open_source(url)
+    source.calibrate(source.read_range(0, 30).peaks())
+    expected = source.read_range(0, 30).data
+    child = ("import pickle, sys, numpy as np; source = pickle.load(sys.stdin.buffer); "
+             "np.save(sys.stdout.buffer, source.read_range(0, 30).data)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(source), env=env,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    import io
+
+    np.testing.assert_array_equal(np.load(io.BytesIO(done.stdout)), expected)
+    assert not np.array_equal(expected, np.concatenate(mats, axis=1))  # calibrated: scaled

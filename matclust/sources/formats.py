@@ -408,14 +408,15 @@ def _open_remote(url: str, fill_missing: bool) -> _Container:
 
     fs, path = filesystem(url)
     with remote_errors(url, "read the input"):
+        # Zarr first: a web server answers a folder's URL with a page, which looks like a file.
+        if any(fs.exists(f"{path.rstrip('/')}/{name}")
+               for name in ("zarr.json", ".zgroup", ".zarray")):
+            return _Zarr(url, fill_missing, store=zarr_store(url, read_only=True))
         if fs.isfile(path):
             return _Hdf5(url, fill_missing, fileobj=open_file(url))
-        if not any(fs.exists(f"{path.rstrip('/')}/{name}")
-                   for name in ("zarr.json", ".zgroup", ".zarray")):
-            from matclust.objectstore import RemoteOutput
+        from matclust.objectstore import RemoteOutput
 
-            raise RemoteOutput(url).missing_root()
-        return _Zarr(url, fill_missing, store=zarr_store(url, read_only=True))
+        raise RemoteOutput(url).missing_root()
 
 
 def reopen_source(args: tuple, state: dict) -> MatrixSource:
