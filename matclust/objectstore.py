@@ -19,6 +19,7 @@ itself, no ``generation``) is read from the root.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -308,6 +309,12 @@ class RemoteResultWriter(ResultWriter):
 # ---------------------------------------------------------------------------------------------
 # The lock
 # ---------------------------------------------------------------------------------------------
+def _precondition_failed(exc: OSError) -> bool:
+    """A conditional write refused: the object is gone, or it is not the one we saw (s3fs
+    turns S3's 412 for If-Match into EINVAL)."""
+    return isinstance(exc, FileNotFoundError) or exc.errno == errno.EINVAL
+
+
 #: The locks this process holds, by OUTPUT URL (the writer confirms its run still holds one).
 HELD_LOCKS: dict[str, "RemoteLock"] = {}
 
@@ -398,8 +405,10 @@ class RemoteLock:
         if self.conditional and etag:
             try:
                 out = fs.pipe_file(self.key, self._body(), IfMatch=etag)
-            except (FileNotFoundError, OSError):  # 412: another run took it over first
-                raise self._held(*self._read()) from None
+            except OSError as exc:
+                if not _precondition_failed(exc):
+                    raise
+                raise self._held(*self._read()) from None  # another run took it over first
             self._etag = out.get("ETag") if isinstance(out, dict) else None
             return
         try:
@@ -421,12 +430,12 @@ class RemoteLock:
         if self.conditional and self._etag:
             try:
                 out = fs.pipe_file(self.key, self._body(), IfMatch=self._etag)
-            except (FileNotFoundError, OSError) as exc:
-                if isinstance(exc, FileNotFoundError) or getattr(exc, "errno", None) == 22:
-                    self.lost = "the lock object was replaced or removed by someone else"
-                    self._stop.set()
-                    return
-                raise
+            except OSError as exc:
+                if not _precondition_failed(exc):
+                    raise
+                self.lost = "the lock object was replaced or removed by someone else"
+                self._stop.set()
+                return
             self._etag = out.get("ETag") if isinstance(out, dict) else None
             return
         body, _ = self._read()
