@@ -141,12 +141,19 @@ def zarr_store(url: str, read_only: bool, options: dict | None = None):
         return FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
 
 
+#: Blocks of an HDF5 file fetched per request, and how many of them are kept: HDF5 reads its
+#: metadata in many small pieces, and a batch of matrices is a few MiB (16 MiB held at most).
+FILE_BLOCK_BYTES = 4 * 2**20
+FILE_BLOCKS_KEPT = 4
+
+
 def open_file(url: str, options: dict | None = None):
-    """A read-only file object at ``url`` (for h5py, which reads file-like objects). Read in
-    blocks of 4 MiB, the last ones kept: HDF5 reads its metadata in many small pieces."""
+    """A read-only file object at ``url`` (for h5py, which reads file-like objects), read in
+    blocks of FILE_BLOCK_BYTES, the last FILE_BLOCKS_KEPT kept."""
     fs, path = filesystem(url, options)
     with remote_errors(url, "open"):
-        return fs.open(path, "rb", block_size=4 * 2**20, cache_type="blockcache")
+        return fs.open(path, "rb", block_size=FILE_BLOCK_BYTES, cache_type="blockcache",
+                       cache_options={"maxblocks": FILE_BLOCKS_KEPT})
 
 
 def refuse_read_only(url: str, what: str = "output") -> None:
