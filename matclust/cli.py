@@ -175,7 +175,7 @@ def _configure_logging(verbosity: int) -> None:
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("input", required=False)
-@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr.")
+@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr (always Zarr at a URL such as s3://...).")
 @click.option("--rank", type=int, help="Target rank r of each cluster's shared basis.")
 @click.option("--eps", type=float, help="Relative Frobenius error bound per cluster, in (0, 1).")
 @click.option("--method", default=defaults.METHOD, show_default=True,
