@@ -187,15 +187,14 @@ class RemoteOutput:
             self.fs.pipe_file(self.key(POINTER), json.dumps(doc, indent=2).encode())
         logger.info("published %s as the result at %s", generation, self.url)
 
-    def remove_stale(self, keep: str | None) -> list[str]:
-        """Delete what the pointer does not point to: old generations, and a replaced store's
-        own arrays at the root (check_target established that matclust wrote them)."""
+    def remove_stale(self, keep: str) -> list[str]:
+        """Delete what the pointer, now naming ``keep``, does not point to: old generations,
+        and a replaced store's own arrays at the root (check_target established that matclust
+        wrote them)."""
         removed = []
         for name in self.entries():
             if name in (POINTER, LOCK, keep):
                 continue
-            if keep is None and not _GENERATION.fullmatch(name):
-                continue  # without a new result in place, only generations are leftovers
             try:
                 self.fs.rm(self.key(name), recursive=True)
                 removed.append(name)
@@ -236,7 +235,8 @@ def open_result_backend(url: str):
         raise output.missing_root()
     generation = attrs.get("generation")
     if generation is None:  # a store uploaded as is: the result is the root itself
-        return _ZarrBackend(zarr_store(output.url, read_only=True), "r")
+        with remote_errors(url, "open the result store"):
+            return _ZarrBackend(zarr_store(output.url, read_only=True), "r")
     if not isinstance(generation, str) or not _GENERATION.fullmatch(generation) \
             or attrs.get("complete") is not True:
         raise InputError(f"{url}: damaged root pointer (generation {generation!r}, complete "
