@@ -431,3 +431,38 @@ def test_pickled_s3_source_reopens_in_another_process(bucket, s3_endpoint, tmp_p
 
     np.testing.assert_array_equal(np.load(io.BytesIO(done.stdout)), expected)
     assert not np.array_equal(expected, np.concatenate(mats, axis=1))  # calibrated: scaled
+
+
+def test_of_runs_racing_for_the_lock_exactly_one_gets_it(bucket):
+    """Eight takers at once: the conditional put (If-None-Match: *) lets exactly one win; the
+    others are refused. A server ignoring the condition would let them all through."""
+    import threading
+
+    from matclust.errors import InputError
+    from matclust.objectstore import RemoteLock, RemoteOutput
+
+    locks = [RemoteLock(RemoteOutput(bucket.url("res.zarr"))) for _ in range(8)]
+    start = threading.Barrier(len(locks))
+    won, refused = [], []
+
+    def take(lock):
+        start.wait()
+        try:
+            won.append(lock.acquire())
+        except InputError:
+            refused.append(lock)
+
+    threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert len(won) == 1 and len(refused) == len(locks) - 1
+        bucket.fs.invalidate_cache()
+        assert json.loads(bucket.fs.cat_file(f"{bucket.name}/res.zarr/.matclust-lock"))["run"] \
+            == won[0].run
+    finally:
+        for lock in won:
+            lock.release()
+    assert bucket.entries("res.zarr") == []
