@@ -29,6 +29,7 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 
 from matclust.checkpoint import OutputGuard
 from matclust.errors import InputError, WriteFailure
@@ -248,6 +249,17 @@ def open_result_backend(url: str):
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
+#: Packages whose exceptions are failures of the store or of the way to it.
+_STORE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "fsspec", "s3fs", "gcsfs", "adlfs",
+                   "azure", "google")
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    if isinstance(exc, (InputError, WriteFailure)) or not isinstance(exc, Exception):
+        return False
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORE_PACKAGES
+
+
 class RemoteResultWriter(ResultWriter):
     """ResultWriter for a URL: the store is written under a new generation prefix and
     published by the root pointer (module docstring) instead of a rename."""
@@ -267,6 +279,19 @@ class RemoteResultWriter(ResultWriter):
                 self._backend.set_attr("complete", False)
         except BaseException as exc:
             self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Remove the generation; a failure of the store itself (unreachable, refused) becomes
+        one WriteFailure naming OUTPUT."""
+        self.abort()
+        if not _is_store_failure(exc):
+            raise exc
+        # zarr's writes still pending in its I/O thread are dropped at exit, each with a
+        # warning that would follow the error line.
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        raise WriteFailure(f"{self.path}: the output could not be written "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                           "nothing was published") from None
 
     def _stored_bytes(self) -> int:
         self.output.fs.invalidate_cache(self.output.key(self.generation))
@@ -520,6 +545,15 @@ class RemoteOutputGuard(OutputGuard):
             self._release()
             raise
         return self
+
+    def _after_write_failure(self, exc: WriteFailure) -> None:
+        """The store failed: keep a checkpoint that holds clusters, and say so."""
+        recorded = self.log._count if self.log is not None else 0
+        if recorded > 0:
+            raise WriteFailure(f"{exc}; the {recorded} clusters formed so far are kept in "
+                               f"{self.log.path}: run again with --resume once the store can "
+                               "be reached to continue from them") from None
+        super()._after_write_failure(exc)
 
     def _release(self) -> None:
         if self._lock is not None:
