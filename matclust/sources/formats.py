@@ -402,6 +402,10 @@ def _open_container(path: str, fill_missing: bool) -> _Container:
     raise InputError(f"{path}: neither an HDF5 file nor a Zarr store (a directory)")
 
 
+#: Members of a group at a URL read at once (each waits for the store's answer).
+REMOTE_CONCURRENT_READS = 8
+
+
 def _open_remote(url: str, fill_missing: bool) -> _Container:
     """The HDF5 file (one object) or Zarr store (a prefix) at a URL."""
     from matclust.locations import filesystem, open_file, remote_errors, zarr_store
@@ -458,6 +462,8 @@ def open_source(path, dataset: str | None = None, transpose: bool = False,
     try:
         source = container.source(dataset, transpose)
         remote = is_url(container.path)
+        if remote and isinstance(container, _Zarr):  # each member read is a request
+            source.concurrent_reads = REMOTE_CONCURRENT_READS
         source.reopen = (reopen_source, (
             container.path if remote else os.path.abspath(container.path), source.dataset,
             source.transpose, fill_missing, storage_options() if remote else {}))
