@@ -119,6 +119,23 @@ config_option = click.option(
     callback=_config_callback, help="TOML file supplying any option; flags override it.")
 
 
+def _storage_options_callback(ctx, param, value):
+    """Parse --storage-options and put it in force for the command (matclust.locations)."""
+    if value is None:
+        return None
+    from matclust.locations import parse_storage_options, use_storage_options
+
+    ctx.with_resource(use_storage_options(parse_storage_options(value)))
+    return None
+
+
+storage_options_option = click.option(
+    "--storage-options", metavar="JSON", callback=_storage_options_callback, expose_value=False,
+    help="fsspec options for every URL (s3://, gs://, ...) the command opens, as a JSON object, "
+         "e.g. '{\"anon\": true}' or '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'; "
+         "credentials and endpoints also come from the usual environment variables.")
+
+
 fill_missing_option = click.option(
     "--fill-missing", is_flag=True,
     help="Read Zarr chunks that are not stored, and virtual-dataset sources that are missing, as "
@@ -158,7 +175,7 @@ def _configure_logging(verbosity: int) -> None:
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("input", required=False)
-@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr.")
+@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr (always Zarr at a URL such as s3://...).")
 @click.option("--rank", type=int, help="Target rank r of each cluster's shared basis.")
 @click.option("--eps", type=float, help="Relative Frobenius error bound per cluster, in (0, 1).")
 @click.option("--method", default=defaults.METHOD, show_default=True,
@@ -195,6 +212,7 @@ def _configure_logging(verbosity: int) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run on OUTPUT from its checkpoint (same input and options).")
 @fill_missing_option
+@storage_options_option
 def cluster(input, output, rank, eps, method, order, dataset, transpose, patience, oversampling,
             memory_limit, mode, guarantee, encoding, n_clusters, seed, config, report_path, as_json,
             quiet, overwrite, resume, fill_missing):
@@ -249,6 +267,7 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fill_missing_option
 @memory_limit_option()
+@storage_options_option
 def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_limit):
     """Recompute every cluster's error from the input; exit 1 if one exceeds eps."""
     from matclust.progress import RichProgress
@@ -288,6 +307,7 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_lim
 @click.option("--index", "indices", type=int, multiple=True, help="Input index to rebuild (repeatable; default all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DEST.")
 @memory_limit_option()
+@storage_options_option
 def reconstruct(output, dest, indices, overwrite, memory_limit):
     """Rebuild matrices from the result store OUTPUT into DEST (same layout as the input)."""
     from matclust.collections_io import write_collection
@@ -321,6 +341,7 @@ def reconstruct(output, dest, indices, overwrite, memory_limit):
 @click.argument("input")
 @click.option("--dataset", help="Describe only this dataset.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@storage_options_option
 def inspect(input, dataset, as_json):
     """Describe the candidate collections in INPUT (or summarise a result store)."""
     from matclust.sources import list_candidates, open_source
@@ -448,6 +469,7 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 @click.option("--overwrite", is_flag=True, help="Replace an existing CSV / plot.")
 @fill_missing_option
 @memory_limit_option()
+@storage_options_option
 def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, output, plot_path,
            as_json, quiet, overwrite, fill_missing, memory_limit):
     """The paper's bound study: on random clusters of each size, the exact best rank-r error and
@@ -531,6 +553,7 @@ def _render_study(result, summary, console) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @fill_missing_option
+@storage_options_option
 def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,
             oversampling, memory_limit, as_json, quiet, fill_missing):
     """Run several methods on INPUT and print one table (each run's store goes to a temporary
