@@ -286,7 +286,8 @@ class IncrementalState(_State):
     def top_basis(self) -> np.ndarray | None:
         # After one update from empty, Q diag(lam) Q^* is the block's Gram up to directions
         # dropped as numerically null, so the leading columns are its top-r singular vectors.
-        if self.size != 1 or self.slack or not self.q.shape[1]:
+        # Those dropped are the smallest: with r columns kept they are not among the top r.
+        if self.size != 1 or not self.q.shape[1] or (self.slack and self.q.shape[1] < self.rank):
             return None
         return self.q[:, : min(self.rank, int(np.count_nonzero(self.lam > 0)) or 1)]
 
