@@ -270,7 +270,7 @@ class GreedyDriver:
             # another, each paying a scan and a growth for a few members (RGB patches: 35 that
             # admitted ~350 and kept ~7), and those few stored alone are no larger (bytes on
             # disk: RGB 379,395 -> 377,437, PDE 120,181 -> 93,646, gray 388,717 -> 387,956).
-            kept_most = cluster.trimmed <= len(cluster.members)
+            kept_most = self.evict_above is None or cluster.trimmed <= len(cluster.members)
             cluster.grew = len(cluster.members) > len(seed) and kept_most
             self.seed_only_streak = 0 if cluster.grew else self.seed_only_streak + 1
             self.alive[cluster.members] = False
