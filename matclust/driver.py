@@ -145,9 +145,7 @@ def feeding_order(blocks, rank: int, order: str) -> np.ndarray:
     """Positions of one cluster's blocks in the order the greedy driver feeds them to an
     estimator: the seed (largest-norm blocks packed to <= rank columns) first, then the rest in
     candidate order ('norm': ascending norm; 'residual': ascending residual against the seed's
-    top-r basis). Used by the bound study to bound a given cluster as the driver would (with
-    the incremental estimator the driver orders against the seed's r + p tracked directions;
-    the study gives every estimator this one order)."""
+    top-r basis). Used by the bound study to bound a given cluster as the driver would."""
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}")
     norms2 = np.array([sqnorm(b) for b in blocks])

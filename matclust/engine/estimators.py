@@ -71,9 +71,8 @@ class _State:
         return Prefixes(self, block, ends, norms2, loss2)
 
     def top_basis(self) -> np.ndarray | None:
-        """Orthonormal leading left singular vectors of the blocks added so far (the top r, or
-        all those the state tracks), when the state has them exactly (None otherwise): the
-        residual order is computed against them."""
+        """Orthonormal top-r left singular vectors of the blocks added so far, when the state
+        tracks them exactly (None otherwise)."""
         return None
 
 
@@ -286,14 +285,11 @@ class IncrementalState(_State):
 
     def top_basis(self) -> np.ndarray | None:
         # After one update from empty, Q diag(lam) Q^* is the block's Gram up to directions
-        # dropped as numerically null, so Q's columns are its top-k left singular vectors.
-        # All k of them order the candidates, as in the paper's code (its Q): against the top
-        # r only, the PDE trajectories' clusters had 0.966 of its compression ratio (6.589
-        # against 6.818), against k 1.059 (7.223); gray patches 1.011 and 0.997, RGB patches
-        # and MiniLM columns the same either way.
-        if self.size != 1 or not self.q.shape[1]:
+        # dropped as numerically null, so the leading columns are its top-r singular vectors.
+        # Those dropped are the smallest: with r columns kept they are not among the top r.
+        if self.size != 1 or not self.q.shape[1] or (self.slack and self.q.shape[1] < self.rank):
             return None
-        return self.q[:, : int(np.count_nonzero(self.lam > 0)) or 1]
+        return self.q[:, : min(self.rank, int(np.count_nonzero(self.lam > 0)) or 1)]
 
 
 class _IncrementalPrefixes(Prefixes):
