@@ -258,17 +258,20 @@ class CompactEncoder:
             decoded = qb.dct_matrix(m).T @ values @ qb.dct_matrix(n)
             err2 = np.sum(np.abs(scaled[rows] - decoded) ** 2, axis=(1, 2))
             ok = err2 <= self.eps ** 2 * q.norm2
+            steps = qb.shifted_steps(q.exponents, shifts[rows])  # what _alone does, for all
         for t, j in enumerate(rows):
             pos, index = positions[j], items[positions[j]][0]
             if ok[t]:
-                one = qb.Quantised(codes[t], q.exponents[t:t + 1].copy(), err2[t:t + 1],
-                                   q.norm2[t:t + 1])
+                one = qb.Quantised(codes[t], steps[t:t + 1], err2[t:t + 1], q.norm2[t:t + 1])
+                out[pos] = self._alone(index, n, None, one, int(shifts[j]), shifted=True)
             else:  # the transform's rounding tipped it over: lower the target for this one
                 one = self._dct_codes(index, scaled[j], dct[j], np.array([0, n]))
-            out[pos] = self._alone(index, n, None, one, int(shifts[j]))
+                out[pos] = self._alone(index, n, None, one, int(shifts[j]))
 
-    def _alone(self, index: int, width: int, basis, q: qb.Quantised, shift: int) -> StoredGroup:
-        q.exponents = qb.shifted_steps(q.exponents, shift)
+    def _alone(self, index: int, width: int, basis, q: qb.Quantised, shift: int,
+               shifted: bool = False) -> StoredGroup:
+        if not shifted:  # else the caller moved the step by the shift already
+            q.exponents = qb.shifted_steps(q.exponents, shift)
         # Norms and errors in the matrix's own scale: only their ratio is used.
         group = StoredGroup(np.array([index]), np.array([width]), basis, q, 0.0, shift=shift)
         norm2, err2 = float(q.norm2[0]), float(q.err2[0])

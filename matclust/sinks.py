@@ -147,8 +147,13 @@ class CompactSink:
         members = np.fromiter((int(g.members[0]) for g in groups), np.int64, len(groups))
         exps = getattr(self.source, "exponents", None)
         if exps is not None and np.any(exps[members]):
-            for group in groups:
-                self.unscale(group)
+            # What unscale does to each, in one call for all (one per group was ~10 % of the
+            # RGB patches' run: 4,728 of them).
+            shift = exps[members].astype(np.int64)
+            steps = qb.shifted_steps(np.concatenate([g.quantised.exponents for g in groups]), -shift)
+            for j, group in enumerate(groups):
+                group.quantised.exponents = steps[j : j + 1]
+                group.shift -= int(shift[j])
         norm2 = np.fromiter((float(g.quantised.norm2[0]) for g in groups), float, len(groups))
         err2 = np.fromiter((float(g.quantised.err2[0]) for g in groups), float, len(groups))
         self.worst = max(self.worst, float(relative_errors(err2, norm2).max(initial=0.0)))

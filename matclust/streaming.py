@@ -41,6 +41,15 @@ STORAGE_ULPS = 16
 #: Columns per storage chunk of a coefficient or raw array written in pieces.
 COLUMN_CHUNK = 4096
 
+#: Input bytes the compact checking and writing passes hold before encoding what they hold,
+#: cluster by cluster (at most an eighth of the caches' budget; :func:`held_parts`). One input
+#: batch at a time, the 10^6 planted matrices (500 clusters) came in 122,786 parts of ~8
+#: matrices, and the per-part costs of encoding them (step searches, least squares,
+#: bookkeeping) were most of those passes. The parts of a cluster encode as one, to the same
+#: codes (the matrix guarantee's steps are per matrix; with the cluster guarantee each part
+#: still meets eps on its own).
+WRITE_HOLD_BYTES = 64 << 20
+
 
 def split_by_cluster(labels: np.ndarray, batch):
     """(cluster id, sub-batch) for every cluster present in a batch, members in index order.
@@ -67,6 +76,31 @@ def cluster_parts(source: MatrixSource, labels: np.ndarray, progress=None, phase
         yield from split_by_cluster(labels, batch)
         if progress:
             progress.advance(len(batch))
+
+
+def held_parts(parts, hold: int):
+    """The (cluster id, sub-batch) pairs of :func:`cluster_parts`, each cluster's sub-batches
+    joined into one while up to ``hold`` bytes of them wait (see WRITE_HOLD_BYTES); clusters
+    in id order each time the bytes held reach ``hold``, members in index order."""
+    waiting: dict[int, list[Batch]] = {}
+    held = 0
+    for c, part in parts:
+        waiting.setdefault(c, []).append(part)
+        held += part.data.nbytes
+        if held >= hold:
+            for k in sorted(waiting):
+                yield k, _joined(waiting.pop(k))
+            held = 0
+    for k in sorted(waiting):
+        yield k, _joined(waiting.pop(k))
+
+
+def _joined(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    widths = np.concatenate([np.diff(p.offsets) for p in parts])
+    return Batch(np.concatenate([p.indices for p in parts]), np.hstack([p.data for p in parts]),
+                 np.concatenate([[0], np.cumsum(widths)]).astype(np.int64))
 
 
 class _ColumnSink:
@@ -186,6 +220,7 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
     evicted there is stored alone at once) and appends the codes in index order."""
     labels = _labels_of(planned, source.K)
     encoder, out = sink.encoder, sink.out
+    hold = min(WRITE_HOLD_BYTES, budget_bytes // 8)  # see held_parts
     with single_threaded():
         bases = _exact_bases(source, planned, labels, rank, form_eps, budget_bytes, progress,
                              float_coefficients=False)
@@ -198,13 +233,13 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             # Members that leave their cluster here (their own error is above 0.9 eps) would
             # be stored alone; clustered again among themselves (in memory: they are few)
             # most join clusters of their own. Their codes wait for the writing pass.
-            evicted = _evicted_members(source, labels, rounded, encoder, progress)
+            evicted = _evicted_members(source, labels, rounded, encoder, progress, hold)
             if len(evicted) and sink.recluster(evicted, budget_bytes):
                 labels = labels.copy()
                 labels[evicted] = -1
         logger.info("writing pass over the input: %d clusters, %d factored (compact)",
                     len(planned), len(rounded))
-        for c, part in cluster_parts(source, labels, progress, "writing"):
+        for c, part in held_parts(cluster_parts(source, labels, progress, "writing"), hold):
             if c < 0:  # clustered again above
                 continue
             group, leftovers = encoder.encode_cluster(part.indices, part.data, part.offsets,
@@ -215,13 +250,13 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             sink.leftovers(leftovers)
 
 
-def _evicted_members(source, labels, rounded, encoder, progress) -> np.ndarray:
+def _evicted_members(source, labels, rounded, encoder, progress, hold: int) -> np.ndarray:
     """One pass: the members of factored clusters that the encoder would evict (as
     :meth:`matclust.compact.CompactEncoder.encode_cluster` decides), in index order."""
     from matclust.engine import budget as qb
 
     out = []
-    for c, part in cluster_parts(source, labels, progress, "checking"):
+    for c, part in held_parts(cluster_parts(source, labels, progress, "checking"), hold):
         basis = rounded.get(c)
         if basis is None:
             continue

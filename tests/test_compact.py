@@ -203,3 +203,31 @@ def test_every_method_keeps_every_matrix_within_eps(tmp_path, method, mode):
         run_inprocess("cluster", inp, "-o", out, "--rank", "3", "--eps", "0.15", "--method",
                       method, "--mode", mode, "--guarantee", guarantee, "--json", check=0)
         check_compact(out, mats, 0.15, guarantee)
+
+
+@pytest.mark.parametrize("guarantee", ["matrix", "cluster"])
+def test_writing_pass_encodes_held_parts_of_clusters_as_one(tmp_path, monkeypatch, guarantee):
+    """Out of core the writing pass holds the input batches' shares of each cluster and
+    encodes them together: with tiny batches (every cluster in many of them, of varying
+    sizes) the store meets the guarantee, and with the matrix guarantee its codes, steps and
+    labels are those of encoding every batch's share at once (each held for no time)."""
+    import matclust.sources.base as sources_base
+    import matclust.streaming as streaming
+
+    monkeypatch.setattr(sources_base, "TARGET_BATCH_BYTES", 700)
+    inp = os.fspath(tmp_path / "in.h5")
+    write_planted(inp, K=300, m=12, n=3, n_max=5, subspaces=3, rank=2, noise=0.03, layout="group")
+    mats, _, _ = load_input(inp)
+    stores = {}
+    for hold in (0, 1 << 30):
+        monkeypatch.setattr(streaming, "WRITE_HOLD_BYTES", hold)
+        out = os.fspath(tmp_path / f"held{hold}.h5")
+        run_inprocess("cluster", inp, "-o", out, "--rank", "2", "--eps", "0.1", "--mode",
+                      "out-of-core", "--guarantee", guarantee, check=0)
+        check_compact(out, mats, 0.1, guarantee)
+        stores[hold] = decode_compact(out)
+    if guarantee == "matrix":
+        (_, labels0, dec0), (_, labels1, dec1) = stores[0], stores[1 << 30]
+        np.testing.assert_array_equal(labels0, labels1)
+        for a, b in zip(dec0, dec1):
+            np.testing.assert_array_equal(a, b)

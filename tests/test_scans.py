@@ -183,3 +183,41 @@ def test_driver_emits_the_members_columns_and_trims_what_the_exact_check_rejects
             np.testing.assert_array_equal(c.batch.indices, c.members)
             np.testing.assert_array_equal(c.batch.data, np.hstack([mats[i] for i in c.members]))
     assert any(c.batch is not None for c in clusters) == (keep_bytes is None)
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_driver_evicts_every_member_over_the_limit_from_large_clusters(keep_bytes, monkeypatch):
+    """With ``evict_above`` every member of an emitted factored cluster is within it against
+    the cluster's own top-r basis (numpy's SVD of the concatenation), the cluster within eps,
+    and every matrix is emitted once. The clusters here are wider than the exact basis's
+    buffer, so eviction rounds run on the members' downdated Gram before the exact basis."""
+    from matclust import driver as drv
+    from matclust.engine import exact_error, make_estimator
+    from matclust.engine.exact import pending_limit
+
+    if keep_bytes is not None:
+        monkeypatch.setattr(drv, "KEEP_MEMBERS_BYTES", keep_bytes)
+    rng = np.random.default_rng(9)
+    m, r, eps, limit = 6, 2, 0.3, 0.2
+    plane = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    # Most matrices near one plane, with noise of every size: some members are over the limit
+    # while the cluster as a whole is within eps.
+    noise = 10.0 ** rng.uniform(-3, -0.2, 400)
+    mats = [plane @ rng.standard_normal((r, 3)) + s * rng.standard_normal((m, 3)) for s in noise]
+    source = array_source(mats)
+    reader = CachedReader(source, 1 << 30)
+    norms2 = np.array([np.sum(a**2) for a in mats])
+    driver = drv.GreedyDriver(reader, norms2, source.widths, make_estimator("incremental", r, m),
+                              eps, evict_above=limit)
+    clusters = list(driver.clusters())
+    assert sorted(np.concatenate([c.members for c in clusters]).tolist()) == list(range(len(mats)))
+    wide = [c for c in clusters if c.factored and c.columns > pending_limit(m)]
+    assert wide and any(c.trimmed for c in wide), "no eviction from a wide cluster: shows nothing"
+    for c in clusters:
+        if not c.factored:
+            continue
+        blocks = [mats[i] for i in c.members]
+        assert exact_error(blocks, r) <= eps + 1e-12
+        u = np.linalg.svd(np.hstack(blocks))[0][:, :r]
+        own = [np.linalg.norm(b - u @ (u.T @ b)) / np.linalg.norm(b) for b in blocks[1:]]
+        assert max(own, default=0.0) <= limit * (1 + 1e-9)
