@@ -603,12 +603,14 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
 @click.option("--json", "as_json", is_flag=True, help="Print the grown store's JSON report and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no table.")
 @fill_missing_option
+@storage_options_option
 def append(store, input, dataset, transpose, memory_limit, as_json, quiet, fill_missing):
     """Add the matrices of INPUT to the result store STORE without clustering it again.
 
     A new matrix joins a stored cluster when that cluster's stored basis keeps the store's
     guarantee with it; the others are clustered among themselves into new clusters. STORE is
-    replaced only once the grown store is complete."""
+    replaced only once the grown store is complete. STORE and INPUT may be URLs (s3://, ...;
+    see docs/objectstores.md)."""
     from matclust.append import append_to_store
     from matclust.progress import RichProgress
     from matclust.report import render_table
