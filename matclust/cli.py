@@ -289,9 +289,12 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_lim
                       f"cluster error {result['max_error']:.4g} (eps {result['eps']}){matrix}, "
                       f"{len(result['over_eps'])} over eps")
         for c in result["over_eps"][:20]:
-            what = "matrix" if guarantee == "matrix" and "worst_matrix" in result else "cluster"
-            error = result["errors"][c] if what == "cluster" else None  # None: infinite
-            console.print(f"  {what} {c}: error "
+            if guarantee == "matrix" and "worst_matrix" in result:  # only the worst's is known
+                error = f" {result['max_matrix_error']:.4g}" if c == worst else ""
+                console.print(f"  matrix {c}: error{error} > eps")
+                continue
+            error = result["errors"][c]  # None: infinite
+            console.print(f"  cluster {c}: error "
                           f"{'inf' if error is None else format(error, '.4g')} > eps")
         for problem in result["problems"]:
             console.print(f"  {problem}")
