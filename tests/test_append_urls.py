@@ -171,6 +171,16 @@ def test_memory_store_through_the_python_function(tmp_path):
         with pytest.raises(InputError, match="not a Zarr store"):
             append_to_store(f"memory://{root}", new)
         assert not fs.exists(f"/{root}/nothing.zarr")
+
+        # A store uploaded as is (its arrays at the root) grows into a generation; its root
+        # arrays are removed once the pointer names that generation.
+        local = os.fspath(tmp_path / "local.zarr")
+        MatrixClusterer(rank=3, eps=EPS).fit(open_source(first), local)
+        fs.put(local, f"/{root}/up.zarr", recursive=True)
+        append_to_store(f"memory://{root}/up.zarr", new)
+        entries = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"/{root}/up.zarr", detail=False))
+        assert len(entries) == 2 and entries[0].startswith("gen-") and entries[1] == "zarr.json"
+        assert verify_store(f"memory://{root}/up.zarr")["ok"]
     finally:
         fs.rm(f"/{root}", recursive=True)
 
