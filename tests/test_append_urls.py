@@ -233,3 +233,54 @@ def test_plain_store_at_s3(bucket, tmp_path):
     assert sorted(np.concatenate([cl["members"] for cl in after.clusters])) == \
         list(range(len(mats)))
     assert run_inprocess("verify", store, "--json", check=0).json()["ok"]
+
+
+def test_whole_code_chunks_are_copied_into_the_new_generation(tmp_path, monkeypatch):
+    """A store at a URL whose codes fill more than one chunk: the new generation gets the old
+    generation's whole chunk objects byte for byte (copied compressed through zarr's store),
+    and every old matrix decodes as before."""
+    import uuid
+
+    import fsspec
+
+    import matclust.format2
+    import matclust.store
+    from matclust.api import MatrixClusterer
+    from matclust.append import append_to_store
+    from matclust.collections_io import write_collection
+    from matclust.sources import open_source
+
+    copies = []
+
+    def spy(source, target, count):
+        copies.append((count, matclust.store.copy_compressed_chunks(source, target, count)))
+        return copies[-1][1]
+
+    monkeypatch.setattr(matclust.format2, "copy_compressed_chunks", spy)
+    noise = np.random.default_rng(4).standard_normal((2160, 32, 16)).astype(np.float32)
+    first, second = os.fspath(tmp_path / "first.zarr"), os.fspath(tmp_path / "second.zarr")
+    write_collection(first, noise[:2100])  # 2100 x 512 codes stored alone: one whole chunk
+    write_collection(second, noise[2100:])
+    root = f"mc-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    store = f"memory://{root}/store.zarr"
+
+    def published():
+        generation = json.loads(fs.cat_file(f"/{root}/store.zarr/zarr.json"))["attributes"]
+        return f"/{root}/store.zarr/{generation['generation']}"
+
+    try:
+        MatrixClusterer(rank=3, eps=EPS).fit(open_source(first), store)
+        before = published()
+        chunk = fs.cat_file(f"{before}/codes/c/0")
+        _, _, decoded_before = decode_compact(f"memory:/{before}")
+        append_to_store(store, second)
+        after = published()
+        assert after != before and copies == [(1, True)]
+        assert fs.cat_file(f"{after}/codes/c/0") == chunk
+        _, _, decoded = decode_compact(f"memory:/{after}")
+        for a, b in zip(decoded[:2100], decoded_before):
+            np.testing.assert_array_equal(a, b)
+        check_compact(f"memory:/{after}", list(noise), EPS)
+    finally:
+        fs.rm(f"/{root}", recursive=True)
