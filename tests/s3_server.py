@@ -1,8 +1,9 @@
 """A real S3 API server (moto's) on 127.0.0.1 for the tests of URLs, and helpers around it.
 
-Test modules import the fixtures by name (``from s3_server import bucket, s3_endpoint``); each
-module then starts its own server, once, and stops it after its last test. What a bucket holds
-is inspected with fsspec directly, independently of matclust.
+tests/conftest.py loads this module as a plugin, so its fixtures are defined once: the first
+test that asks for the server starts it, and it is stopped at the end of the session (s3fs
+caches its filesystems, endpoint included, across tests: one server for all of them). What a
+bucket holds is inspected with fsspec directly, independently of matclust.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's S3 server on a free port of 127.0.0.1, for the importing module's tests."""
+    """moto's S3 server on a free port of 127.0.0.1, for every test of the session."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
     port = _free_port()

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import check_compact, decode_compact, load_input, run_inprocess
-from s3_server import (LEASE, bucket, s3_endpoint, spawn_matclust,  # noqa: F401 (fixtures)
-                       wait_for)
+from s3_server import LEASE, spawn_matclust, wait_for
 from test_append import write_halves
 
 pytest.importorskip("s3fs")

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import check_compact, decode_compact, load_input, run_inprocess, write_planted
-from s3_server import (LEASE, bucket, s3_endpoint, spawn_matclust,  # noqa: F401 (fixtures)
-                       wait_for, writing_generation)
+from s3_server import LEASE, spawn_matclust, wait_for, writing_generation
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
