@@ -51,7 +51,7 @@ def test_s3_store_grows_by_an_s3_input(bucket, tmp_path):
     assert run_inprocess("verify", store, "--json", check=0).json()["ok"]
 
     # The same input again (spelled another way) is refused; the store is left as it was.
-    for again in (url_second, url_second + "/"):
+    for again in (url_second, url_second + "/", url_second.replace("s3://", "S3://")):
         r = run_inprocess("append", store, again, check=2)
         assert r.stderr.startswith("error:") and "already in" in r.stderr, r
     assert bucket.pointer("store.zarr")["generation"] == after
