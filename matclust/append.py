@@ -201,11 +201,20 @@ class StoredBases:
         if not len(self) or not B:
             return best_id, best_trunc
         limit = share * allowed2
-        lead, lead_offsets, lead2 = _leading(batch, LEADING)
+        widths = np.diff(batch.offsets)
         found_f, found_i = [], []  # (cluster, batch position) pairs still possible
-        per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
-        qh_lead = self.qh.astype(lead.dtype)
-        f0 = 0
+        if widths.max() <= LEADING + 1:
+            # The leading directions would be most of each matrix: ruling out pairs costs
+            # about what measuring them exactly does, so every pair is measured.
+            f, i = np.nonzero(np.broadcast_to((norm2 > 0)[None, :], (len(self), B)))
+            found_f.append(f)
+            found_i.append(i)
+            f0 = len(self)
+        else:
+            lead, lead_offsets, lead2 = _leading(batch, LEADING)
+            per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
+            qh_lead = self.qh.astype(lead.dtype)
+            f0 = 0
         while f0 < len(self):
             f1 = int(np.searchsorted(self.starts, self.starts[f0] + per_row, side="right")) - 1
             f1 = min(max(f1, f0 + 1), len(self))
@@ -224,13 +233,14 @@ class StoredBases:
         found_f, found_i = found_f[order], found_i[order]
         bounds = np.searchsorted(found_f, np.arange(len(self) + 1))
         data = batch.data
-        widths = np.diff(batch.offsets)
         for f in np.flatnonzero(np.diff(bounds)):
             positions = found_i[bounds[f]:bounds[f + 1]]
-            cols = columns_of(batch.offsets, positions)
+            whole = len(positions) == B  # every matrix: no need to gather their columns
             sub = np.concatenate([[0], np.cumsum(widths[positions])]).astype(np.int64)
             proj = qb.per_matrix(column_norms2(self.qh[self.starts[f]:self.starts[f + 1]]
-                                               @ data[:, cols]), sub)
+                                               @ (data if whole else
+                                                  data[:, columns_of(batch.offsets, positions)])),
+                                 sub)
             trunc = np.maximum(norm2[positions] - proj, 0.0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 bits = self.ranks[f] * widths[positions] * np.maximum(
