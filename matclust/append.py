@@ -19,7 +19,9 @@ The others are clustered among themselves with the store's own parameters
 (matclust/1) stores are grown the same way (:func:`_append_plain`): a joined cluster's group
 gains the new members' coefficients against its stored basis. The grown store is written next
 to the old one and renamed over it when complete (the old one stays
-intact until then), under the store's lock (:mod:`matclust.checkpoint`).
+intact until then), under the store's lock (:mod:`matclust.checkpoint`). A store at a URL is
+grown the way ``cluster --overwrite`` replaces one there (:mod:`matclust.objectstore`): the grown
+store is a new generation, published by one PUT of the root pointer under the lease lock.
 
 :func:`open_inputs` reads every input a store records, in order, as one collection (for
 ``verify``).
@@ -41,7 +43,8 @@ from matclust.engine.linalg import column_norms2, times_power2
 from matclust.errors import InputError
 from matclust.format2 import CompactWriter
 from matclust.report import build_report
-from matclust.safety import refuse_clashes, require_path
+from matclust.locations import is_hdf5_url, is_url, refuse_read_only
+from matclust.safety import refuse_clashes, require_path, same_entry
 from matclust.sinks import unscaled
 from matclust.sources import open_source
 from matclust.sources.base import Batch, columns_of
@@ -83,9 +86,8 @@ def _same_input(entry: dict, path: str, dataset) -> bool:
     recorded = entry.get("input")
     if recorded is None:
         return False
-    same = os.path.realpath(recorded) == os.path.realpath(path) if os.path.exists(path) \
-        else recorded == path
-    return same and _dataset_key(entry.get("dataset")) == _dataset_key(dataset)
+    return same_entry(recorded, path) and \
+        _dataset_key(entry.get("dataset")) == _dataset_key(dataset)
 
 
 class ConcatenatedInputs:
@@ -199,11 +201,20 @@ class StoredBases:
         if not len(self) or not B:
             return best_id, best_trunc
         limit = share * allowed2
-        lead, lead_offsets, lead2 = _leading(batch, LEADING)
+        widths = np.diff(batch.offsets)
         found_f, found_i = [], []  # (cluster, batch position) pairs still possible
-        per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
-        qh_lead = self.qh.astype(lead.dtype)
-        f0 = 0
+        if widths.max() <= LEADING + 1:
+            # The leading directions would be most of each matrix: ruling out pairs costs
+            # about what measuring them exactly does, so every pair is measured.
+            f, i = np.nonzero(np.broadcast_to((norm2 > 0)[None, :], (len(self), B)))
+            found_f.append(f)
+            found_i.append(i)
+            f0 = len(self)
+        else:
+            lead, lead_offsets, lead2 = _leading(batch, LEADING)
+            per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
+            qh_lead = self.qh.astype(lead.dtype)
+            f0 = 0
         while f0 < len(self):
             f1 = int(np.searchsorted(self.starts, self.starts[f0] + per_row, side="right")) - 1
             f1 = min(max(f1, f0 + 1), len(self))
@@ -222,13 +233,14 @@ class StoredBases:
         found_f, found_i = found_f[order], found_i[order]
         bounds = np.searchsorted(found_f, np.arange(len(self) + 1))
         data = batch.data
-        widths = np.diff(batch.offsets)
         for f in np.flatnonzero(np.diff(bounds)):
             positions = found_i[bounds[f]:bounds[f + 1]]
-            cols = columns_of(batch.offsets, positions)
+            whole = len(positions) == B  # every matrix: no need to gather their columns
             sub = np.concatenate([[0], np.cumsum(widths[positions])]).astype(np.int64)
             proj = qb.per_matrix(column_norms2(self.qh[self.starts[f]:self.starts[f + 1]]
-                                               @ data[:, cols]), sub)
+                                               @ (data if whole else
+                                                  data[:, columns_of(batch.offsets, positions)])),
+                                 sub)
             trunc = np.maximum(norm2[positions] - proj, 0.0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 bits = self.ranks[f] * widths[positions] * np.maximum(
@@ -285,8 +297,7 @@ def append_to_store(store_path, input_path, dataset=None, transpose=None,
     started = time.perf_counter()
     store_path = require_path(store_path, "STORE")
     input_path = require_path(input_path, "INPUT")
-    if not os.path.exists(store_path):
-        raise InputError(f"{store_path}: no such result store")
+    _require_store(store_path)
     refuse_clashes(("store", store_path), [("input", input_path)])
     with OutputGuard(store_path):
         with ResultStore(store_path) as old:
@@ -307,11 +318,35 @@ def append_to_store(store_path, input_path, dataset=None, transpose=None,
                         raise InputError(f"{source.where}: already in {store_path} (input "
                                          f"{k + 1} of {len(inputs)}); an input is appended once")
                 _check_compatible(old, source, params, store_path)
-                recorded = os.path.abspath(source.path)
+                # As `cluster` records it: an absolute path, or the URL as given.
+                recorded = os.path.abspath(source.path) if os.path.exists(source.path) \
+                    else source.path
                 params["inputs"] = inputs + [{"input": recorded, "dataset": source.dataset,
                                               "K": int(source.K)}]
                 run = _append_compact if old.compact is not None else _append_plain
                 return run(old, source, params, store_path, memory_limit, progress, started)
+
+
+def _require_store(path: str) -> None:
+    """InputError unless a result store is there (at a URL: a published one that may be
+    replaced); checked before the lock is taken, so that nothing is created where there is no
+    store."""
+    if not is_url(path):
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no such result store")
+        return
+    from matclust.objectstore import RemoteOutput
+
+    if is_hdf5_url(path):
+        raise InputError(f"{path}: an HDF5 result at a URL cannot be grown in place (object "
+                         "stores have no rename to replace it atomically); append to a local "
+                         "copy and upload that, or cluster to a Zarr URL")
+    output = RemoteOutput(path)
+    refuse_read_only(path, "store")
+    if output.root_attrs() is None:
+        raise output.missing_root()
+    # The grown store replaces this one as `cluster --overwrite` would: the same rules.
+    output.check_target(overwrite=True, what="store")
 
 
 def _refuse_unappendable(old: ResultStore, path: str) -> None:
@@ -488,13 +523,14 @@ def _append_plain(old: ResultStore, source, params: dict, store_path: str, memor
     from matclust.encode import EncodedCluster
     from matclust.report import cluster_stat
     from matclust.sinks import write_cluster
-    from matclust.store import PLAIN_FORMAT, disk_bytes
+    from matclust.store import PLAIN_FORMAT
 
     progress = progress or NullProgress()
     K0, K1, m = len(old.labels), source.K, source.m
     eps, guarantee = float(params["eps"]), params["guarantee"]
     stats = old.report["cluster_stats"]
-    held = disk_bytes(store_path) + 2 * source.matrix_bytes  # plain arrays are not compressed
+    # Plain arrays are not compressed: the store's size is what its clusters take in memory.
+    held = _store_bytes(store_path) + 2 * source.matrix_bytes
 
     def fits(limit):
         return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
@@ -579,6 +615,16 @@ def _append_plain(old: ResultStore, source, params: dict, store_path: str, memor
         old.close()
         writer.commit()
     return report
+
+
+def _store_bytes(path: str) -> int:
+    if is_url(path):
+        from matclust.objectstore import published_bytes
+
+        return published_bytes(path)
+    from matclust.store import disk_bytes
+
+    return disk_bytes(path)
 
 
 def _plain_part(enc, batch, source, eps: float, guarantee: str) -> dict:

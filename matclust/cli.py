@@ -289,9 +289,12 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_lim
                       f"cluster error {result['max_error']:.4g} (eps {result['eps']}){matrix}, "
                       f"{len(result['over_eps'])} over eps")
         for c in result["over_eps"][:20]:
-            what = "matrix" if guarantee == "matrix" and "worst_matrix" in result else "cluster"
-            error = result["errors"][c] if what == "cluster" else None  # None: infinite
-            console.print(f"  {what} {c}: error "
+            if guarantee == "matrix" and "worst_matrix" in result:  # only the worst's is known
+                error = f" {result['max_matrix_error']:.4g}" if c == worst else ""
+                console.print(f"  matrix {c}: error{error} > eps")
+                continue
+            error = result["errors"][c]  # None: infinite
+            console.print(f"  cluster {c}: error "
                           f"{'inf' if error is None else format(error, '.4g')} > eps")
         for problem in result["problems"]:
             console.print(f"  {problem}")
@@ -603,12 +606,14 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
 @click.option("--json", "as_json", is_flag=True, help="Print the grown store's JSON report and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no table.")
 @fill_missing_option
+@storage_options_option
 def append(store, input, dataset, transpose, memory_limit, as_json, quiet, fill_missing):
     """Add the matrices of INPUT to the result store STORE without clustering it again.
 
     A new matrix joins a stored cluster when that cluster's stored basis keeps the store's
     guarantee with it; the others are clustered among themselves into new clusters. STORE is
-    replaced only once the grown store is complete."""
+    replaced only once the grown store is complete. STORE and INPUT may be URLs (s3://, ...;
+    see docs/objectstores.md)."""
     from matclust.append import append_to_store
     from matclust.progress import RichProgress
     from matclust.report import render_table

@@ -28,6 +28,7 @@ import zlib
 import numpy as np
 
 from matclust.compact import CODE_CHUNK, StoredGroup
+from matclust.store import copy_compressed_chunks
 
 #: Codes compressed both ways to choose the shuffle (the first ones written).
 SHUFFLE_SAMPLE = 1 << 18
@@ -176,11 +177,17 @@ class CompactWriter:
         self._next = K0
         total = int(reader.code_offsets[-1])
         self.code_count = total
-        # Whole chunks straight to the new array; the last partial one waits in the buffer
-        # for the codes that follow it (no chunk is compressed twice).
+        # Whole chunks straight to the new array, compressed as they are stored where the
+        # arrays allow it; the last partial one waits in the buffer for the codes that follow
+        # it (no chunk is compressed twice).
         whole = total - total % CODE_CHUNK
+        copied = 0
+        if whole and self.writer is not None:
+            target = self._codes_array(np.asarray(reader.codes_slice(0, SHUFFLE_SAMPLE)))
+            if copy_compressed_chunks(reader._codes, target, whole // CODE_CHUNK):
+                copied = whole
         step = 8 * CODE_CHUNK
-        for lo in range(0, whole, step):
+        for lo in range(copied, whole, step):
             codes = np.asarray(reader.codes_slice(lo, min(lo + step, whole)))
             self._codes_array(codes).append(codes.astype(self.code_dtype))
         if whole < total:

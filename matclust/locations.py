@@ -52,13 +52,17 @@ def is_url(path) -> bool:
 
 
 def resolve(path):
-    """``file://`` URLs as the local path they name; anything else unchanged."""
-    if protocol(path) == "file":
+    """``file://`` URLs as the local path they name; other URLs with their scheme in lower
+    case (schemes are case-insensitive, fsspec's protocol names are not); paths unchanged."""
+    found = protocol(path)
+    if found == "file":
         parts = urlsplit(path)
         if parts.netloc not in ("", "localhost"):
             raise InputError(f"{path}: a file:// URL names a local file (file:///path), not "
                              f"one on host '{parts.netloc}'")
         return unquote(parts.path) or "/"
+    if found is not None:
+        return found + path[len(found):]
     return path
 
 
@@ -107,6 +111,7 @@ def parse_storage_options(text, option: str = "--storage-options") -> dict:
 def filesystem(url: str, options: dict | None = None):
     """(fsspec filesystem, path inside it) for ``url``, with the storage options in force (or
     ``options``); InputError for an unknown protocol, a missing package or a bad option."""
+    url = resolve(url)
     proto = protocol(url)
     options = storage_options() if options is None else dict(options)
     try:
@@ -135,6 +140,7 @@ def zarr_store(url: str, read_only: bool, options: dict | None = None):
     """zarr's FsspecStore at ``url``."""
     from zarr.storage import FsspecStore
 
+    url = resolve(url)
     filesystem(url, options)  # the same checks and messages as every other URL
     opts = storage_options() if options is None else dict(options)
     with remote_errors(url, "open"):

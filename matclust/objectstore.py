@@ -246,6 +246,17 @@ def open_result_backend(url: str):
         return _ZarrBackend(zarr_store(join(output.url, generation), read_only=True), "r")
 
 
+def published_bytes(url: str) -> int:
+    """Bytes of the result published at ``url``: the generation its pointer names, or the
+    root of a store uploaded as is."""
+    output = RemoteOutput(url)
+    generation = (output.root_attrs() or {}).get("generation")
+    key = output.key(generation) if isinstance(generation, str) else output.path
+    output.fs.invalidate_cache(key)
+    with remote_errors(url, "measure the result store"):
+        return int(output.fs.du(key))
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------

@@ -240,6 +240,56 @@ class _Hdf5Appendable:
         self.dataset[n:] = data
 
 
+def copy_compressed_chunks(source, target, count: int) -> bool:
+    """Append the first ``count`` chunks of the 1-D array ``source`` to the appendable
+    ``target`` (empty so far) as they are stored, compressed, without decoding them (an append
+    copying a store's codes). Only between arrays of one kind with the same dtype, chunk size
+    and compression; False (nothing done) otherwise, and the caller copies the values."""
+    if count <= 0:
+        return True
+    if isinstance(target, _Hdf5Appendable):
+        import h5py
+
+        dataset = target.dataset
+        if not isinstance(source, h5py.Dataset) or dataset.shape[0] or \
+                source.dtype != dataset.dtype or source.chunks != dataset.chunks or \
+                source._filters != dataset._filters or source.shape[0] < count * source.chunks[0]:
+            return False
+        chunk = source.chunks[0]
+        dataset.resize((count * chunk,))
+        for k in range(count):
+            mask, data = source.id.read_direct_chunk((k * chunk,))
+            dataset.id.write_direct_chunk((k * chunk,), data, mask)
+        return True
+    try:
+        import zarr
+    except ImportError:  # pragma: no cover - zarr is a dependency
+        return False
+    if not isinstance(source, zarr.Array) or not isinstance(target, zarr.Array) or \
+            target.shape[0] or source.dtype != target.dtype or source.chunks != target.chunks \
+            or source.metadata.codecs != target.metadata.codecs \
+            or source.shape[0] < count * source.chunks[0]:
+        return False
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def copy():
+        prototype = default_buffer_prototype()
+        source_store, target_store = source.store_path, target.store_path
+        for k in range(count):
+            data = await (source_store / source.metadata.encode_chunk_key((k,))).get(prototype)
+            if data is None:  # a chunk that is not stored: copy the values instead
+                return False
+            await (target_store / target.metadata.encode_chunk_key((k,))).set(data)
+        return True
+
+    target.resize((count * source.chunks[0],))
+    if not sync(copy()):
+        target.resize((0,))
+        return False
+    return True
+
+
 class _ZarrBackend(_Backend):
     def __init__(self, path: str, mode: str):
         import zarr

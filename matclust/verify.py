@@ -20,8 +20,9 @@ import numpy as np
 
 from matclust import defaults
 from matclust.engine import budget as qb
-from matclust.engine.linalg import (ScaledSums, as_compute, peak, peak_exponents,
-                                    relative_errors, sqnorm, sqnorm_scaled, times_power2)
+from matclust.engine.linalg import (ScaledSums, as_compute, column_norms2, peak,
+                                    peak_exponents, relative_errors, sqnorm, sqnorm_scaled,
+                                    times_power2)
 from matclust.errors import InputError
 from matclust import limits
 from matclust.limits import verify_plan
@@ -392,8 +393,10 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaul
             check_against_input(store, layout, src, problems)
             if len(problems) > found:  # the arrays do not line up with the input
                 return _verdict(store, None, None, problems)
-            errors = compare_with_input(store, layout, src, memory_limit, progress)
-        return _verdict(store, errors, float(params["eps"]), problems)
+            guarantee = params.get("guarantee", "cluster")
+            errors, matrix_errors = compare_with_input(store, layout, src, memory_limit,
+                                                       progress, guarantee == "matrix")
+        return _verdict(store, errors, float(params["eps"]), problems, guarantee, matrix_errors)
 
 
 def _verify_compact(store: ResultStore, src, eps: float, guarantee: str, progress) -> dict:
@@ -465,37 +468,72 @@ def scaled_error2(a: np.ndarray, decoded: np.ndarray) -> tuple[int, float, float
     return s, sqnorm(a_s - d_s), sqnorm(a_s)
 
 
-def _verdict(store, errors, eps, problems: Problems) -> dict:
-    over = [] if errors is None else [c for c, e in enumerate(errors) if not e <= eps]
+def _verdict(store, errors, eps, problems: Problems, guarantee: str | None = None,
+             matrix_errors: np.ndarray | None = None) -> dict:
+    """The verdict on a plain store: under the matrix guarantee (with ``matrix_errors``)
+    ``over_eps`` lists matrices, under the cluster guarantee clusters, as for compact ones."""
+    guarantee = guarantee or (store.params or {}).get("guarantee", "cluster")
+    checked = matrix_errors if guarantee == "matrix" and matrix_errors is not None else errors
+    over = [] if checked is None else [int(c) for c, e in enumerate(checked) if not e <= eps]
     finite = [] if errors is None else [e for e in errors if np.isfinite(e)]
-    return {
+    verdict = {
         "ok": errors is not None and not over and not problems,
         "clusters": store.n_clusters,
         "eps": eps if eps is not None else (store.params or {}).get("eps"),
+        "guarantee": guarantee,
         "max_error": max(finite, default=0.0),
         "over_eps": over,
         "problems": problems.messages(),
         "errors": None if errors is None else [e if np.isfinite(e) else None for e in errors],
     }
+    if matrix_errors is not None and len(matrix_errors):
+        worst = int(np.argmax(np.where(np.isnan(matrix_errors), np.inf, matrix_errors)))
+        verdict["max_matrix_error"] = float(matrix_errors[worst])
+        verdict["worst_matrix"] = worst
+    return verdict
 
 
 def compare_with_input(store: ResultStore, layout: StoreLayout, src, memory_limit: int,
-                       progress=None) -> list[float]:
+                       progress=None, per_matrix: bool = False):
     """One sequential pass over the input: every cluster's relative error as stored, summed as
-    (fraction, exponent) pairs so that no magnitude under- or overflows (see error_terms)."""
+    (fraction, exponent) pairs so that no magnitude under- or overflows (see error_terms), and
+    with ``per_matrix`` every matrix's (else None)."""
     C = len(layout.kind)
     err2, norm2 = ScaledSums(C), ScaledSums(C)
+    matrix_errors = np.full(src.K, np.nan) if per_matrix else None
     budget = verify_plan(memory_limit, src.K, C)
     cache = _StoredColumns(store, layout, budget.cache)
     for c, part in cluster_parts(src, layout.labels, progress, "verifying", budget.batch):
         if c < 0:
             continue
         cols = column_ranges(layout.col_offset[part.indices], np.diff(part.offsets))
-        part_err2, part_norm2 = error_terms(part.data, *cache.numbers(c, cols))
+        basis, stored = cache.numbers(c, cols)
+        part_err2, part_norm2 = error_terms(part.data, basis, stored)
         err2.add(c, *part_err2)
         norm2.add(c, *part_norm2)
+        if per_matrix:
+            matrix_errors[part.indices] = _matrix_errors(part, basis, stored)
     # An all-zero cluster: 0, or infinite if anything non-zero is stored for it.
-    return [err2.sqrt_ratio(c, norm2) for c in range(C)]
+    return [err2.sqrt_ratio(c, norm2) for c in range(C)], matrix_errors
+
+
+def _matrix_errors(part, basis, stored) -> np.ndarray:
+    """The relative error of every matrix of ``part`` against its stored columns: from plain
+    sums where they are safely in range, else with error_terms' exact rescaling."""
+    with np.errstate(all="ignore"):
+        err2 = part.reduce_columns(column_norms2(as_compute(part.data)
+                                                 - cluster_columns(basis, stored)))
+        norm2 = part.reduce_columns(column_norms2(part.data))
+    rel = relative_errors(err2, norm2)
+    plain = (norm2 >= PLAIN_RANGE[0]) & (norm2 <= PLAIN_RANGE[1]) & np.isfinite(err2)
+    for j in np.flatnonzero(~plain):
+        lo, hi = part.offsets[j], part.offsets[j + 1]
+        (e, e_exp), (n, n_exp) = error_terms(part.data[:, lo:hi], basis, stored[:, lo:hi])
+        sums_err, sums_norm = ScaledSums(1), ScaledSums(1)
+        sums_err.add(0, e, e_exp)
+        sums_norm.add(0, n, n_exp)
+        rel[j] = sums_err.sqrt_ratio(0, sums_norm)
+    return rel
 
 
 class _StoredColumns:

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+#: The S3 API server and bucket fixtures (tests/s3_server.py), defined once for the session:
+#: s3fs caches its filesystems across tests, so every test must see the same endpoint.
+pytest_plugins = ["s3_server"]
+
 # ---------------------------------------------------------------------------------------------
 # Running the command line
 # ---------------------------------------------------------------------------------------------

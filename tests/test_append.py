@@ -396,3 +396,50 @@ def test_far_magnitudes(tmp_path):
     for a, d in zip(originals, decoded):
         scale = np.abs(a).max()
         assert np.linalg.norm(a / scale - d / scale) <= 0.05 * np.linalg.norm(a / scale)
+
+
+@pytest.mark.parametrize("ext", [".h5", ".zarr"])
+def test_old_codes_are_copied_as_stored(tmp_path, ext, monkeypatch):
+    """A store whose codes fill more than one chunk (1,048,576 codes): the grown store holds
+    the old store's whole chunks byte for byte, copied compressed (not decoded and encoded
+    again), and every matrix decodes as before / within eps of both inputs."""
+    import matclust.format2
+    from matclust.collections_io import write_collection
+
+    copies = []
+
+    def spy(source, target, count):
+        copies.append((count, matclust.store.copy_compressed_chunks(source, target, count)))
+        return copies[-1][1]
+
+    monkeypatch.setattr(matclust.format2, "copy_compressed_chunks", spy)
+
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal((2100 + 60, 32, 16)).astype(np.float32)  # stored alone: 512 codes each
+    first, second = os.fspath(tmp_path / f"first{ext}"), os.fspath(tmp_path / f"second{ext}")
+    write_collection(first, noise[:2100])
+    write_collection(second, noise[2100:])
+    store = os.fspath(tmp_path / f"store{ext}")
+    run_inprocess("cluster", first, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet",
+                  check=0)
+
+    def first_chunk(path):
+        if ext == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                assert f["codes"].shape[0] >= f["codes"].chunks[0] == 1 << 20
+                return f["codes"].id.read_direct_chunk((0,))[1]
+        with open(os.path.join(path, "codes", "c", "0"), "rb") as fh:
+            return fh.read()
+
+    chunk_before = first_chunk(store)
+    _, _, decoded_before = decode_compact(store)
+    run_inprocess("append", store, second, "--quiet", check=0)
+    assert copies == [(1, True)]
+    assert first_chunk(store) == chunk_before
+    _, _, decoded = decode_compact(store)
+    for a, b in zip(decoded[:2100], decoded_before):
+        np.testing.assert_array_equal(a, b)
+    check_compact(store, list(noise), 0.05)
+    run_inprocess("verify", store, check=0)

@@ -1,6 +1,6 @@
 """Inputs and results at URLs, against a real S3 API server (moto's) on 127.0.0.1.
 
-The server is a subprocess started and stopped here. What a store holds is read independently:
+The server is a subprocess started and stopped by tests/s3_server.py. What a store holds is read independently:
 the root pointer with fsspec, the published generation with zarr and numpy
 (conftest.decode_compact), following docs/objectstores.md; matclust is the thing under test.
 """
@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,119 +20,13 @@ import numpy as np
 import pytest
 
 from conftest import check_compact, decode_compact, load_input, run_inprocess, write_planted
+from s3_server import LEASE, spawn_matclust, wait_for, writing_generation
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 #: The options of every small clustering run here.
 RUN = ("--rank", "2", "--eps", "0.1", "--quiet")
-#: Lease of the lock of runs that get killed: short, so that the test can wait it out, and
-#: long enough for the next command to meet it on a busy machine.
-LEASE = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on a free port of 127.0.0.1, for this module's tests."""
-    port = _free_port()
-    script = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    command = [script] if os.path.exists(script) else [sys.executable, "-m", "moto.server"]
-    server = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(port)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None, "the S3 server exited at start-up"
-                assert time.monotonic() < deadline, "the S3 server did not start in 30 s"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-class Bucket:
-    """A fresh bucket on the server, and the fsspec filesystem the test inspects it with."""
-
-    def __init__(self, fs, name: str):
-        self.fs, self.name = fs, name
-
-    def url(self, key: str) -> str:
-        return f"s3://{self.name}/{key}"
-
-    def upload(self, local) -> str:
-        key = os.path.basename(os.fspath(local))
-        self.fs.put(os.fspath(local), f"{self.name}/{key}", recursive=os.path.isdir(local))
-        return self.url(key)
-
-    def entries(self, key: str) -> list[str]:
-        self.fs.invalidate_cache()
-        try:
-            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.name}/{key}",
-                                                                    detail=False))
-        except FileNotFoundError:
-            return []
-
-    def pointer(self, key: str) -> dict | None:
-        """The attributes of the root zarr.json at ``key`` (None when there is none)."""
-        self.fs.invalidate_cache()
-        try:
-            return json.loads(self.fs.cat_file(f"{self.name}/{key}/zarr.json"))["attributes"]
-        except FileNotFoundError:
-            return None
-
-    def published(self, key: str) -> str:
-        """The URL of the generation the root pointer at ``key`` names."""
-        attrs = self.pointer(key)
-        assert attrs is not None and attrs["complete"] is True, attrs
-        return self.url(f"{key}/{attrs['generation']}")
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # checkpoints of URL outputs
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    name = f"mc-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(name)
-    return Bucket(fs, name)
-
-
-def spawn_cluster(*args, lease: float = LEASE) -> subprocess.Popen:
-    env = {**os.environ, "MATCLUST_LOCK_LEASE": str(lease)}
-    return subprocess.Popen([sys.executable, "-m", "matclust", "cluster", *map(str, args)],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, what: str, proc=None, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: "
-                                 f"{proc.stderr.read()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def big_input(bucket, tmp_path):
@@ -142,15 +35,6 @@ def big_input(bucket, tmp_path):
     path, _, _ = write_planted(tmp_path / "big.h5", K=400, m=16, n=4, subspaces=200, rank=2,
                                dtype="float32", seed=3)
     return bucket.upload(path)
-
-
-def writing_generation(bucket, key, other):
-    """A generation under ``key`` other than ``other`` whose clusters are being written."""
-    for name in bucket.entries(key):
-        if name.startswith("gen-") and name != other and \
-                "clusters" in bucket.entries(f"{key}/{name}"):
-            return name
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +158,7 @@ def test_killed_run_leaves_nothing_readers_take(bucket, tmp_path, previous):
         run_inprocess("cluster", small_in, "-o", out, *RUN, check=0)
         before = bucket.pointer("res.zarr")["generation"]
         _, labels_before, decoded_before = decode_compact(bucket.published("res.zarr"))
-    run = spawn_cluster(url_in, "-o", out, *RUN, "--encoding", "plain", "--guarantee",
+    run = spawn_matclust("cluster", url_in, "-o", out, *RUN, "--encoding", "plain", "--guarantee",
                         "cluster", *(["--overwrite"] if previous else []))
     try:
         wait_for(lambda: writing_generation(bucket, "res.zarr", before), "clusters written", run)
@@ -322,7 +206,7 @@ def test_second_concurrent_run_is_refused(bucket, tmp_path):
     naming the first; the first, stopped by SIGTERM, removes its generation and its lock."""
     url_in = big_input(bucket, tmp_path)
     out = bucket.url("res.zarr")
-    first = spawn_cluster(url_in, "-o", out, *RUN, "--encoding", "plain", lease=60)
+    first = spawn_matclust("cluster", url_in, "-o", out, *RUN, "--encoding", "plain", lease=60)
     try:
         wait_for(lambda: writing_generation(bucket, "res.zarr", None), "clusters written", first)
         assert ".matclust-lock" in bucket.entries("res.zarr")

@@ -183,3 +183,56 @@ def test_arrays_missing(store):
     with h5py.File(path, "r+") as f:
         del f["widths"]
     assert any("'widths' is missing" in p for p in verify_problems(path))
+
+
+def test_plain_store_is_verified_under_its_own_guarantee(tmp_path):
+    """A plain store made with the matrix guarantee (the default): verify and inspect name the
+    guarantee in its params, and verify checks every matrix. One matrix's coefficients moved
+    off by 3 eps of its norm (its cluster stays within eps) is reported, as computed here."""
+    inp, mats, _ = write_planted(tmp_path / "in.h5", K=60, m=10, n=3, subspaces=2, rank=2,
+                                 dtype="float64")
+    out = tmp_path / "out.h5"
+    run_inprocess("cluster", inp, "-o", out, "--encoding", "plain", "--rank", 2, "--eps", 0.1,
+                  "--quiet", check=0)
+    st = read_store(out)
+    assert st.params["guarantee"] == "matrix"
+    shown = run_inprocess("inspect", out, "--json", check=0).json()[0]
+    verdict = run_inprocess("verify", out, "--json", check=0).json()
+    assert shown["guarantee"] == verdict["guarantee"] == "matrix"
+    assert "(matrix guarantee)" in run_inprocess("verify", out, check=0).stdout
+
+    # The largest factored cluster; its smallest member's columns moved off by 3 eps of its
+    # norm (the basis is orthonormal: its error grows by about that).
+    c = max((c for c, cl in enumerate(st.clusters) if "coefficients" in cl),
+            key=lambda c: len(st.clusters[c]["members"]))
+    cl = st.clusters[c]
+    j = int(np.argmin([np.linalg.norm(mats[i]) for i in cl["members"]]))
+    first = int(cl["members"][j])
+    lo = sum(mats[i].shape[1] for i in cl["members"][:j])
+    width = mats[first].shape[1]
+    coeffs = cl["coefficients"].copy()
+    coeffs[:, lo:lo + width] += 0.3 * np.linalg.norm(mats[first]) / np.sqrt(coeffs.shape[0] * width)
+    with h5py.File(out, "r+") as f:
+        f[f"clusters/{c}/coefficients"][...] = coeffs
+    st = read_store(out)
+    errors = np.zeros(len(mats))
+    cluster_errors = []
+    for cl in st.clusters:
+        stored = cl["basis"] @ cl["coefficients"] if "basis" in cl else cl["raw"]
+        offsets = np.concatenate([[0], np.cumsum([mats[i].shape[1] for i in cl["members"]])])
+        err2 = norm2 = 0.0
+        for j, i in enumerate(cl["members"]):
+            d = np.sum((mats[i] - stored[:, offsets[j]:offsets[j + 1]]) ** 2)
+            errors[i] = np.sqrt(d / np.sum(mats[i] ** 2))
+            err2, norm2 = err2 + d, norm2 + np.sum(mats[i] ** 2)
+        cluster_errors.append(np.sqrt(err2 / norm2))
+    assert max(cluster_errors) <= 0.1 < errors[first]  # only the matrix guarantee is broken
+    res = run_inprocess("verify", out, "--json", check=1)
+    verdict = res.json()
+    assert verdict["ok"] is False and verdict["guarantee"] == "matrix"
+    assert verdict["over_eps"] == [int(i) for i in np.flatnonzero(errors > 0.1)] == [first]
+    assert verdict["worst_matrix"] == first
+    assert abs(verdict["max_matrix_error"] - errors[first]) <= 1e-9 * errors[first]
+    shown = run_inprocess("verify", out, check=1).stdout
+    assert "(matrix guarantee)" in shown
+    assert f"matrix {first}: error {verdict['max_matrix_error']:.4g} > eps" in shown
