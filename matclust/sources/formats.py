@@ -412,6 +412,8 @@ def open_source(path, dataset: str | None = None, transpose: bool = False,
     container = _container(os.fspath(path), fill_missing)
     try:
         source = container.source(dataset, transpose)
+        source.opened = (os.path.abspath(os.fspath(path)), source.dataset, bool(transpose),
+                         bool(fill_missing))
         logger.info("opened %s: %d matrices of %d rows, %s, %.1f MiB", source.where, source.K,
                     source.m, source.input_dtype, source.matrix_bytes / 2**20)
         return source

@@ -1,0 +1,422 @@
+"""A run in stages over shards of the collection: plan, merge, store (docs/scaling.md).
+
+* **plan** (:func:`plan_shard`): one shard, a range of consecutive matrices aligned to the
+  storage chunks, is clustered on its own exactly as the out-of-core path clusters a whole
+  collection (per-matrix summaries and the greedy driver). Each of its clusters leaves a
+  :class:`ClusterSummary`: its members, its exact energy ||M||_F^2 and a stand-in block F
+  whose Gram matrix lies below M M^* in Loewner order (up to the summaries' rounding, whose
+  size it carries along as ``loss2``).
+* **merge** (:func:`merge_summaries`): the same greedy driver runs over the clusters of
+  several shards, each cluster one block, read through :class:`StandinReader`. Merging is a
+  tree: each merge takes the outputs of at most ``MERGE_FANIN`` earlier tasks.
+* **store**: the merged plan is stored as the out-of-core path stores its plan
+  (:mod:`matclust.streaming`), by the client, from the input.
+
+Each stage function is a pure, deterministic function of its arguments, so the same code runs
+in this process one task after another (:class:`matclust.distributed.InProcess`) or as Dask
+tasks, which Dask may run again on another worker after a worker is lost: the result does not
+change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from matclust.blas import one_core
+from matclust.compact import formation_eps
+from matclust.driver import FormedCluster, GreedyDriver, worth_factoring
+from matclust.engine.estimators import make_estimator
+from matclust.engine.linalg import compute_dtype
+from matclust.sources.base import Batch, MatrixSource
+from matclust.sources.summary import SummaryReader
+
+logger = logging.getLogger(__name__)
+
+#: Shards' (or earlier merges') cluster lists one merge task takes at most.
+MERGE_FANIN = 4
+#: Matrices per shard that the default shard count aims at (about 512 MiB of 32 x 16 float32).
+SHARD_MATRICES = 1 << 18
+
+
+def stand_in_columns(rank: int, m: int) -> int:
+    """Columns of a cluster's stand-in: enough directions beyond the rank that the merged bound
+    still sees how well two clusters' subspaces line up, and small against the data."""
+    return int(min(m, max(4 * rank, 16)))
+
+
+# -- shards ------------------------------------------------------------------------------------
+def shard_ranges(source: MatrixSource, shards: int) -> list[tuple[int, int]]:
+    """``shards`` consecutive index ranges covering the collection, as equal as the storage
+    chunks allow: a chunk is split between shards only when there are fewer chunks than
+    shards (each shard then reads the whole chunk). Fewer when there are fewer matrices."""
+    chunk = max(1, int(source._chunk_len))
+    if -(-source.K // chunk) < shards:
+        chunk = 1
+    units = -(-source.K // chunk)
+    cuts = sorted({int(round(i * units / shards)) for i in range(shards + 1)})
+    return [(a * chunk, min(b * chunk, source.K)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def default_shards(K: int, workers: int) -> int:
+    """At least one shard per worker, and shards of at most ``SHARD_MATRICES`` matrices, in a
+    multiple of the workers (so every worker gets as many)."""
+    workers = max(1, int(workers))
+    per_worker = max(1, -(-K // (SHARD_MATRICES * workers)))
+    return workers * per_worker
+
+
+class _Rows:
+    """Matrices ``first..stop-1`` of a 3-D array-like, indexed from 0 (slices only)."""
+
+    def __init__(self, array, first: int, stop: int):
+        self.array, self.first = array, first
+        self.shape = (stop - first, *tuple(array.shape)[1:])
+        self.dtype = array.dtype
+        self.chunks = getattr(array, "chunks", None)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a shard's rows are read in slices")
+        start, stop, _ = key.indices(self.shape[0])
+        return self.array[self.first + start : self.first + stop]
+
+
+class ShardSource(MatrixSource):
+    """Matrices ``first..stop-1`` of ``parent`` as a collection of their own (indices from 0).
+
+    ``top``: the whole collection's largest peak exponent, when it is known to be above this
+    shard's own (its working scale then matches the collection's; see ``calibrate``)."""
+
+    def __init__(self, parent: MatrixSource, first: int, stop: int, top: int | None = None):
+        self.parent, self.first, self.top = parent, int(first), top
+        self.peaks = None  # as the summary pass found them (see calibrate)
+        find = parent._find_missing
+        if parent._stack is not None:
+            stack, members = _Rows(parent._stack, first, stop), None
+            if find is not None:  # asked with the shard's indices, answered in the collection's
+                whole, parent_find = parent._stack, find
+                find = lambda array, a, b: parent_find(whole, a + first, b + first)  # noqa: E731
+        else:
+            stack, members = None, parent._members[first:stop]
+        super().__init__(parent.path, parent.dataset, parent.transpose, stack=stack,
+                         members=members, find_missing=find)
+        self._chunk_len = parent._chunk_len
+
+    def describe(self, i: int) -> str:
+        return self.parent.describe(int(i) + self.first)
+
+    def calibrate(self, peaks, top=None) -> None:
+        if peaks is not None:
+            self.peaks = np.asarray(peaks, dtype=np.float64).copy()
+        super().calibrate(peaks, self.top if top is None else top)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a worker needs to read a shard: how to open the collection (``opened``: path,
+    dataset, transpose, fill_missing; or the in-memory source itself), the range, and the
+    collection's top exponent when the shard's own does not do (see ``ShardSource``)."""
+
+    opened: object
+    first: int
+    stop: int
+    top: int | None = None
+
+    def open(self) -> tuple[MatrixSource, ShardSource]:
+        if isinstance(self.opened, MatrixSource):
+            parent = self.opened
+        else:
+            from matclust.sources import open_source
+
+            path, dataset, transpose, fill_missing = self.opened
+            parent = open_source(path, dataset, transpose, fill_missing)
+        return parent, ShardSource(parent, self.first, self.stop, self.top)
+
+
+def shard_specs(source: MatrixSource, shards: int) -> list[ShardSpec]:
+    opened = source.opened if source.opened is not None else source
+    return [ShardSpec(opened, a, b) for a, b in shard_ranges(source, shards)]
+
+
+# -- what a stage hands to the next ------------------------------------------------------------
+@dataclass
+class ClusterSummary:
+    """A cluster as one block for the merge.
+
+    ``standin`` (m x w): F with F F^* <= M M^* in Loewner order for the cluster's matrices side
+    by side M, up to rounding of squared size at most ``loss2`` (Mirsky's inequality then keeps
+    every bound computed from it an upper bound, as for summaries). ``energy`` is ||M||_F^2,
+    exact, in the collection's working scale (or the matrix's own, when it is ``apart``)."""
+
+    members: np.ndarray
+    columns: int
+    energy: float
+    standin: np.ndarray
+    loss2: float
+    bound: float | None  # an upper bound on the cluster's e_r; None: not evaluated
+    apart: bool = False
+    exponent: int = 0
+    grew: bool = True
+
+
+@dataclass
+class ShardPlan:
+    """A shard's clusters, and its calibration (``peaks`` per matrix; its ``exponents`` and
+    ``apart`` flags as chosen from them), which the client reconciles with the collection's."""
+
+    first: int
+    clusters: list[ClusterSummary]
+    peaks: np.ndarray
+    exponents: np.ndarray
+    apart: np.ndarray
+    seconds: float = 0.0
+
+
+def truncated(block: np.ndarray, columns: int) -> np.ndarray:
+    """The top ``columns`` of U S of ``block``: block V_k for orthonormal V_k, a
+    right-contraction of it, so its Gram lies below the block's in Loewner order."""
+    if block.shape[1] <= columns:
+        return block
+    if block.shape[1] > block.shape[0]:  # a square root of the Gram first: [R^*] R = B B^*
+        block = np.linalg.qr(block.conj().T, mode="r").conj().T
+        if block.shape[1] <= columns:
+            return block
+    u, s, _ = np.linalg.svd(block, full_matrices=False)
+    return u[:, :columns] * s[:columns]
+
+
+# -- plan --------------------------------------------------------------------------------------
+def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
+    """Cluster one shard on its summaries (as the out-of-core path does) and summarise each
+    cluster for the merge. Members are indices into the whole collection."""
+    from matclust.api import cluster_plan
+
+    started = time.perf_counter()
+    parent, shard = spec.open()
+    try:
+        with one_core():
+            run_plan = cluster_plan(shard, params, True)
+            shard.batch_limit = run_plan.batch
+            form_eps = formation_eps(params["eps"], params["encoding"])
+            summaries = SummaryReader(shard, params["rank"], run_plan.cache, form_eps)
+            estimator = make_estimator(params["method"], params["rank"], shard.m,
+                                       shard.dtype.kind == "c", params["oversampling"])
+            driver = GreedyDriver(summaries, summaries.norms2, shard.widths, estimator, form_eps,
+                                  params["order"], params["patience"], exact_check=False)
+            width = stand_in_columns(params["rank"], shard.m)
+            clusters = []
+            for formed in driver.clusters():
+                # Before the driver discards the members' summaries.
+                batch = summaries.get(formed.members)
+                members = formed.members
+                clusters.append(ClusterSummary(
+                    members + spec.first, formed.columns,
+                    float(summaries.norms2[members].sum()), truncated(batch.data, width),
+                    float(summaries.loss2[members].sum()), formed.bound,
+                    bool(shard.apart[members[0]]), int(shard.exponents[members[0]]),
+                    formed.grew))
+        return ShardPlan(spec.first, clusters, shard.peaks, shard.exponents.copy(),
+                         shard.apart.copy(), time.perf_counter() - started)
+    finally:
+        parent.close()
+
+
+def in_collection_scale(plan: ShardPlan, exponents: np.ndarray) -> list[ClusterSummary]:
+    """A shard's clusters in the collection's working scale (``exponents``: the collection's
+    for this shard's matrices). Exact: the scales differ by a power of two."""
+    out = []
+    for c in plan.clusters:
+        i = int(c.members[0]) - plan.first
+        shift = int(exponents[i]) - int(plan.exponents[i])
+        if shift:
+            c.standin = np.ldexp(c.standin, shift) if not np.iscomplexobj(c.standin) else \
+                np.ldexp(c.standin.real, shift) + 1j * np.ldexp(c.standin.imag, shift)
+            c.energy, c.loss2 = float(np.ldexp(c.energy, 2 * shift)), float(np.ldexp(c.loss2, 2 * shift))
+            c.exponent = int(exponents[i])
+        out.append(c)
+    return out
+
+
+def consistent(plan: ShardPlan, exponents: np.ndarray, apart: np.ndarray) -> bool:
+    """Whether a shard's own calibration matches the collection's up to one power of two (the
+    same matrices apart; the others scaled alike), so its plan holds in the collection's scale."""
+    if not np.array_equal(plan.apart, apart):
+        return False
+    shared = ~apart
+    diff = exponents[shared] - plan.exponents[shared]
+    return len(diff) == 0 or bool(np.all(diff == diff[0]))
+
+
+# -- merge -------------------------------------------------------------------------------------
+class _StandinSpace:
+    """What the greedy driver asks of a source, for clusters' stand-ins."""
+
+    def __init__(self, m: int, dtype, apart: np.ndarray, exponents: np.ndarray):
+        self.m, self.dtype, self.apart, self.exponents = m, np.dtype(dtype), apart, exponents
+
+
+class StandinReader:
+    """Clusters' stand-ins as the greedy driver's blocks (a :class:`~matclust.driver.BlockReader`).
+
+    Block i is ``items[i].standin``; ``loss2`` their rounding, as for summaries. Residual scans
+    estimate ||(I - Q Q^*) M_i||^2 as the energy minus what Q captures of the stand-in (the
+    energy outside the stand-in counted as missed), over the blocks not yet discarded."""
+
+    def __init__(self, items: list[ClusterSummary], m: int, complex_data: bool):
+        dtype = np.complex128 if complex_data else np.float64
+        self.items = items
+        self.source = _StandinSpace(m, dtype, np.array([c.apart for c in items], dtype=bool),
+                                    np.array([c.exponent for c in items], dtype=np.int64))
+        self.loss2 = np.array([c.loss2 for c in items], dtype=np.float64)
+        self.energy = np.array([c.energy for c in items], dtype=np.float64)
+        widths = np.array([c.standin.shape[1] for c in items], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self._data = (np.hstack([c.standin for c in items]).astype(dtype) if items
+                      else np.zeros((m, 0), dtype))
+        # Single precision for the scans (they only order candidates; bounds use `get`).
+        self._scan = self._data.astype(np.complex64 if complex_data else np.float32)
+        self._alive = np.ones(len(items), dtype=bool)
+
+    def get(self, indices) -> Batch:
+        indices = np.asarray(indices, dtype=np.int64)
+        widths = np.diff(self._offsets)[indices]
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        cols = np.concatenate([np.arange(self._offsets[i], self._offsets[i + 1]) for i in indices]) \
+            if len(indices) else np.zeros(0, np.int64)
+        return Batch(indices, self._data[:, cols], offsets)
+
+    def discard(self, indices) -> None:
+        self._alive[np.asarray(indices, dtype=np.int64)] = False
+
+    def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        candidates = np.asarray(candidates, dtype=np.int64)
+        batch_cols = self.get(candidates).offsets
+        cols = np.concatenate([np.arange(self._offsets[i], self._offsets[i + 1]) for i in candidates]) \
+            if len(candidates) else np.zeros(0, np.int64)
+        proj = q.conj().T.astype(self._scan.dtype) @ self._scan[:, cols]
+        per_column = np.sum(np.abs(proj.astype(np.complex128 if np.iscomplexobj(proj) else np.float64)) ** 2, axis=0)
+        captured = np.add.reduceat(per_column, batch_cols[:-1]) if len(cols) else np.zeros(len(candidates))
+        # A stand-in of no columns (never: every matrix has one) would make reduceat misread.
+        return np.maximum(self.energy[candidates] - captured, 0.0)
+
+
+def merge_summaries(parts: list[list[ClusterSummary]], params: dict, m: int,
+                    complex_data: bool) -> list[ClusterSummary]:
+    """The greedy driver over the clusters of ``parts`` (each a shard's or an earlier merge's
+    output), each cluster one block; every cluster it forms becomes one summary: members
+    joined, energies and rounding losses added, the stand-ins side by side truncated again (a
+    right-contraction, so still below in Loewner order). A cluster the driver does not grow
+    is handed on as it came (its own bound holds; a bound from its stand-in can only be
+    looser). The one merge step of the serial and the distributed runs."""
+    items = [c for part in parts for c in part]
+    if len(parts) < 2 or not items:
+        return items
+    with one_core():
+        reader = StandinReader(items, m, complex_data)
+        widths = np.array([c.columns for c in items], dtype=np.int64)
+        form_eps = formation_eps(params["eps"], params["encoding"])
+        estimator = make_estimator(params["method"], params["rank"], m, complex_data,
+                                   params["oversampling"])
+        driver = GreedyDriver(reader, reader.energy, widths, estimator, form_eps,
+                              params["order"], params["patience"], exact_check=False)
+        width = stand_in_columns(params["rank"], m)
+        out = []
+        for formed in driver.clusters():
+            chosen = [items[i] for i in formed.members]
+            if len(chosen) == 1:
+                out.append(chosen[0])
+                continue
+            block = reader.get(formed.members).data
+            out.append(ClusterSummary(
+                np.concatenate([c.members for c in chosen]), int(sum(c.columns for c in chosen)),
+                float(sum(c.energy for c in chosen)), truncated(block, width),
+                float(sum(c.loss2 for c in chosen)), formed.bound, False, chosen[0].exponent))
+    return out
+
+
+# -- the stages together -----------------------------------------------------------------------
+@dataclass
+class StageTimes:
+    """Seconds per stage on the client's clock, and the merge's size."""
+
+    plan: float = 0.0
+    merge: float = 0.0
+    store: float = 0.0
+    shards: int = 0
+    summaries_merged: int = 0
+    merge_tasks: int = 0
+    plan_task_seconds: list = field(default_factory=list)
+
+    def report(self) -> dict:
+        return {"shards": self.shards, "plan_seconds": round(self.plan, 3),
+                "merge_seconds": round(self.merge, 3), "store_seconds": round(self.store, 3),
+                "summaries_merged": self.summaries_merged, "merge_tasks": self.merge_tasks}
+
+
+def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: StageTimes
+                   ) -> list[FormedCluster]:
+    """Plan every shard and merge their clusters (through ``runner``: in this process or on a
+    Dask cluster); ``source`` ends up calibrated as the whole collection. The merged plan, as
+    the store stage takes it."""
+    started = time.perf_counter()
+    specs = shard_specs(source, params["shards"])
+    times.shards = len(specs)
+    progress.start("planning", len(specs))
+    futures = [runner.submit(plan_shard, spec, params) for spec in specs]
+    calibrations = runner.gather([runner.submit(_calibration_of, f) for f in futures], progress)
+    peaks = np.concatenate([c[0] for c in calibrations])
+    source.calibrate(peaks)
+    # A shard whose largest entry is far below the collection's may have judged a matrix
+    # "apart" differently: it is planned again in the collection's scale.
+    top = int(np.frexp(peaks.max())[1]) if peaks.size else 0
+    for i, (spec, (_, exps, apart)) in enumerate(zip(specs, calibrations)):
+        ours = slice(spec.first, spec.stop)
+        plan = ShardPlan(spec.first, [], peaks[ours], exps, apart)
+        if not consistent(plan, source.exponents[ours], source.apart[ours]):
+            logger.info("shard %d planned again in the collection's scale", i)
+            futures[i] = runner.submit(plan_shard, ShardSpec(spec.opened, spec.first, spec.stop, top),
+                                       params)
+    level = [runner.submit(in_collection_scale, f, source.exponents[s.first:s.stop])
+             for f, s in zip(futures, specs)]
+    times.plan = time.perf_counter() - started
+
+    started = time.perf_counter()
+    complex_data = source.dtype.kind == "c"
+    rounds = _merge_rounds(len(level))
+    progress.start("merging", max(1, rounds))
+    counts = runner.gather([runner.submit(len, f) for f in level])
+    times.summaries_merged = int(sum(counts))
+    while len(level) > 1:
+        level = [runner.submit(merge_summaries, level[i : i + MERGE_FANIN], params, source.m,
+                               complex_data)
+                 for i in range(0, len(level), MERGE_FANIN)]
+        times.merge_tasks += len(level)
+        if len(level) > 1:
+            runner.wait(level)
+        progress.advance(1)
+    merged = runner.gather(level)[0] if level else []
+    times.merge = time.perf_counter() - started
+    return [_formed(c, params["rank"], source.m, source.widths) for c in merged]
+
+
+def _merge_rounds(n: int) -> int:
+    rounds = 0
+    while n > 1:
+        n = -(-n // MERGE_FANIN)
+        rounds += 1
+    return rounds
+
+
+def _calibration_of(plan: ShardPlan):
+    return plan.peaks, plan.exponents, plan.apart
+
+
+def _formed(c: ClusterSummary, rank: int, m: int, widths: np.ndarray) -> FormedCluster:
+    members = np.asarray(c.members, dtype=np.int64)
+    columns = int(widths[members].sum())
+    return FormedCluster(members, columns, c.bound, worth_factoring(rank, m, columns, len(members)),
+                         grew=c.grew)
