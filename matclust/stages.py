@@ -28,7 +28,7 @@ import numpy as np
 
 from matclust.blas import one_core
 from matclust.compact import formation_eps
-from matclust.driver import FormedCluster, GreedyDriver, worth_factoring
+from matclust.driver import FormedCluster, GreedyDriver, by_magnitude_descending, worth_factoring
 from matclust.engine.estimators import make_estimator
 from matclust.engine.linalg import compute_dtype
 from matclust.sources.base import Batch, MatrixSource
@@ -161,6 +161,10 @@ class ClusterSummary:
     apart: bool = False
     exponent: int = 0
     grew: bool = True
+    #: The largest member (index, squared norm in the scale of ``energy``): clusters are
+    #: numbered in the order of their largest members, as the greedy driver numbers them.
+    lead: int = 0
+    lead_norm2: float = 0.0
 
 
 @dataclass
@@ -218,7 +222,8 @@ def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
                     float(summaries.norms2[members].sum()), truncated(batch.data, width),
                     float(summaries.loss2[members].sum()), formed.bound,
                     bool(shard.apart[members[0]]), int(shard.exponents[members[0]]),
-                    formed.grew))
+                    formed.grew, int(members[0]) + spec.first,
+                    float(summaries.norms2[members[0]])))
         return ShardPlan(spec.first, clusters, shard.peaks, shard.exponents.copy(),
                          shard.apart.copy(), time.perf_counter() - started)
     finally:
@@ -235,7 +240,8 @@ def in_collection_scale(plan: ShardPlan, exponents: np.ndarray) -> list[ClusterS
         if shift:
             c.standin = np.ldexp(c.standin, shift) if not np.iscomplexobj(c.standin) else \
                 np.ldexp(c.standin.real, shift) + 1j * np.ldexp(c.standin.imag, shift)
-            c.energy, c.loss2 = float(np.ldexp(c.energy, 2 * shift)), float(np.ldexp(c.loss2, 2 * shift))
+            c.energy, c.loss2, c.lead_norm2 = (float(np.ldexp(x, 2 * shift))
+                                               for x in (c.energy, c.loss2, c.lead_norm2))
             c.exponent = int(exponents[i])
         out.append(c)
     return out
@@ -331,10 +337,12 @@ def merge_summaries(parts: list[list[ClusterSummary]], params: dict, m: int,
                 out.append(chosen[0])
                 continue
             block = reader.get(formed.members).data
+            lead = min(chosen, key=lambda c: (-c.lead_norm2, c.lead))
             out.append(ClusterSummary(
                 np.concatenate([c.members for c in chosen]), int(sum(c.columns for c in chosen)),
                 float(sum(c.energy for c in chosen)), truncated(block, width),
-                float(sum(c.loss2 for c in chosen)), formed.bound, False, chosen[0].exponent))
+                float(sum(c.loss2 for c in chosen)), formed.bound, False, chosen[0].exponent,
+                True, lead.lead, lead.lead_norm2))
     return out
 
 
@@ -400,7 +408,18 @@ def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: 
         progress.advance(1)
     merged = runner.gather(level)[0] if level else []
     times.merge = time.perf_counter() - started
-    return [_formed(c, params["rank"], source.m, source.widths) for c in merged]
+    return [_formed(c, params["rank"], source.m, source.widths) for c in in_greedy_order(merged, source.m)]
+
+
+def in_greedy_order(clusters: list[ClusterSummary], m: int) -> list[ClusterSummary]:
+    """Clusters by their largest members, largest first (ties by index; matrices kept apart
+    last), so that each cluster's largest member is the largest of the matrices not in an
+    earlier cluster: the order in which the greedy driver forms clusters."""
+    clusters = sorted(clusters, key=lambda c: c.lead)
+    space = _StandinSpace(m, np.float64, np.array([c.apart for c in clusters], dtype=bool),
+                          np.array([c.exponent for c in clusters], dtype=np.int64))
+    order = by_magnitude_descending(np.array([c.lead_norm2 for c in clusters]), space)
+    return [clusters[i] for i in order]
 
 
 def _merge_rounds(n: int) -> int:
