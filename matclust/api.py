@@ -437,9 +437,9 @@ class MatrixClusterer:
         sink = (CompactSink(source, params, writer) if compact
                 else PlainSink(source, params, estimator, writer))
         with writer:
-            planned = plan_and_merge(source, params, runner, progress, times)
+            planned, passes = plan_and_merge(source, params, runner, progress, times)
             stored = time.perf_counter()
-            sink.store_planned(planned, form_eps, budget, progress)
+            sink.store_planned(planned, form_eps, budget, progress, passes)
             labels, stats, stored_numbers, max_matrix_error = sink.finish()
             times.store = time.perf_counter() - stored
             report = build_report(params, source.K, source.m, params["rank"], params["eps"],

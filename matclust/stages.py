@@ -31,7 +31,7 @@ from matclust.compact import formation_eps
 from matclust.driver import FormedCluster, GreedyDriver, by_magnitude_descending, worth_factoring
 from matclust.engine.estimators import make_estimator
 from matclust.engine.linalg import compute_dtype
-from matclust.sources.base import Batch, MatrixSource
+from matclust.sources.base import Batch, MatrixSource, column_ranges
 from matclust.sources.summary import SummaryReader
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,9 @@ class ShardSpec:
     first: int
     stop: int
     top: int | None = None
+    #: The shard's peaks, once the collection is calibrated: its matrices are then read in
+    #: the collection's working scale (with ``top``, the collection's).
+    peaks: np.ndarray | None = None
 
     def open(self) -> tuple[MatrixSource, ShardSource]:
         if isinstance(self.opened, MatrixSource):
@@ -134,7 +137,10 @@ class ShardSpec:
 
             path, dataset, transpose, fill_missing = self.opened
             parent = open_source(path, dataset, transpose, fill_missing)
-        return parent, ShardSource(parent, self.first, self.stop, self.top)
+        shard = ShardSource(parent, self.first, self.stop, self.top)
+        if self.peaks is not None:
+            shard.calibrate(self.peaks)
+        return parent, shard
 
 
 def shard_specs(source: MatrixSource, shards: int) -> list[ShardSpec]:
@@ -180,17 +186,28 @@ class ShardPlan:
     seconds: float = 0.0
 
 
-def truncated(block: np.ndarray, columns: int) -> np.ndarray:
-    """The top ``columns`` of U S of ``block``: block V_k for orthonormal V_k, a
-    right-contraction of it, so its Gram lies below the block's in Loewner order."""
-    if block.shape[1] <= columns:
+def truncated(block: np.ndarray, columns: int, negligible: float = 0.0) -> np.ndarray:
+    """The top ``columns`` of U S of ``block``, without trailing directions that hold together
+    at most ``negligible`` of its energy: block V_k for orthonormal V_k, a right-contraction
+    of it, so its Gram lies below the block's in Loewner order (the energy left out is counted
+    as missed by every bound computed from it)."""
+    if block.shape[1] <= columns and not negligible:
         return block
     if block.shape[1] > block.shape[0]:  # a square root of the Gram first: [R^*] R = B B^*
         block = np.linalg.qr(block.conj().T, mode="r").conj().T
-        if block.shape[1] <= columns:
-            return block
     u, s, _ = np.linalg.svd(block, full_matrices=False)
-    return u[:, :columns] * s[:columns]
+    s2 = s**2
+    # tail[k]: the energy of directions k, k+1, ...; keep up to the first negligible tail.
+    tail = np.cumsum(s2[::-1])[::-1]
+    keep = int(np.count_nonzero(tail > negligible * s2.sum()))
+    keep = max(1, min(columns, keep))
+    return u[:, :keep] * s[:keep]
+
+
+#: Trailing directions of a stand-in holding at most this share of eps^2 of its energy are
+#: dropped: bounds then grow by at most ~0.5 % of eps, and the merge's scans get much cheaper
+#: (a planted cluster's noise spreads over every direction the rank leaves).
+NEGLIGIBLE_SHARE = 0.01
 
 
 # -- plan --------------------------------------------------------------------------------------
@@ -212,6 +229,7 @@ def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
             driver = GreedyDriver(summaries, summaries.norms2, shard.widths, estimator, form_eps,
                                   params["order"], params["patience"], exact_check=False)
             width = stand_in_columns(params["rank"], shard.m)
+            negligible = NEGLIGIBLE_SHARE * form_eps**2
             clusters = []
             for formed in driver.clusters():
                 # Before the driver discards the members' summaries.
@@ -219,7 +237,8 @@ def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
                 members = formed.members
                 clusters.append(ClusterSummary(
                     members + spec.first, formed.columns,
-                    float(summaries.norms2[members].sum()), truncated(batch.data, width),
+                    float(summaries.norms2[members].sum()),
+                    truncated(batch.data, width, negligible if len(members) > 1 else 0.0),
                     float(summaries.loss2[members].sum()), formed.bound,
                     bool(shard.apart[members[0]]), int(shard.exponents[members[0]]),
                     formed.grew, int(members[0]) + spec.first,
@@ -284,30 +303,40 @@ class StandinReader:
         self._data = (np.hstack([c.standin for c in items]).astype(dtype) if items
                       else np.zeros((m, 0), dtype))
         # Single precision for the scans (they only order candidates; bounds use `get`).
-        self._scan = self._data.astype(np.complex64 if complex_data else np.float32)
+        self._data_scan = self._data.astype(np.complex64 if complex_data else np.float32)
+        self._scan = self._data_scan
         self._alive = np.ones(len(items), dtype=bool)
+        self._scanned = np.arange(len(items), dtype=np.int64)  # the blocks in _scan
+        self._scan_offsets = self._offsets
+
+    def _columns(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The columns of blocks ``indices`` side by side, and their offsets."""
+        widths = np.diff(self._offsets)[indices]
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        return column_ranges(self._offsets[indices], widths), offsets
 
     def get(self, indices) -> Batch:
         indices = np.asarray(indices, dtype=np.int64)
-        widths = np.diff(self._offsets)[indices]
-        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
-        cols = np.concatenate([np.arange(self._offsets[i], self._offsets[i + 1]) for i in indices]) \
-            if len(indices) else np.zeros(0, np.int64)
+        cols, offsets = self._columns(indices)
         return Batch(indices, self._data[:, cols], offsets)
 
     def discard(self, indices) -> None:
+        """Blocks done with leave the scans (compacted once they are an eighth of them)."""
         self._alive[np.asarray(indices, dtype=np.int64)] = False
+        if np.count_nonzero(~self._alive[self._scanned]) > len(self._scanned) // 8:
+            self._scanned = self._scanned[self._alive[self._scanned]]
+            cols, self._scan_offsets = self._columns(self._scanned)
+            self._scan = self._data_scan[:, cols]
 
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Every block still scanned in one product; then the candidates' values."""
+        proj = q.conj().T.astype(self._scan.dtype) @ self._scan
+        per_column = np.sum(np.abs(proj) ** 2, axis=0, dtype=np.float64)
+        captured = np.zeros(len(self._alive), dtype=np.float64)
+        if len(self._scanned):
+            captured[self._scanned] = np.add.reduceat(per_column, self._scan_offsets[:-1])
         candidates = np.asarray(candidates, dtype=np.int64)
-        batch_cols = self.get(candidates).offsets
-        cols = np.concatenate([np.arange(self._offsets[i], self._offsets[i + 1]) for i in candidates]) \
-            if len(candidates) else np.zeros(0, np.int64)
-        proj = q.conj().T.astype(self._scan.dtype) @ self._scan[:, cols]
-        per_column = np.sum(np.abs(proj.astype(np.complex128 if np.iscomplexobj(proj) else np.float64)) ** 2, axis=0)
-        captured = np.add.reduceat(per_column, batch_cols[:-1]) if len(cols) else np.zeros(len(candidates))
-        # A stand-in of no columns (never: every matrix has one) would make reduceat misread.
-        return np.maximum(self.energy[candidates] - captured, 0.0)
+        return np.maximum(self.energy[candidates] - captured[candidates], 0.0)
 
 
 def merge_summaries(parts: list[list[ClusterSummary]], params: dict, m: int,
@@ -330,6 +359,7 @@ def merge_summaries(parts: list[list[ClusterSummary]], params: dict, m: int,
         driver = GreedyDriver(reader, reader.energy, widths, estimator, form_eps,
                               params["order"], params["patience"], exact_check=False)
         width = stand_in_columns(params["rank"], m)
+        negligible = NEGLIGIBLE_SHARE * form_eps**2
         out = []
         for formed in driver.clusters():
             chosen = [items[i] for i in formed.members]
@@ -340,7 +370,7 @@ def merge_summaries(parts: list[list[ClusterSummary]], params: dict, m: int,
             lead = min(chosen, key=lambda c: (-c.lead_norm2, c.lead))
             out.append(ClusterSummary(
                 np.concatenate([c.members for c in chosen]), int(sum(c.columns for c in chosen)),
-                float(sum(c.energy for c in chosen)), truncated(block, width),
+                float(sum(c.energy for c in chosen)), truncated(block, width, negligible),
                 float(sum(c.loss2 for c in chosen)), formed.bound, False, chosen[0].exponent,
                 True, lead.lead, lead.lead_norm2))
     return out
@@ -366,10 +396,10 @@ class StageTimes:
 
 
 def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: StageTimes
-                   ) -> list[FormedCluster]:
+                   ) -> tuple[list[FormedCluster], ShardedPasses]:
     """Plan every shard and merge their clusters (through ``runner``: in this process or on a
     Dask cluster); ``source`` ends up calibrated as the whole collection. The merged plan, as
-    the store stage takes it."""
+    the store stage takes it, and the storing passes over the same shards."""
     started = time.perf_counter()
     specs = shard_specs(source, params["shards"])
     times.shards = len(specs)
@@ -408,7 +438,9 @@ def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: 
         progress.advance(1)
     merged = runner.gather(level)[0] if level else []
     times.merge = time.perf_counter() - started
-    return [_formed(c, params["rank"], source.m, source.widths) for c in in_greedy_order(merged, source.m)]
+    planned = [_formed(c, params["rank"], source.m, source.widths)
+               for c in in_greedy_order(merged, source.m)]
+    return planned, ShardedPasses(source, specs, peaks, runner, progress)
 
 
 def in_greedy_order(clusters: list[ClusterSummary], m: int) -> list[ClusterSummary]:
@@ -439,3 +471,85 @@ def _formed(c: ClusterSummary, rank: int, m: int, widths: np.ndarray) -> FormedC
     columns = int(widths[members].sum())
     return FormedCluster(members, columns, c.bound, worth_factoring(rank, m, columns, len(members)),
                          grew=c.grew)
+
+
+# -- store: the passes over the input, one task per shard --------------------------------------
+def shard_roots(spec: ShardSpec, labels: np.ndarray, group: np.ndarray, rank: int) -> dict:
+    """For every cluster of ``group`` with members in the shard: the root of its columns
+    there, their exact energy and count (see ``ExactBasis.merge``)."""
+    from matclust.streaming import accumulate_bases
+
+    parent, shard = spec.open()
+    try:
+        with one_core():
+            accs = accumulate_bases(shard, labels, group, rank)
+            return {c: (acc.root(), acc.norm2, acc.columns) for c, acc in accs.items()
+                    if acc.columns}
+    finally:
+        parent.close()
+
+
+def shard_evicted(spec: ShardSpec, labels: np.ndarray, rounded: dict, encoder):
+    """The shard's members that leave their factored cluster, and their columns."""
+    from matclust.streaming import evicted_members
+
+    parent, shard = spec.open()
+    try:
+        with one_core():
+            indices, blocks = evicted_members(shard, labels, rounded, encoder, keep_blocks=True)
+            return indices + spec.first, blocks
+    finally:
+        parent.close()
+
+
+def shard_encoded(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: dict, encoder):
+    """The shard's parts of every cluster, encoded, in the order the client adds them."""
+    from matclust.streaming import encoded_parts
+
+    parent, shard = spec.open()
+    try:
+        with one_core():
+            return list(encoded_parts(shard, labels, rounded, bounds, encoder, first=spec.first))
+    finally:
+        parent.close()
+
+
+class ShardedPasses:
+    """The storing passes of :mod:`matclust.streaming` as one task per shard on ``runner``,
+    their results combined by the client in shard order (which is index order): bases from
+    the shards' roots (merged by QR), evicted members with their columns, encoded parts."""
+
+    def __init__(self, source: MatrixSource, specs: list[ShardSpec], peaks: np.ndarray, runner,
+                 progress):
+        # Every task reads its shard in the collection's working scale (as calibrated from
+        # the peaks of every matrix, the largest setting the scale).
+        top = int(np.frexp(peaks.max())[1]) if len(peaks) else 0
+        self.specs = [ShardSpec(s.opened, s.first, s.stop, top, peaks[s.first:s.stop])
+                      for s in specs]
+        self.source, self.runner, self.progress = source, runner, progress
+
+    def _each(self, phase, fn, labels, *args):
+        self.progress.start(phase, len(self.specs))
+        return [self.runner.submit(fn, spec, labels[spec.first:spec.stop], *args)
+                for spec in self.specs]
+
+    def accumulate(self, group, labels, rank) -> dict:
+        from matclust.engine import ExactBasis
+
+        futures = self._each("bases", shard_roots, labels, np.asarray(group), rank)
+        accs = {c: ExactBasis(self.source.m, rank, self.source.dtype) for c in group}
+        for part in self.runner.gather(futures, self.progress):
+            for c, (root, norm2, columns) in part.items():
+                accs[c].merge(root, norm2, columns)
+        return accs
+
+    def evicted(self, labels, rounded, encoder):
+        futures = self._each("checking", shard_evicted, labels, rounded, encoder)
+        parts = self.runner.gather(futures, self.progress)
+        indices = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        return indices, [b for p in parts for b in p[1]]
+
+    def encoded(self, labels, rounded, bounds, encoder):
+        futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder)
+        for future in futures:  # in shard order: the store's parts go in index order
+            yield from self.runner.gather([future], self.progress)[0]
