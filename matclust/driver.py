@@ -77,7 +77,9 @@ def by_magnitude_descending(norms2: np.ndarray, source) -> np.ndarray:
     if not apart.any():
         return by_norm_descending(norms2)
     # log2 of the true squared norms relative to the shared scale: finite for every nonzero.
-    relative = 2 * (source.exponents[~apart][0] - source.exponents)
+    # (A shard of a larger collection may hold only matrices apart: any reference will do.)
+    shared = source.exponents[~apart][0] if not apart.all() else 0
+    relative = 2 * (shared - source.exponents)
     with np.errstate(divide="ignore"):  # log2(0) = -inf: exact zeros last
         key = np.log2(norms2) + relative
     return by_norm_descending(key)

@@ -195,3 +195,37 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, dask_cluster):
     assert run.returncode == 0, err[-3000:]
     assert np.array_equal(_labels(tmp_path / "survived.zarr"), _labels(tmp_path / "local.zarr"))
     check_compact(tmp_path / "survived.zarr", mats, EPS, "matrix")
+
+
+def test_shards_far_below_the_collection_are_planned_in_its_scale(tmp_path):
+    """The second shard's matrices lie 2^-500 below the first's: on its own that shard clusters
+    them, but in the collection's scale they are kept apart (stored alone). The shard is
+    planned again in the collection's scale, and the result is the unsharded one's."""
+    from matclust.collections_io import write_collection
+
+    _, mats, _ = write_planted(tmp_path / "base.h5", K=60, m=8, n=3, subspaces=2, rank=2,
+                               noise=0.01, seed=7)
+    mats = [a if i < 30 else np.ldexp(a, -500) for i, a in enumerate(mats)]
+    path = tmp_path / "far.h5"
+    write_collection(str(path), np.stack(mats), layout="stack", dataset="matrices")
+    out = {}
+    for name, extra in (("sharded", ("--shards", 2)), ("single", ("--mode", "out-of-core"))):
+        out[name] = run_inprocess("cluster", path, "-o", tmp_path / f"{name}.zarr", "--rank", 2,
+                                  "--eps", EPS, *extra, "--json", check=0).json()
+        check_compact(tmp_path / f"{name}.zarr", mats, EPS, "matrix")
+    labels = _labels(tmp_path / "sharded.zarr")
+    assert len(np.unique(labels[30:])) == 30  # each far matrix alone
+    assert out["sharded"]["singletons"] == out["single"]["singletons"]
+
+
+def test_complex_collection_sharded(tmp_path):
+    path, mats, _ = write_planted(tmp_path / "c.h5", K=200, m=8, n=3, subspaces=3, rank=2,
+                                  noise=0.02, seed=11, dtype="complex128")
+    for mode in ((), PAPER):
+        out = tmp_path / f"c{len(mode)}.zarr"
+        run_inprocess("cluster", path, "-o", out, "--rank", 2, "--eps", EPS, "--shards", 3,
+                      *mode, check=0)
+        if mode:
+            check_out_of_core_store(out, path, rank=2, eps=EPS)
+        else:
+            check_compact(out, mats, EPS, "matrix")
