@@ -387,10 +387,7 @@ class MatrixClusterer:
                                       params["order"], params["patience"], progress.advance,
                                       evict_above=evict_above)
 
-        writer = ResultWriter(output, overwrite, FORMAT if compact else PLAIN_FORMAT) \
-            if output is not None else None
-        sink = (CompactSink(source, params, writer) if compact
-                else PlainSink(source, params, estimator, writer))
+        writer, sink = _writer_and_sink(source, params, estimator, output, overwrite)
         with writer if writer is not None else nullcontext():
             if out_of_core:
                 del reader  # the summaries stand in for the matrices from here on
@@ -398,19 +395,7 @@ class MatrixClusterer:
                                        progress, form_eps)
             else:
                 self._cluster_in_memory(source, driver, reader, guard, sink, params, progress)
-            labels, stats, stored_numbers, max_matrix_error = sink.finish()
-            logger.info("%d clusters formed and encoded after %.2f s", len(stats),
-                        time.perf_counter() - started)
-            report = build_report(params, source.K, source.m, params["rank"], params["eps"],
-                                  stats, stored_numbers, source.input_dtype.itemsize,
-                                  source.storage_dtype.itemsize, time.perf_counter() - started,
-                                  max_matrix_error)
-            if writer is not None:
-                writer.set_json("params", params)
-                writer.set_report(report)
-                writer.commit()
-
-        return self._fitted(labels, sink, stats, report)
+            return self._finish(source, params, sink, writer, started)
 
     def _fit_sharded(self, source, params, output, overwrite, progress, runner, started):
         """Plan per shard, merge, store (:mod:`matclust.stages`), on ``runner``."""
@@ -425,34 +410,37 @@ class MatrixClusterer:
                              "output store; give one")
         params["mode"] = "out-of-core"
         # The client stores the plan: it holds batches and accumulators, never summaries.
-        budget = cluster_plan(source, params, False).cache
-        source.batch_limit = cluster_plan(source, params, False).batch
-        compact = params["encoding"] == "compact"
+        client_plan = cluster_plan(source, params, False)
+        budget, source.batch_limit = client_plan.cache, client_plan.batch
         form_eps = formation_eps(params["eps"], params["encoding"])
         estimator = make_estimator(params["method"], params["rank"], source.m,
                                    source.dtype.kind == "c", params["oversampling"])
         logger.info("sharded run on %s: %d shards", runner.describe(), params["shards"])
         times = StageTimes()
-        writer = ResultWriter(output, overwrite, FORMAT if compact else PLAIN_FORMAT)
-        sink = (CompactSink(source, params, writer) if compact
-                else PlainSink(source, params, estimator, writer))
+        writer, sink = _writer_and_sink(source, params, estimator, output, overwrite)
         with writer:
             planned, passes = plan_and_merge(source, params, runner, progress, times)
-            stored = time.perf_counter()
             sink.store_planned(planned, form_eps, budget, progress, passes)
-            labels, stats, stored_numbers, max_matrix_error = sink.finish()
-            times.store = time.perf_counter() - stored
-            report = build_report(params, source.K, source.m, params["rank"], params["eps"],
-                                  stats, stored_numbers, source.input_dtype.itemsize,
-                                  source.storage_dtype.itemsize, time.perf_counter() - started,
-                                  max_matrix_error)
+            return self._finish(source, params, sink, writer, started, times, runner)
+
+    def _finish(self, source, params, sink, writer, started, times=None, runner=None):
+        """Every cluster is in the sink: the labels and statistics, the report (with a sharded
+        run's stage ``times``), the store committed; the fitted attributes."""
+        labels, stats, stored_numbers, max_matrix_error = sink.finish()
+        logger.info("%d clusters formed and encoded after %.2f s", len(stats),
+                    time.perf_counter() - started)
+        if times is not None:
+            times.store = time.perf_counter() - times.merged_at
+        report = build_report(params, source.K, source.m, params["rank"], params["eps"],
+                              stats, stored_numbers, source.input_dtype.itemsize,
+                              source.storage_dtype.itemsize, time.perf_counter() - started,
+                              max_matrix_error)
+        if times is not None:
             report["stages"] = {"runner": runner.describe(), **times.report()}
+        if writer is not None:
             writer.set_json("params", params)
             writer.set_report(report)
             writer.commit()
-        return self._fitted(labels, sink, stats, report)
-
-    def _fitted(self, labels, sink, stats, report) -> "MatrixClusterer":
         self.labels_ = labels
         self.clusters_ = sink.kept
         self.cluster_stats_ = stats
@@ -496,6 +484,16 @@ class MatrixClusterer:
     def fit_predict(self, X, **kwargs) -> np.ndarray:
         """Fit (keywords as for :meth:`fit`) and return ``labels_``."""
         return self.fit(X, **kwargs).labels_
+
+
+def _writer_and_sink(source, params, estimator, output, overwrite):
+    """The result store (None without ``output``) and the sink that encodes into it."""
+    compact = params["encoding"] == "compact"
+    writer = ResultWriter(output, overwrite, FORMAT if compact else PLAIN_FORMAT) \
+        if output is not None else None
+    sink = (CompactSink(source, params, writer) if compact
+            else PlainSink(source, params, estimator, writer))
+    return writer, sink
 
 
 def summary_bytes(source: MatrixSource, rank: int, eps: float) -> int:

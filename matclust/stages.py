@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -387,12 +387,15 @@ class StageTimes:
     shards: int = 0
     summaries_merged: int = 0
     merge_tasks: int = 0
-    plan_task_seconds: list = field(default_factory=list)
+    #: Seconds the plan tasks took, added up (their CPU share where workers share cores).
+    plan_task_seconds: float = 0.0
+    merged_at: float = 0.0  # perf_counter when the merge ended (the store starts)
 
     def report(self) -> dict:
         return {"shards": self.shards, "plan_seconds": round(self.plan, 3),
                 "merge_seconds": round(self.merge, 3), "store_seconds": round(self.store, 3),
-                "summaries_merged": self.summaries_merged, "merge_tasks": self.merge_tasks}
+                "summaries_merged": self.summaries_merged, "merge_tasks": self.merge_tasks,
+                "plan_task_seconds": round(self.plan_task_seconds, 3)}
 
 
 def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: StageTimes
@@ -407,11 +410,12 @@ def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: 
     futures = [runner.submit(plan_shard, spec, params) for spec in specs]
     calibrations = runner.gather([runner.submit(_calibration_of, f) for f in futures], progress)
     peaks = np.concatenate([c[0] for c in calibrations])
+    times.plan_task_seconds = float(sum(c[3] for c in calibrations))
     source.calibrate(peaks)
     # A shard whose largest entry is far below the collection's may have judged a matrix
     # "apart" differently: it is planned again in the collection's scale.
     top = int(np.frexp(peaks.max())[1]) if peaks.size else 0
-    for i, (spec, (_, exps, apart)) in enumerate(zip(specs, calibrations)):
+    for i, (spec, (_, exps, apart, _)) in enumerate(zip(specs, calibrations)):
         ours = slice(spec.first, spec.stop)
         plan = ShardPlan(spec.first, [], peaks[ours], exps, apart)
         if not consistent(plan, source.exponents[ours], source.apart[ours]):
@@ -437,7 +441,8 @@ def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: 
             runner.wait(level)
         progress.advance(1)
     merged = runner.gather(level)[0] if level else []
-    times.merge = time.perf_counter() - started
+    times.merged_at = time.perf_counter()
+    times.merge = times.merged_at - started
     planned = [_formed(c, params["rank"], source.m, source.widths)
                for c in in_greedy_order(merged, source.m)]
     return planned, ShardedPasses(source, specs, peaks, runner, progress)
@@ -463,7 +468,7 @@ def _merge_rounds(n: int) -> int:
 
 
 def _calibration_of(plan: ShardPlan):
-    return plan.peaks, plan.exponents, plan.apart
+    return plan.peaks, plan.exponents, plan.apart, plan.seconds
 
 
 def _formed(c: ClusterSummary, rank: int, m: int, widths: np.ndarray) -> FormedCluster:
