@@ -455,7 +455,7 @@ class MatrixClusterer:
         # The checkpoint hands back the clusters of an interrupted run first (with resume)
         # and records every new one as it is formed.
         log = guard.checkpoint(params, source, driver.norms2) \
-            if guard is not None and hasattr(driver, "rebuild") else None
+            if guard is not None and isinstance(driver, GreedyDriver) else None
         progress.start("clustering", source.K)
         for formed in within_reserve(log.clusters(driver) if log else driver.clusters(), source,
                                      params, False):
