@@ -11,7 +11,8 @@
   several shards, each cluster one block, read through :class:`StandinReader`. Merging is a
   tree: each merge takes the outputs of at most ``MERGE_FANIN`` earlier tasks.
 * **store**: the merged plan is stored as the out-of-core path stores its plan
-  (:mod:`matclust.streaming`), by the client, from the input.
+  (:mod:`matclust.streaming`), its passes over the input one task per shard
+  (:class:`ShardedPasses`), their results added to the store by the client in index order.
 
 Each stage function is a pure, deterministic function of its arguments, so the same code runs
 in this process one task after another (:class:`matclust.distributed.InProcess`) or as Dask
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -264,17 +265,19 @@ def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
 
 def in_collection_scale(plan: ShardPlan, exponents: np.ndarray) -> list[ClusterSummary]:
     """A shard's clusters in the collection's working scale (``exponents``: the collection's
-    for this shard's matrices). Exact: the scales differ by a power of two."""
+    for this shard's matrices). Exact: the scales differ by a power of two. New summaries:
+    the plan stays as it was (Dask may hand the same object to a rerun of this task)."""
     out = []
     for c in plan.clusters:
         i = int(c.members[0]) - plan.first
         shift = int(exponents[i]) - int(plan.exponents[i])
         if shift:
-            c.standin = np.ldexp(c.standin, shift) if not np.iscomplexobj(c.standin) else \
+            standin = np.ldexp(c.standin, shift) if not np.iscomplexobj(c.standin) else \
                 np.ldexp(c.standin.real, shift) + 1j * np.ldexp(c.standin.imag, shift)
-            c.energy, c.loss2, c.lead_norm2 = (float(np.ldexp(x, 2 * shift))
-                                               for x in (c.energy, c.loss2, c.lead_norm2))
-            c.exponent = int(exponents[i])
+            energy, loss2, lead_norm2 = (float(np.ldexp(x, 2 * shift))
+                                         for x in (c.energy, c.loss2, c.lead_norm2))
+            c = replace(c, standin=standin, energy=energy, loss2=loss2, lead_norm2=lead_norm2,
+                        exponent=int(exponents[i]))
         out.append(c)
     return out
 
