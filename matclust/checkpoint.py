@@ -37,6 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from matclust.errors import InputError, WriteFailure
+from matclust.locations import is_url
 from matclust.store import clean_leftovers, hidden_sibling
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ class OutputGuard:
     On success the checkpoint is removed; on a bad-input error (:class:`InputError`) too, since
     there is nothing to resume; on any other failure it is kept for ``resume``.
     """
+
+    def __new__(cls, output, *args, **kwargs):
+        # A URL is guarded by matclust.objectstore's subclass (a lease-based lock object).
+        if cls is OutputGuard and is_url(output):
+            from matclust.objectstore import RemoteOutputGuard
+
+            cls = RemoteOutputGuard
+        return super().__new__(cls)
 
     def __init__(self, output, resume: bool = False):
         self.output = os.fspath(output)

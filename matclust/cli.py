@@ -120,6 +120,23 @@ config_option = click.option(
     callback=_config_callback, help="TOML file supplying any option; flags override it.")
 
 
+def _storage_options_callback(ctx, param, value):
+    """Parse --storage-options and put it in force for the command (matclust.locations)."""
+    if value is None:
+        return None
+    from matclust.locations import parse_storage_options, use_storage_options
+
+    ctx.with_resource(use_storage_options(parse_storage_options(value)))
+    return None
+
+
+storage_options_option = click.option(
+    "--storage-options", metavar="JSON", callback=_storage_options_callback, expose_value=False,
+    help="fsspec options for every URL (s3://, gs://, ...) the command opens, as a JSON object, "
+         "e.g. '{\"anon\": true}' or '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'; "
+         "credentials and endpoints also come from the usual environment variables.")
+
+
 fill_missing_option = click.option(
     "--fill-missing", is_flag=True,
     help="Read Zarr chunks that are not stored, and virtual-dataset sources that are missing, as "
@@ -159,7 +176,7 @@ def _configure_logging(verbosity: int) -> None:
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("input", required=False)
-@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr.")
+@click.option("-o", "--output", help="Result store: HDF5 if it ends in .h5/.hdf5, else Zarr (always Zarr at a URL such as s3://...).")
 @click.option("--rank", type=int, help="Target rank r of each cluster's shared basis.")
 @click.option("--eps", type=float, help="Relative Frobenius error bound per cluster, in (0, 1).")
 @click.option("--method", default=defaults.METHOD, show_default=True,
@@ -196,6 +213,7 @@ def _configure_logging(verbosity: int) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run on OUTPUT from its checkpoint (same input and options).")
 @fill_missing_option
+@storage_options_option
 @click.option("--workers", type=int,
               help="Run on a local Dask cluster of this many single-threaded worker processes.")
 @click.option("--scheduler", help="Run on the Dask cluster whose scheduler is at this address.")
@@ -272,6 +290,7 @@ def _closing(runner):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fill_missing_option
 @memory_limit_option()
+@storage_options_option
 def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_limit):
     """Recompute every cluster's error from the input; exit 1 if one exceeds eps."""
     from matclust.progress import RichProgress
@@ -311,6 +330,7 @@ def verify(output, input_path, dataset, as_json, quiet, fill_missing, memory_lim
 @click.option("--index", "indices", type=int, multiple=True, help="Input index to rebuild (repeatable; default all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DEST.")
 @memory_limit_option()
+@storage_options_option
 def reconstruct(output, dest, indices, overwrite, memory_limit):
     """Rebuild matrices from the result store OUTPUT into DEST (same layout as the input)."""
     from matclust.collections_io import write_collection
@@ -344,6 +364,7 @@ def reconstruct(output, dest, indices, overwrite, memory_limit):
 @click.argument("input")
 @click.option("--dataset", help="Describe only this dataset.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@storage_options_option
 def inspect(input, dataset, as_json):
     """Describe the candidate collections in INPUT (or summarise a result store)."""
     from matclust.sources import list_candidates, open_source
@@ -386,6 +407,7 @@ def _result_summary(path: str):
     with store:
         r = store.report
         return {"kind": "matclust result store", "input": store.params.get("input"),
+                "inputs": len(store.params.get("inputs") or [None]),  # grown by appends
                 "method": store.params.get("method"), "order": store.params.get("order"),
                 "rank": store.params.get("rank"), "eps": store.params.get("eps"),
                 "K": r["K"], "m": r["m"], "clusters": r["clusters"], "singletons": r["singletons"],
@@ -470,6 +492,7 @@ def sample(dest, K, m, n, n_max, subspaces, rank, noise, scale_spread, dtype, la
 @click.option("--overwrite", is_flag=True, help="Replace an existing CSV / plot.")
 @fill_missing_option
 @memory_limit_option()
+@storage_options_option
 def bounds(input, dataset, transpose, rank, sizes, trials, seed, oversampling, output, plot_path,
            as_json, quiet, overwrite, fill_missing, memory_limit):
     """The paper's bound study: on random clusters of each size, the exact best rank-r error and
@@ -553,6 +576,7 @@ def _render_study(result, summary, console) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @fill_missing_option
+@storage_options_option
 def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, patience,
             oversampling, memory_limit, as_json, quiet, fill_missing):
     """Run several methods on INPUT and print one table (each run's store goes to a temporary
@@ -586,6 +610,42 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
                       f"{row['compression_ratio']:.3f}", f"{row['max_error']:.4f}", over,
                       f"{row['seconds']:.2f}")
     _console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# append
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("store")
+@click.argument("input")
+@click.option("--dataset", help="Path of the collection inside INPUT (default: the only candidate).")
+@click.option("--transpose/--no-transpose", default=None,
+              help="Read INPUT's transposes (default: as the store's inputs were read; the other "
+                   "choice is refused).")
+@memory_limit_option()
+@click.option("--json", "as_json", is_flag=True, help="Print the grown store's JSON report and nothing else.")
+@click.option("--quiet", is_flag=True, help="No progress bars and no table.")
+@fill_missing_option
+def append(store, input, dataset, transpose, memory_limit, as_json, quiet, fill_missing):
+    """Add the matrices of INPUT to the result store STORE without clustering it again.
+
+    A new matrix joins a stored cluster when that cluster's stored basis keeps the store's
+    guarantee with it; the others are clustered among themselves into new clusters. STORE is
+    replaced only once the grown store is complete."""
+    from matclust.append import append_to_store
+    from matclust.progress import RichProgress
+    from matclust.report import render_table
+
+    with RichProgress(enabled=None if not quiet else False) as progress:
+        report = append_to_store(store, input, dataset, transpose, memory_limit, progress,
+                                 fill_missing)
+    if as_json:
+        _emit_json(report)
+    elif not quiet:
+        done = report["append"]
+        _console().print(f"appended {done['K']} matrices: {done['joined']} joined stored "
+                         f"clusters, {done['new_clusters']} new clusters")
+        render_table(report, _console())
 
 
 # ---------------------------------------------------------------------------------------------

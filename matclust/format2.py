@@ -100,13 +100,15 @@ class CompactWriter:
 
     def add_part(self, cid: int, group: StoredGroup) -> None:
         info = self.clusters[cid]
-        info["norm2"] += group.norm2
-        info["err2"] += float(group.quantised.err2.sum())
+        norm2, err2, rows2 = self._in_cluster_scale(info, group)
+        info.pop("error", None)  # a seeded cluster's stored error no longer holds
+        info["norm2"] += norm2
+        info["err2"] += err2
         info["size"] += len(group.members)
         info["columns"] += int(group.widths.sum())
         info["bound"] = max(info["bound"], group.bound)
         if info["rows2"] is not None and len(group.basis_norms):
-            info["rows2"] += np.asarray(group.basis_norms, dtype=np.float64) ** 2
+            info["rows2"] += rows2
         self.labels[group.members] = cid
         self.exponents[group.members] = group.quantised.exponents
         offsets = np.concatenate([[0], np.cumsum(group.widths)]).astype(np.int64)
@@ -115,6 +117,76 @@ class CompactWriter:
             self._pending[int(i)] = qb.flatten_codes(group.quantised.matrix_codes(offsets, j),
                                                      raw, self.complex)
         self._drain()
+
+    @staticmethod
+    def _in_cluster_scale(info: dict, group: StoredGroup):
+        """The group's squared norm, squared error and squared basis norms in the units of its
+        cluster. Parts of one run share the cluster's power of two; a part appended later
+        (matclust.append) was encoded at its own, 2^group.shift."""
+        d = 2 * (group.shift - info["shift"])
+        rows2 = np.asarray(group.basis_norms, dtype=np.float64) ** 2
+        err2 = float(group.quantised.err2.sum())
+        if d == 0:
+            return group.norm2, err2, rows2
+        with np.errstate(over="ignore", under="ignore"):  # inf: the caller's to refuse
+            return float(np.ldexp(group.norm2, d)), float(np.ldexp(err2, d)), np.ldexp(rows2, d)
+
+    def error_with(self, cid: int, group: StoredGroup) -> float:
+        """Cluster ``cid``'s relative error were ``group`` added to it: the energy-weighted
+        sqrt((E_c + E_g) / (N_c + N_g)) of squared errors E and squared norms N, the cluster's
+        own as recorded (for a seeded cluster, its stored error rounded up: an upper bound)."""
+        info = self.clusters[cid]
+        norm2, err2, _ = self._in_cluster_scale(info, group)
+        total = info["norm2"] + norm2
+        with np.errstate(invalid="ignore"):  # inf / inf: NaN, not a number the caller accepts
+            return float(np.sqrt((info["err2"] + err2) / total)) if total > 0 else 0.0
+
+    def seed(self, reader: "CompactReader") -> None:
+        """Start from a complete store (an append, matclust.append): its K0 matrices become
+        matrices 0..K0-1 here and its clusters 0..C0-1, their codes copied as stored (widened
+        to this writer's code dtype where it is larger). Groups added afterwards hold matrices
+        K0.. and join those clusters (:meth:`add_part`) or form new ones. Call before any
+        group is added."""
+        if self._next or self.clusters:
+            raise RuntimeError("seed() must come first")
+        if reader.codes_dtype.itemsize > self.code_dtype.itemsize:
+            raise ValueError(f"codes of {reader.codes_dtype} do not fit {self.code_dtype}")
+        K0, C0 = len(reader.labels), reader.n_clusters
+        self.labels[:K0] = reader.labels
+        self.exponents[:K0] = reader.exponents
+        sizes = np.bincount(reader.labels, minlength=C0)
+        columns = np.bincount(reader.labels, weights=reader.widths, minlength=C0)
+        summary = reader.summaries()
+        errors = summary["cluster_errors"].astype(np.float64)
+        f = 0  # index among the factored clusters
+        for c in range(C0):
+            info = {"basis": None, "bound": 0.0, "shift": 0, "norm2": 1.0,
+                    "err2": errors[c] ** 2, "size": int(sizes[c]), "columns": int(columns[c]),
+                    "rows2": None, "error": float(errors[c])}
+            if reader.ranks[c] > 0:
+                # Norms in units of 2^exponent (docs/format.md): ||M_c|| = fraction there.
+                fraction = float(summary["cluster_norms"][f])
+                b0, b1 = reader.basis_offsets[c], reader.basis_offsets[c + 1]
+                info.update(basis=reader.basis(c), bound=float(summary["cluster_bounds"][f]),
+                            shift=int(summary["cluster_norm_exponents"][f]),
+                            norm2=fraction ** 2, err2=(errors[c] * fraction) ** 2,
+                            rows2=summary["basis_norms"][b0:b1].astype(np.float64) ** 2)
+                f += 1
+            self.clusters.append(info)
+        self._next = K0
+        total = int(reader.code_offsets[-1])
+        self.code_count = total
+        # Whole chunks straight to the new array; the last partial one waits in the buffer
+        # for the codes that follow it (no chunk is compressed twice).
+        whole = total - total % CODE_CHUNK
+        step = 8 * CODE_CHUNK
+        for lo in range(0, whole, step):
+            codes = np.asarray(reader.codes_slice(lo, min(lo + step, whole)))
+            self._codes_array(codes).append(codes.astype(self.code_dtype))
+        if whole < total:
+            tail = np.asarray(reader.codes_slice(whole, total))
+            self._buffer.append(tail.astype(np.uint64))
+            self._buffered += len(tail)
 
     def add_alone(self, groups) -> None:
         """Groups of one matrix each, each a cluster of its own (what :meth:`add` does, with
@@ -138,6 +210,7 @@ class CompactWriter:
             if info["size"] == 0:
                 continue
             error = float(np.sqrt(info["err2"] / info["norm2"])) if info["norm2"] > 0 else 0.0
+            error = info.get("error", error)  # a seeded cluster left as it was stored
             rank = 0 if info["basis"] is None else int(info["basis"].shape[1])
             out.append({"id": len(out), "size": info["size"], "columns": info["columns"],
                         "rank": rank, "bound": max(info["bound"], error), "error": error,
@@ -242,7 +315,7 @@ class CompactReader:
     """Decodes matrices of a compact store (read through a store backend)."""
 
     def __init__(self, backend, m: int, complex_data: bool):
-        get = backend.get
+        get = self._get = backend.get
         self.missing = [name for name in ARRAYS if not backend.has(name)]
         if self.missing:
             raise KeyError(f"no {', '.join(self.missing)} array")
@@ -268,6 +341,26 @@ class CompactReader:
     @property
     def n_clusters(self) -> int:
         return len(self.ranks)
+
+    def codes_slice(self, lo: int, hi: int) -> np.ndarray:
+        """Codes lo..hi-1 as stored (zig-zag mapped)."""
+        return np.asarray(self._codes[lo:hi])
+
+    @property
+    def bases_dtype(self) -> np.dtype:
+        return np.dtype(self._bases_handle.dtype)
+
+    @property
+    def codes_dtype(self) -> np.dtype:
+        return np.dtype(self._codes.dtype)
+
+    def summaries(self) -> dict:
+        """The per-cluster arrays an append or a merge bounds a union with (docs/format.md):
+        cluster_norms, cluster_norm_exponents, basis_norms, cluster_bounds (per factored
+        cluster) and cluster_errors (per cluster)."""
+        return {name: np.asarray(self._get(name)[...]) for name in
+                ("cluster_norms", "cluster_norm_exponents", "basis_norms", "cluster_bounds",
+                 "cluster_errors")}
 
     def basis(self, c: int) -> np.ndarray | None:
         if self.ranks[c] == 0:

@@ -16,6 +16,7 @@ import os
 import re
 
 from matclust.errors import InputError, WriteFailure
+from matclust.locations import is_url, resolve
 
 #: Root attribute that marks a collection written by matclust (``sample``, ``reconstruct``).
 COLLECTION_ATTR = "matclust_collection"
@@ -39,14 +40,18 @@ def require_path(path, option: str) -> str:
     """An empty path would resolve to the working directory: refuse it."""
     if path is None or not str(path).strip():
         raise InputError(f"{option}: an empty path is not a valid file name")
-    return os.fspath(path)
+    return resolve(os.fspath(path))
 
 
 # ---------------------------------------------------------------------------------------------
 # Comparing paths
 # ---------------------------------------------------------------------------------------------
 def _resolved(path) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(path)))
+    path = resolve(os.fspath(path))
+    if is_url(path):  # compared as written (scheme and host in lower case)
+        scheme, rest = path.split("://", 1)
+        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    return os.path.realpath(os.path.abspath(path))
 
 
 def same_entry(a, b) -> bool:
@@ -168,7 +173,14 @@ _KINDS = {
 def check_target(path, overwrite: bool, kind: str, what: str = "output") -> None:
     """May ``path`` be written? Its folder must exist; an existing entry needs ``overwrite``
     and must be what matclust writes there (``kind``: result, collection or report)."""
-    path = os.fspath(path)
+    path = resolve(os.fspath(path))
+    if is_url(path):
+        if kind != "result":
+            raise InputError(f"{path}: the {what} must be a local path (only result stores are "
+                             "written to URLs)")
+        from matclust.objectstore import RemoteOutput
+
+        return RemoteOutput(path).check_target(overwrite, what)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InputError(f"{path}: the {what}'s folder {parent} does not exist")

@@ -66,6 +66,19 @@ class PlainSink:
         return self.labels, stats, numbers, worst
 
 
+def unscaled(group, exponents: np.ndarray):
+    """``group``, encoded from its members multiplied by 2^exponents (one per member, in
+    member order), brought back to the members' own magnitude: every step divided by its
+    member's power of two, and the group's norms' unit (``shift``) by the first one's (one
+    power of two for a whole cluster; matrices apart from the collection's scale are alone)."""
+    if not np.any(exponents):
+        return group
+    shift = np.asarray(exponents, dtype=np.int64)
+    group.quantised.exponents = qb.shifted_steps(group.quantised.exponents, -shift)
+    group.shift -= int(shift[0])
+    return group
+
+
 def write_cluster(writer, cid: int, enc: EncodedCluster) -> None:
     prefix = f"clusters/{cid}"
     writer.write_array(f"{prefix}/members", enc.members.astype(np.int64))
@@ -114,12 +127,7 @@ class CompactSink:
         matrix by 2^exponents[i] when reading it (one power of two for a whole cluster;
         matrices apart from the collection's scale are alone)."""
         exps = getattr(self.source, "exponents", None)
-        if exps is None or not np.any(exps[group.members]):
-            return group
-        shift = exps[group.members].astype(np.int64)
-        group.quantised.exponents = qb.shifted_steps(group.quantised.exponents, -shift)
-        group.shift -= int(shift[0])
-        return group
+        return group if exps is None else unscaled(group, exps[group.members])
 
     def cluster_shift(self, members) -> int:
         """The power of two that scales a cluster's norms back to the input's magnitude."""

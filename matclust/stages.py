@@ -116,6 +116,7 @@ class ShardSource(MatrixSource):
         super().__init__(parent.path, parent.dataset, parent.transpose, stack=stack,
                          members=members, find_missing=find)
         self._chunk_len = parent._chunk_len
+        self.concurrent_reads = parent.concurrent_reads
 
     def describe(self, i: int) -> str:
         return self.parent.describe(int(i) + self.first)
@@ -128,9 +129,10 @@ class ShardSource(MatrixSource):
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What a worker needs to read a shard: how to open the collection (``opened``: path,
-    dataset, transpose, fill_missing; or the in-memory source itself), the range, and the
-    collection's top exponent when the shard's own does not do (see ``ShardSource``)."""
+    """What a worker needs to read a shard: how to open the collection (``opened``: the
+    source's ``reopen``, by path or URL and storage options; or an in-memory source itself),
+    the range, and the collection's top exponent when the shard's own does not do (see
+    ``ShardSource``)."""
 
     opened: object
     first: int
@@ -143,11 +145,9 @@ class ShardSpec:
     def open(self) -> tuple[MatrixSource, ShardSource]:
         if isinstance(self.opened, MatrixSource):
             parent = self.opened
-        else:
-            from matclust.sources import open_source
-
-            path, dataset, transpose, fill_missing = self.opened
-            parent = open_source(path, dataset, transpose, fill_missing)
+        else:  # a handle of the task's own (the caller's source stays open in this process)
+            function, args = self.opened
+            parent = function(args, {})
         shard = ShardSource(parent, self.first, self.stop, self.top)
         if self.peaks is not None:
             shard.calibrate(self.peaks)
@@ -155,7 +155,7 @@ class ShardSpec:
 
 
 def shard_specs(source: MatrixSource, shards: int) -> list[ShardSpec]:
-    opened = source.opened if source.opened is not None else source
+    opened = source.reopen if source.reopen is not None else source
     return [ShardSpec(opened, a, b) for a, b in shard_ranges(source, shards)]
 
 

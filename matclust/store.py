@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from matclust.errors import InputError
+from matclust.locations import is_url
 from matclust.safety import check_target, disk_full_reason, require_path, write_failure
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,10 @@ def _zarr_compression(dtype: np.dtype, shuffle: str = "bit") -> list:
 
 
 def _backend(path: str, mode: str):
+    if is_url(path):  # the published result, through the root pointer
+        from matclust.objectstore import open_result_backend
+
+        return open_result_backend(path)
     return _backend_for(path, path, mode)
 
 
@@ -436,6 +441,14 @@ class ResultWriter:
     the temporary. Use as a context manager: an exception aborts.
     """
 
+    def __new__(cls, path, *args, **kwargs):
+        # A URL is written by matclust.objectstore's subclass (no rename in object stores).
+        if cls is ResultWriter and is_url(path):
+            from matclust.objectstore import RemoteResultWriter
+
+            cls = RemoteResultWriter
+        return super().__new__(cls)
+
     def __init__(self, path, overwrite: bool = False, fmt: str = FORMAT):
         self.name = require_path(path, "output")
         self.path = os.path.abspath(self.name)
@@ -513,13 +526,16 @@ class ResultWriter:
         # 250,000 clusters' statistics would outweigh the store.
         stored = {k: v for k, v in report.items() if k != "cluster_stats"} if compact else report
         for _ in range(3):
-            size = disk_bytes(self.temp)
+            size = self._stored_bytes()
             _sized(report, size, compact)
             _sized(stored, size, compact)
             self.set_json("report", stored)
             self._backend.flush()
-            if disk_bytes(self.temp) == size:
+            if self._stored_bytes() == size:
                 break
+
+    def _stored_bytes(self) -> int:
+        return disk_bytes(self.temp)
 
     # -- completion ------------------------------------------------------------------------
     def commit(self) -> None:
@@ -559,11 +575,13 @@ class ResultStore:
     """
 
     def __init__(self, path, strict: bool = True):
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
+        self.path = require_path(path, "result store")
+        if not is_url(self.path) and not os.path.exists(self.path):
             raise InputError(f"{self.path}: no such result store")
         try:
             self._backend = _backend(self.path, "r")
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(f"{self.path}: not a readable matclust result store: {exc}") from None
         attrs = self._backend.attrs()

@@ -25,7 +25,6 @@ from matclust.engine.linalg import (ScaledSums, as_compute, peak, peak_exponents
 from matclust.errors import InputError
 from matclust import limits
 from matclust.limits import verify_plan
-from matclust.sources import open_source
 from matclust.sources.base import column_ranges
 from matclust.store import ResultStore
 from matclust.streaming import cluster_parts
@@ -373,9 +372,10 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaul
             except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(f"{path}: damaged result store: its params lack a valid "
                                  f"{exc if isinstance(exc, KeyError) else 'eps'}") from None
-            with open_source(input_path or recorded_input,
-                             dataset if dataset is not None else params.get("dataset"),
-                             bool(params.get("transpose", False)), fill_missing) as src:
+            from matclust.append import open_inputs  # every input an append recorded
+
+            with open_inputs({**params, "input": recorded_input}, len(store.labels), input_path,
+                             dataset, fill_missing, path) as src:
                 return _verify_compact(store, src, eps, params.get("guarantee", "cluster"),
                                        progress)
         if store.labels is not None:  # refuse a limit too small before any work
@@ -384,10 +384,10 @@ def verify_store(path, input_path=None, dataset=None, memory_limit: int = defaul
         layout = check_structure_v1(store, problems, progress)
         if layout is None or not layout.params_ok:
             return _verdict(store, None, None, problems)
-        src = open_source(input_path or params["input"],
-                          dataset if dataset is not None else params["dataset"],
-                          bool(params["transpose"]), fill_missing)
-        with src:
+        from matclust.append import open_inputs  # every input an append recorded
+
+        with open_inputs(params, len(store.labels), input_path, dataset, fill_missing,
+                         path) as src:
             found = len(problems)
             check_against_input(store, layout, src, problems)
             if len(problems) > found:  # the arrays do not line up with the input

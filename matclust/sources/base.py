@@ -164,9 +164,13 @@ class MatrixSource:
 
     #: Most input bytes per batch of a sequential pass (set from the memory limit's plan).
     batch_limit: int = 2**62
-    #: How another process opens this collection again: (path, dataset, transpose,
-    #: fill_missing) for a file (set by ``open_source``); None for matrices in memory.
-    opened: tuple | None = None
+    #: (function, arguments) opening this collection again, set by the file readers: a source
+    #: sent to another process (pickled) opens its file there by path or URL and storage
+    #: options, with the calibration it had, instead of carrying open file handles.
+    reopen = None
+    #: Members of a group read at once per batch: more than one where every read waits for a
+    #: request (a Zarr store at a URL; set by the reader that opens it).
+    concurrent_reads: int = 1
 
     def __init__(self, path: str, dataset: str, transpose: bool, *, stack=None, members=None,
                  find_missing=None):
@@ -430,14 +434,20 @@ class MatrixSource:
             raise InputError(f"{self.where}: cannot read {what} (truncated or corrupt file?): "
                              f"{reason}") from None
 
+    def _read_member(self, i: int) -> np.ndarray:
+        array = self._members[i][1]
+        self._refuse_missing(array, 0, array.shape[0],
+                             lambda a, b: f"part of matrix {self.describe(int(i))}")
+        block = self._fetch(lambda: array[...], f"matrix {self.describe(int(i))}")
+        return block.T if self.transpose else block
+
     def _read_members(self, indices: np.ndarray) -> Batch:
-        parts = []
-        for i in indices:
-            array = self._members[i][1]
-            self._refuse_missing(array, 0, array.shape[0],
-                                 lambda a, b, i=i: f"part of matrix {self.describe(int(i))}")
-            block = self._fetch(lambda: self._members[i][1][...], f"matrix {self.describe(int(i))}")
-            parts.append(block.T if self.transpose else block)
+        if self.concurrent_reads > 1 and len(indices) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.concurrent_reads, len(indices)),
+                                    thread_name_prefix="matclust-member") as pool:
+                parts = list(pool.map(self._read_member, indices))  # the first failure raises
+        else:
+            parts = [self._read_member(i) for i in indices]
         data = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=self.dtype)
         offsets = np.concatenate([[0], np.cumsum(self.widths[indices])]).astype(np.int64)
         self._check_finite(data, indices, offsets)
@@ -483,6 +493,15 @@ class MatrixSource:
 
     def close(self) -> None:
         """Release the underlying file handle (a no-op for in-memory sources)."""
+
+    def __reduce_ex__(self, protocol):
+        if self.reopen is None:  # in-memory sources travel with their arrays
+            return super().__reduce_ex__(protocol)
+        function, args = self.reopen
+        state = {key: getattr(self, key) for key in ("exponents", "apart", "_scaled")}
+        if "batch_limit" in self.__dict__:
+            state["batch_limit"] = self.batch_limit
+        return function, (args, state)
 
     def __enter__(self):
         return self

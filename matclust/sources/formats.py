@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from matclust.errors import InputError
+from matclust.locations import is_url, resolve, storage_options, use_storage_options
 from matclust.sources.base import MatrixSource
 
 logger = logging.getLogger(__name__)
@@ -166,12 +167,13 @@ class _Container:
 
 
 class _Hdf5(_Container):
-    def __init__(self, path: str, fill_missing: bool = False):
+    def __init__(self, path: str, fill_missing: bool = False, fileobj=None):
         super().__init__(path, fill_missing)
         import h5py
 
+        self._fileobj = fileobj  # a URL's file object (matclust.locations), else None
         try:
-            self.file = h5py.File(path, "r")
+            self.file = h5py.File(fileobj if fileobj is not None else path, "r")
         except OSError as exc:
             raise InputError(f"{path}: cannot open as HDF5 (truncated or corrupt file?): {exc}") from None
 
@@ -279,15 +281,20 @@ class _Hdf5(_Container):
 
     def close(self) -> None:
         self.file.close()
+        if self._fileobj is not None:
+            self._fileobj.close()
 
 
 class _Zarr(_Container):
-    def __init__(self, path: str, fill_missing: bool = False):
+    def __init__(self, path: str, fill_missing: bool = False, store=None):
         super().__init__(path, fill_missing)
         import zarr
 
+        #: Members of each group listed so far: selecting a collection walks the hierarchy
+        #: several times, and on an object store every listing is a request.
+        self._listed: dict[str, list] = {}
         try:
-            self.root = zarr.open(path, mode="r")
+            self.root = zarr.open(store if store is not None else path, mode="r")
         except Exception as exc:  # zarr raises several unrelated types for "not a store"
             raise InputError(f"{path}: not a Zarr store (v2 or v3) and not an HDF5 file: {exc}") from None
 
@@ -309,6 +316,11 @@ class _Zarr(_Container):
         return isinstance(obj, zarr.Array)
 
     def _members(self, group) -> list:
+        if group.path not in self._listed:
+            self._listed[group.path] = self._list_members(group)
+        return self._listed[group.path]
+
+    def _list_members(self, group) -> list:
         import warnings
 
         try:
@@ -358,12 +370,16 @@ def _key_exists(array):
 def _container(path: str, fill_missing: bool = False) -> _Container:
     if not path:
         raise InputError("INPUT: an empty path is not a valid file name")
-    if not os.path.exists(path):
+    path = resolve(path)
+    if is_url(path):
+        container = _open_remote(path, fill_missing)
+    elif not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory")
-    try:
-        container = _open_container(path, fill_missing)
-    except OSError as exc:  # permissions, a folder where a file is expected, I/O errors
-        raise InputError(f"{path}: cannot read the input: {exc.strerror or exc}") from None
+    else:
+        try:
+            container = _open_container(path, fill_missing)
+        except OSError as exc:  # permissions, a folder where a file is expected, I/O errors
+            raise InputError(f"{path}: cannot read the input: {exc.strerror or exc}") from None
     try:
         container.refuse_result_store()
     except BaseException:
@@ -386,6 +402,37 @@ def _open_container(path: str, fill_missing: bool) -> _Container:
     raise InputError(f"{path}: neither an HDF5 file nor a Zarr store (a directory)")
 
 
+#: Members of a group at a URL read at once (each waits for the store's answer).
+REMOTE_CONCURRENT_READS = 8
+
+
+def _open_remote(url: str, fill_missing: bool) -> _Container:
+    """The HDF5 file (one object) or Zarr store (a prefix) at a URL."""
+    from matclust.locations import filesystem, open_file, remote_errors, zarr_store
+
+    fs, path = filesystem(url)
+    with remote_errors(url, "read the input"):
+        # Zarr first: a web server answers a folder's URL with a page, which looks like a file.
+        if any(fs.exists(f"{path.rstrip('/')}/{name}")
+               for name in ("zarr.json", ".zgroup", ".zarray")):
+            return _Zarr(url, fill_missing, store=zarr_store(url, read_only=True))
+        if fs.isfile(path):
+            return _Hdf5(url, fill_missing, fileobj=open_file(url))
+        from matclust.objectstore import RemoteOutput
+
+        raise RemoteOutput(url).missing_root()
+
+
+def reopen_source(args: tuple, state: dict) -> MatrixSource:
+    """A source opened again from ``(path, dataset, transpose, fill_missing,
+    storage_options)``, with the calibration it had (for MatrixSource's pickling)."""
+    path, dataset, transpose, fill_missing, options = args
+    with use_storage_options(options):
+        source = open_source(path, dataset, transpose, fill_missing)
+    source.__dict__.update(state)
+    return source
+
+
 def open_source(path, dataset: str | None = None, transpose: bool = False,
                 fill_missing: bool = False) -> MatrixSource:
     """Open the matrix collection at ``path`` (HDF5 file or Zarr store).
@@ -393,7 +440,9 @@ def open_source(path, dataset: str | None = None, transpose: bool = False,
     Parameters
     ----------
     path : str or PathLike
-        An HDF5 file or a Zarr (v2 or v3) store directory.
+        An HDF5 file or a Zarr (v2 or v3) store directory, or a URL of one (``s3://``,
+        ``gs://``, ``http(s)://``, ...; opened with the storage options in force, see
+        :mod:`matclust.locations`).
     dataset : str, optional
         Path of the 3-D array or group inside the file. Without it, the only candidate is used.
     transpose : bool
@@ -412,8 +461,12 @@ def open_source(path, dataset: str | None = None, transpose: bool = False,
     container = _container(os.fspath(path), fill_missing)
     try:
         source = container.source(dataset, transpose)
-        source.opened = (os.path.abspath(os.fspath(path)), source.dataset, bool(transpose),
-                         bool(fill_missing))
+        remote = is_url(container.path)
+        if remote and isinstance(container, _Zarr):  # each member read is a request
+            source.concurrent_reads = REMOTE_CONCURRENT_READS
+        source.reopen = (reopen_source, (
+            container.path if remote else os.path.abspath(container.path), source.dataset,
+            source.transpose, fill_missing, storage_options() if remote else {}))
         logger.info("opened %s: %d matrices of %d rows, %s, %.1f MiB", source.where, source.K,
                     source.m, source.input_dtype, source.matrix_bytes / 2**20)
         return source
