@@ -229,3 +229,4 @@ def test_complex_collection_sharded(tmp_path):
             check_out_of_core_store(out, path, rank=2, eps=EPS)
         else:
             check_compact(out, mats, EPS, "matrix")
+
