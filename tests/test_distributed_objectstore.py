@@ -12,6 +12,16 @@ from test_distributed import EPS, RANK, _labels, _run  # noqa: E402
 from test_objectstore import bucket, s3_endpoint  # noqa: E402,F401 (fixtures)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_this_modules_server():
+    """The S3 server of this module stops with it; filesystems fsspec cached for it (keyed by
+    options, not by the endpoint in the environment) must not outlive it into other modules."""
+    yield
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_shards_read_an_object_store_input(bucket, tmp_path):
     """Each task opens the input again at its URL (the source's reopen, with the storage
     options and credentials of the run): in this process and on two worker processes alike."""
