@@ -21,22 +21,49 @@ from matclust.errors import InputError
 TRIM_SETTING = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
 
+class _Deferred:
+    """A task of :class:`InProcess`: run when its result is first needed."""
+
+    __slots__ = ("fn", "args", "done", "value")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.done, self.value = fn, args, False, None
+
+    def result(self):
+        if not self.done:
+            self.value = self.fn(*(_resolved(a) for a in self.args))
+            self.done, self.fn, self.args = True, None, None
+        return self.value
+
+
+def _resolved(arg):
+    if isinstance(arg, _Deferred):
+        return arg.result()
+    if isinstance(arg, list):
+        return [_resolved(a) for a in arg]
+    return arg
+
+
 class InProcess:
-    """Each task runs at once, in this process; a handle is the task's result."""
+    """Tasks in this process, each run when its result is first needed: results that the
+    client consumes one by one (a shard's encoded parts) are then held one at a time."""
 
     workers = 1
 
     def submit(self, fn, *args):
-        return fn(*args)
+        return _Deferred(fn, args)
 
     def wait(self, handles) -> None:
-        pass
+        for handle in handles:
+            handle.result()
 
     def gather(self, handles, progress=None) -> list:
-        handles = list(handles)
-        if progress is not None:
-            progress.advance(len(handles))
-        return handles
+        out = []
+        for handle in handles:
+            out.append(handle.result())
+            if progress is not None:
+                progress.advance(1)
+        return out
 
     def close(self) -> None:
         pass

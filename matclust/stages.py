@@ -575,5 +575,7 @@ class ShardedPasses:
 
     def encoded(self, labels, rounded, bounds, encoder):
         futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder)
-        for future in futures:  # in shard order: the store's parts go in index order
-            yield from self.runner.gather([future], self.progress)[0]
+        for i in range(len(futures)):  # in shard order: the store's parts go in index order
+            parts = self.runner.gather([futures[i]], self.progress)[0]
+            futures[i] = None  # added to the store: let the runner forget it
+            yield from parts
