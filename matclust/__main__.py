@@ -1,3 +1,4 @@
 from matclust.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process of a distributed run imports it
+    main()

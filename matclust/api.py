@@ -180,11 +180,13 @@ class MatrixClusterer:
                  patience: int = defaults.PATIENCE, oversampling: int = defaults.OVERSAMPLING,
                  memory_limit: int = defaults.MEMORY_LIMIT, n_clusters: int | None = None,
                  random_state: int = defaults.SEED, mode: str = defaults.MODE,
-                 guarantee: str = defaults.GUARANTEE, encoding: str = defaults.ENCODING):
+                 guarantee: str = defaults.GUARANTEE, encoding: str = defaults.ENCODING,
+                 shards: int | None = None):
         # Only stored: validation happens in fit, so get_params/set_params/clone see exactly
         # what was given (the scikit-learn convention).
         self.guarantee = guarantee
         self.encoding = encoding
+        self.shards = shards
         self.mode = mode
         self.n_clusters = n_clusters
         self.random_state = random_state
@@ -211,6 +213,7 @@ class MatrixClusterer:
         "random_state": _integer(0, "random_state must be an integer >= 0, got {value!r}"),
         "guarantee": _choice(GUARANTEES, "unknown guarantee '{value}'; choose matrix or cluster"),
         "encoding": _choice(ENCODINGS, "unknown encoding '{value}'; choose compact or plain"),
+        "shards": _integer(1, "--shards must be an integer >= 1, got {value!r}", True),
     }
 
     # -- scikit-learn's estimator protocol ----------------------------------------------------
@@ -255,12 +258,17 @@ class MatrixClusterer:
             raise InputError(f"--method {method} needs --clusters N")
         if baseline:
             require_sklearn(method)
+        if values["shards"] is not None and (baseline or values["mode"] == "in-memory"):
+            raise InputError("--shards (and --workers, --scheduler) run the out-of-core path, "
+                             f"not --mode in-memory or a baseline ({method})")
         if baseline and values["mode"] == "out-of-core":
             raise InputError(f"--mode out-of-core applies to incremental, residual and weyl, "
                              f"not the baseline {method}")
         # The run's parameters, as recorded in the report and the store.
         params = {name: value for name, value in values.items()
-                  if name not in ("n_clusters", "random_state")}
+                  if name not in ("n_clusters", "random_state", "shards")}
+        if values["shards"] is not None:  # a sharded run (matclust.stages) records its shards
+            params["shards"] = values["shards"]
         if baseline:  # no error control: stored as the paper would, whatever the guarantee
             params.update({"guarantee": "cluster", "encoding": "plain"})
         if baseline:  # no candidate order; the partition's own parameters instead
@@ -270,7 +278,8 @@ class MatrixClusterer:
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, X, output=None, *, overwrite: bool = False, progress=None,
-            extra_params: dict | None = None, resume: bool = False) -> "MatrixClusterer":
+            extra_params: dict | None = None, resume: bool = False,
+            runner=None) -> "MatrixClusterer":
         """Cluster a collection; write the result store to ``output`` if given.
 
         Parameters
@@ -286,6 +295,10 @@ class MatrixClusterer:
         resume : bool
             Continue an interrupted run writing ``output`` from its checkpoint (same input and
             parameters, else InputError); without a checkpoint, run normally.
+        runner : matclust.distributed.DaskRunner or InProcess, optional
+            Where the stages of a sharded run execute (:mod:`matclust.stages`); with a runner
+            the run is sharded (``shards`` defaults to a multiple of its workers). Sharded runs
+            are not checkpointed (``resume`` starts them again).
 
         Returns
         -------
@@ -297,7 +310,7 @@ class MatrixClusterer:
         checkpoint of the formed clusters is kept beside it (see :mod:`matclust.checkpoint`).
         """
         if output is None:
-            return self._fit(X, None, overwrite, progress, extra_params, None)
+            return self._fit(X, None, overwrite, progress, extra_params, None, runner)
         self._validated()  # bad parameters fail before the output's lock is taken
         # Nothing is locked or written before it is clear that OUTPUT may be written: it is
         # not the input, and whatever is there is a matclust result the caller may replace.
@@ -306,16 +319,19 @@ class MatrixClusterer:
             refuse_clashes(("output", output), [("input", X.path)])
         check_target(output, overwrite, "result")
         with OutputGuard(output, resume=resume) as guard:
-            return self._fit(X, output, overwrite, progress, extra_params, guard)
+            return self._fit(X, output, overwrite, progress, extra_params, guard, runner)
 
-    def _fit(self, X, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
+    def _fit(self, X, output, overwrite, progress, extra_params, guard,
+             runner=None) -> "MatrixClusterer":
         source = as_source(X)
         try:
-            return self._fit_source(source, output, overwrite, progress, extra_params, guard)
+            return self._fit_source(source, output, overwrite, progress, extra_params, guard,
+                                    runner)
         finally:
             source.calibrate(None)  # a caller's source reads its values as they are again
 
-    def _fit_source(self, source, output, overwrite, progress, extra_params, guard) -> "MatrixClusterer":
+    def _fit_source(self, source, output, overwrite, progress, extra_params, guard,
+                    runner=None) -> "MatrixClusterer":
         started = time.perf_counter()
         params = self._validated()
         progress = progress or NullProgress()
@@ -324,6 +340,8 @@ class MatrixClusterer:
         params.update({"input": recorded, "dataset": source.dataset,
                        "transpose": source.transpose, "stored_dtype": str(source.storage_dtype),
                        **(extra_params or {})})
+        if runner is not None or params.get("shards") is not None:
+            return self._fit_sharded(source, params, output, overwrite, progress, runner, started)
         # Every matrix may end up a cluster of its own: the plan reserves room for that.
         in_memory_plan = limits.plan(params["memory_limit"], source.K,
                                      limits.cluster_reserve(source.K))
@@ -369,10 +387,7 @@ class MatrixClusterer:
                                       params["order"], params["patience"], progress.advance,
                                       evict_above=evict_above)
 
-        writer = ResultWriter(output, overwrite, FORMAT if compact else PLAIN_FORMAT) \
-            if output is not None else None
-        sink = (CompactSink(source, params, writer) if compact
-                else PlainSink(source, params, estimator, writer))
+        writer, sink = _writer_and_sink(source, params, estimator, output, overwrite)
         with writer if writer is not None else nullcontext():
             if out_of_core:
                 del reader  # the summaries stand in for the matrices from here on
@@ -380,18 +395,52 @@ class MatrixClusterer:
                                        progress, form_eps)
             else:
                 self._cluster_in_memory(source, driver, reader, guard, sink, params, progress)
-            labels, stats, stored_numbers, max_matrix_error = sink.finish()
-            logger.info("%d clusters formed and encoded after %.2f s", len(stats),
-                        time.perf_counter() - started)
-            report = build_report(params, source.K, source.m, params["rank"], params["eps"],
-                                  stats, stored_numbers, source.input_dtype.itemsize,
-                                  source.storage_dtype.itemsize, time.perf_counter() - started,
-                                  max_matrix_error)
-            if writer is not None:
-                writer.set_json("params", params)
-                writer.set_report(report)
-                writer.commit()
+            return self._finish(source, params, sink, writer, started)
 
+    def _fit_sharded(self, source, params, output, overwrite, progress, runner, started):
+        """Plan per shard, merge, store (:mod:`matclust.stages`), on ``runner``."""
+        from matclust.distributed import InProcess
+        from matclust.stages import StageTimes, default_shards, plan_and_merge
+
+        runner = runner if runner is not None else InProcess()
+        if params.get("shards") is None:
+            params["shards"] = default_shards(source.K, runner.workers)
+        if output is None:
+            raise InputError(f"{source.where}: a sharded run writes its results straight to an "
+                             "output store; give one")
+        params["mode"] = "out-of-core"
+        # The client stores the plan: it holds batches and accumulators, never summaries.
+        client_plan = cluster_plan(source, params, False)
+        budget, source.batch_limit = client_plan.cache, client_plan.batch
+        form_eps = formation_eps(params["eps"], params["encoding"])
+        estimator = make_estimator(params["method"], params["rank"], source.m,
+                                   source.dtype.kind == "c", params["oversampling"])
+        logger.info("sharded run on %s: %d shards", runner.describe(), params["shards"])
+        times = StageTimes()
+        writer, sink = _writer_and_sink(source, params, estimator, output, overwrite)
+        with writer:
+            planned, passes = plan_and_merge(source, params, runner, progress, times)
+            sink.store_planned(planned, form_eps, budget, progress, passes)
+            return self._finish(source, params, sink, writer, started, times, runner)
+
+    def _finish(self, source, params, sink, writer, started, times=None, runner=None):
+        """Every cluster is in the sink: the labels and statistics, the report (with a sharded
+        run's stage ``times``), the store committed; the fitted attributes."""
+        labels, stats, stored_numbers, max_matrix_error = sink.finish()
+        logger.info("%d clusters formed and encoded after %.2f s", len(stats),
+                    time.perf_counter() - started)
+        if times is not None:
+            times.store = time.perf_counter() - times.merged_at
+        report = build_report(params, source.K, source.m, params["rank"], params["eps"],
+                              stats, stored_numbers, source.input_dtype.itemsize,
+                              source.storage_dtype.itemsize, time.perf_counter() - started,
+                              max_matrix_error)
+        if times is not None:
+            report["stages"] = {"runner": runner.describe(), **times.report()}
+        if writer is not None:
+            writer.set_json("params", params)
+            writer.set_report(report)
+            writer.commit()
         self.labels_ = labels
         self.clusters_ = sink.kept
         self.cluster_stats_ = stats
@@ -406,7 +455,7 @@ class MatrixClusterer:
         # The checkpoint hands back the clusters of an interrupted run first (with resume)
         # and records every new one as it is formed.
         log = guard.checkpoint(params, source, driver.norms2) \
-            if guard is not None and hasattr(driver, "rebuild") else None
+            if guard is not None and isinstance(driver, GreedyDriver) else None
         progress.start("clustering", source.K)
         for formed in within_reserve(log.clusters(driver) if log else driver.clusters(), source,
                                      params, False):
@@ -435,6 +484,16 @@ class MatrixClusterer:
     def fit_predict(self, X, **kwargs) -> np.ndarray:
         """Fit (keywords as for :meth:`fit`) and return ``labels_``."""
         return self.fit(X, **kwargs).labels_
+
+
+def _writer_and_sink(source, params, estimator, output, overwrite):
+    """The result store (None without ``output``) and the sink that encodes into it."""
+    compact = params["encoding"] == "compact"
+    writer = ResultWriter(output, overwrite, FORMAT if compact else PLAIN_FORMAT) \
+        if output is not None else None
+    sink = (CompactSink(source, params, writer) if compact
+            else PlainSink(source, params, estimator, writer))
+    return writer, sink
 
 
 def summary_bytes(source: MatrixSource, rank: int, eps: float) -> int:

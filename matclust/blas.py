@@ -20,14 +20,19 @@ Between threaded products OpenBLAS's idle thread busy-waits; the command line sh
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 from threadpoolctl import ThreadpoolController
 
 _CONTROLLER = ThreadpoolController()
 CORES = max(1, os.cpu_count() or 1)
+#: One pool per process, created on first use (a worker process of a distributed run has its
+#: own); the share of the cores the current thread may use is per thread (:func:`one_core`).
 _POOL: ThreadPoolExecutor | None = None
+_LOCAL = threading.local()
 
 
 def single_threaded():
@@ -35,13 +40,28 @@ def single_threaded():
     return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
+@contextmanager
+def one_core():
+    """Context: :func:`on_all_cores` runs its items in the calling thread. A task of a
+    distributed run is given one core (its worker is one single-threaded process); spreading
+    its work over every core of the machine would only make the workers compete."""
+    before = getattr(_LOCAL, "cores", None)
+    _LOCAL.cores = 1
+    try:
+        with single_threaded():
+            yield
+    finally:
+        _LOCAL.cores = before
+
+
 def on_all_cores(fn: Callable, items: Iterable) -> list:
     """``[fn(x) for x in items]``, the items spread over the cores, BLAS single-threaded.
     Not re-entrant: ``fn`` must not call it again (the pool's workers would wait on themselves)."""
     global _POOL
     items = list(items)
+    cores = getattr(_LOCAL, "cores", None) or CORES
     with single_threaded():
-        if CORES == 1 or len(items) < 2:
+        if cores == 1 or len(items) < 2:
             return [fn(x) for x in items]
         if _POOL is None:  # kept for the run: scans call this once per cluster
             _POOL = ThreadPoolExecutor(CORES, thread_name_prefix="matclust")

@@ -6,6 +6,7 @@ Exit codes (README.md): 0 success; 2 bad usage or bad input, as one ``error:`` l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -213,9 +214,15 @@ def _configure_logging(verbosity: int) -> None:
               help="Continue an interrupted run on OUTPUT from its checkpoint (same input and options).")
 @fill_missing_option
 @storage_options_option
+@click.option("--workers", type=int,
+              help="Run on a local Dask cluster of this many single-threaded worker processes.")
+@click.option("--scheduler", help="Run on the Dask cluster whose scheduler is at this address.")
+@click.option("--shards", type=int,
+              help="Cut the collection into this many shards, planned apart and then merged "
+                   "(default with --workers/--scheduler: from the collection and the workers).")
 def cluster(input, output, rank, eps, method, order, dataset, transpose, patience, oversampling,
             memory_limit, mode, guarantee, encoding, n_clusters, seed, config, report_path, as_json,
-            quiet, overwrite, resume, fill_missing):
+            quiet, overwrite, resume, fill_missing, workers, scheduler, shards):
     """Cluster the matrices in INPUT and write the result store OUTPUT."""
     from matclust.api import MatrixClusterer
     from matclust.progress import RichProgress
@@ -237,15 +244,21 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
     clusterer = MatrixClusterer(rank=rank, eps=eps, method=method, order=order, patience=patience,
                                 oversampling=oversampling, memory_limit=memory_limit,
                                 n_clusters=n_clusters, random_state=seed, mode=mode,
-                                guarantee=guarantee, encoding=encoding)
+                                guarantee=guarantee, encoding=encoding, shards=shards)
     clusterer._validated()  # bad parameters fail before the input is opened
-    with open_source(input, dataset, transpose, fill_missing) as source:
+    runner = None
+    if workers is not None or scheduler is not None:
+        from matclust.distributed import make_runner  # Dask only for a distributed run
+
+        runner = make_runner(workers, scheduler)
+    with open_source(input, dataset, transpose, fill_missing) as source, \
+            _closing(runner):
         extra = {"config": os.path.abspath(config) if config else None}
         if fill_missing:  # verify then reads the input the same way
             extra["fill_missing"] = True
         with RichProgress(enabled=None if not quiet else False) as progress:
             clusterer.fit(source, output, overwrite=overwrite, progress=progress, extra_params=extra,
-                          resume=resume)
+                          resume=resume, runner=runner)
     report = clusterer.report_
     if report_path:
         write_text_atomically(report_path, json.dumps(report, indent=2, allow_nan=False),
@@ -254,6 +267,16 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
         _emit_json(report)
     elif not quiet:
         render_table(report, _console())
+
+
+@contextlib.contextmanager
+def _closing(runner):
+    """Stops a distributed run's cluster (or leaves the scheduler it joined) at the end."""
+    try:
+        yield
+    finally:
+        if runner is not None:
+            runner.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from matclust.engine.exact import pending_limit
 from matclust.engine.estimators import Estimator
 from matclust.engine.linalg import as_compute, column_norms2, residual_columns2, sqnorm
 from matclust.sources.base import Batch, columns_of
-from matclust.sources.cache import CachedReader
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,9 @@ def by_magnitude_descending(norms2: np.ndarray, source) -> np.ndarray:
     if not apart.any():
         return by_norm_descending(norms2)
     # log2 of the true squared norms relative to the shared scale: finite for every nonzero.
-    relative = 2 * (source.exponents[~apart][0] - source.exponents)
+    # (A shard of a larger collection may hold only matrices apart: any reference will do.)
+    shared = source.exponents[~apart][0] if not apart.all() else 0
+    relative = 2 * (shared - source.exponents)
     with np.errstate(divide="ignore"):  # log2(0) = -inf: exact zeros last
         key = np.log2(norms2) + relative
     return by_norm_descending(key)
@@ -166,14 +167,35 @@ def feeding_order(blocks, rank: int, order: str) -> np.ndarray:
     return np.concatenate([seed, tail]).astype(np.int64)
 
 
+class BlockReader(Protocol):
+    """What the greedy driver reads blocks through: the matrices themselves
+    (:class:`~matclust.sources.cache.CachedReader`), their summaries
+    (:class:`~matclust.sources.summary.SummaryReader`) or clusters' stand-ins
+    (:class:`~matclust.stages.StandinReader`).
+
+    ``source`` has ``m``, ``dtype``, ``apart`` and ``exponents`` (see ``MatrixSource``);
+    ``loss2`` is None for real blocks, else every stand-in's squared rounding distance, which
+    the estimators account for; ``discard`` tells the reader which blocks are done with.
+    """
+
+    source: object
+    loss2: np.ndarray | None
+
+    def get(self, indices) -> Batch: ...
+
+    def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
+
+    def discard(self, indices) -> None: ...
+
+
 @dataclass
 class GreedyDriver:
     """Greedy error-bounded clustering over any estimator.
 
     Parameters
     ----------
-    reader : CachedReader
-        Access to the matrices.
+    reader : BlockReader
+        Access to the matrices (or to blocks standing in for them).
     norms2, widths : ndarray, shape (K,)
         Squared Frobenius norms and column counts of every matrix.
     estimator : Estimator
@@ -197,14 +219,9 @@ class GreedyDriver:
         is computed again without it, until no member exceeds it (the per-matrix guarantee;
         the cluster's first member always stays).
 
-    Notes
-    -----
-    The reader needs ``source`` (m, dtype), ``get(indices) -> Batch`` and
-    ``residuals2(q, candidates)``; a reader serving stand-ins for the matrices (summaries) also
-    has ``loss2``, their squared rounding distance, which the estimators account for.
     """
 
-    reader: CachedReader
+    reader: BlockReader
     norms2: np.ndarray
     widths: np.ndarray
     estimator: Estimator
@@ -229,7 +246,7 @@ class GreedyDriver:
         self._eligible_end = int(apart[0]) if len(apart) else len(self._by_norm)
         self._eligible = np.zeros(len(self.norms2), dtype=bool)
         self._eligible[self._by_norm[: self._eligible_end]] = True
-        self._loss2 = getattr(self.reader, "loss2", None)
+        self._loss2 = self.reader.loss2
         # Members of the last cluster: how far the next order is likely read, and how many
         # candidates to try at once first. Part of the loop's state (see restore).
         self._last_size = 0
@@ -245,8 +262,8 @@ class GreedyDriver:
 
     def _clusters(self) -> Iterator[FormedCluster]:
         cursor = 0
-        discard = getattr(self.reader, "discard", None)
-        if discard is not None and not self.alive.all():  # clusters restored from a checkpoint
+        discard = self.reader.discard
+        if not self.alive.all():  # clusters restored from a checkpoint
             discard(np.flatnonzero(~self.alive))
         while True:
             while cursor < len(self._by_norm) and not self.alive[self._by_norm[cursor]]:
@@ -280,8 +297,7 @@ class GreedyDriver:
             if self.progress:
                 self.progress(len(cluster.members))
             yield cluster
-            if discard is not None:  # the consumer is done with it
-                discard(cluster.members)
+            discard(cluster.members)  # the consumer is done with it
 
     def restore(self, formed: list[tuple[np.ndarray, bool]]) -> None:
         """Continue after clusters formed earlier (members, grew), e.g. from a checkpoint.

@@ -44,12 +44,15 @@ class PlainSink:
     def clusters_done(self, reader) -> None:
         """Every cluster has been consumed: nothing waits here."""
 
-    def store_planned(self, planned, form_eps, budget, progress) -> None:
+    def store_planned(self, planned, form_eps, budget, progress, passes=None) -> None:
+        """``passes``: how the passes over the input run (see ``store_planned_compact``); the
+        plain layout takes only its bases from them."""
         from matclust.streaming import store_planned
 
         self.labels, self.encoded = store_planned(
             self.source, planned, self.params["rank"], self.params["eps"], self.writer, budget,
-            progress, per_matrix=self.params["guarantee"] == "matrix")
+            progress, per_matrix=self.params["guarantee"] == "matrix",
+            accumulate=passes.accumulate if passes is not None else None)
 
     def finish(self):
         if self.writer is not None:
@@ -204,16 +207,17 @@ class CompactSink:
             self._add(self.encoder.encode_pool(members, [b for _, b in self.pool]))
         self.pool = []
 
-    def store_planned(self, planned, form_eps, budget, progress) -> None:
+    def store_planned(self, planned, form_eps, budget, progress, passes=None) -> None:
         from matclust.streaming import store_planned_compact
 
         store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
-                              budget, progress)
+                              budget, progress, passes)
 
-    def recluster(self, indices: np.ndarray, budget_bytes: int) -> bool:
+    def recluster(self, indices: np.ndarray, budget_bytes: int, blocks=None) -> bool:
         """Cluster ``indices`` again among themselves, in memory, and add what that stores
         (out of core: the members evicted from the planned clusters). False, and nothing
-        done, when their matrices would take more than a quarter of the budget."""
+        done, when their matrices would take more than a quarter of the budget. ``blocks``:
+        their columns in the working scale, when already read (else one pass reads them)."""
         from matclust import limits
         from matclust.api import MatrixClusterer
 
@@ -225,11 +229,12 @@ class CompactSink:
         # matrices spread over 10^6). In the working scale, as pass 2 sees them.
         from matclust.streaming import cluster_parts
 
-        wanted = np.full(self.source.K, -1, dtype=np.int64)
-        wanted[indices] = 0
-        # Copies: a block is a view of its whole batch, which it would otherwise keep alive.
-        blocks = [np.array(block) for c, part in cluster_parts(self.source, wanted) if c == 0
-                  for block in part.blocks()]
+        if blocks is None:
+            wanted = np.full(self.source.K, -1, dtype=np.int64)
+            wanted[indices] = 0
+            # Copies: a block is a view of its whole batch, which it would otherwise keep alive.
+            blocks = [np.array(block) for c, part in cluster_parts(self.source, wanted) if c == 0
+                      for block in part.blocks()]
         keys = ("rank", "eps", "method", "order", "patience", "oversampling", "guarantee")
         # The run in this process may use what the caches were given, not the whole limit
         # (on 10^6 matrices the whole limit again took the process to 2.2 GiB at 1 GiB); its

@@ -95,6 +95,11 @@ def held_parts(parts, hold: int):
         yield k, _joined(waiting.pop(k))
 
 
+def _held(parts, hold: int | None):
+    """:func:`held_parts` when ``hold`` is given, else the parts as they come."""
+    return parts if hold is None else held_parts(parts, hold)
+
+
 def _joined(parts: list[Batch]) -> Batch:
     if len(parts) == 1:
         return parts[0]
@@ -157,7 +162,8 @@ def _labels_of(planned: list[FormedCluster], K: int) -> np.ndarray:
 
 
 def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int, eps: float,
-                  writer, budget_bytes: int, progress=None, per_matrix: bool = False):
+                  writer, budget_bytes: int, progress=None, per_matrix: bool = False,
+                  accumulate=None):
     """Compute bases, coefficients and exact errors of planned clusters; write them.
 
     Returns (labels, list of EncodedCluster without their arrays). The arrays go to ``writer``
@@ -167,7 +173,8 @@ def store_planned(source: MatrixSource, planned: list[FormedCluster], rank: int,
     """
     labels = _labels_of(planned, source.K)
     with single_threaded():  # many small products: see matclust.blas
-        bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress)
+        bases = _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress,
+                             accumulate=accumulate)
         if per_matrix and bases:
             planned, bases = _evict_members(source, planned, labels, bases, eps, progress)
             labels = _labels_of(planned, source.K)
@@ -214,16 +221,21 @@ def _evict_members(source, planned, labels, bases, eps, progress):
 
 
 def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], rank: int,
-                          form_eps: float, sink, budget_bytes: int, progress=None) -> None:
+                          form_eps: float, sink, budget_bytes: int, progress=None,
+                          passes=None) -> None:
     """The compact encoding of planned clusters: pass 1 as :func:`store_planned`; pass 2
     encodes each input batch's share of every cluster (:mod:`matclust.compact`; a member
-    evicted there is stored alone at once) and appends the codes in index order."""
+    evicted there is stored alone at once) and appends the codes in index order.
+
+    ``passes``: how the passes over the input run (:class:`LocalPasses`, sequential, by
+    default; a sharded run's go over its shards in parallel, :mod:`matclust.stages`)."""
+    passes = passes or LocalPasses(source, progress)
     labels = _labels_of(planned, source.K)
     encoder, out = sink.encoder, sink.out
     hold = min(WRITE_HOLD_BYTES, budget_bytes // 8)  # see held_parts
     with single_threaded():
         bases = _exact_bases(source, planned, labels, rank, form_eps, budget_bytes, progress,
-                             float_coefficients=False)
+                             float_coefficients=False, accumulate=passes.accumulate)
         rounded, cid = {}, {}
         for c in sorted(bases):
             rounded[c] = encoder.rounded(bases.pop(c))
@@ -233,38 +245,87 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             # Members that leave their cluster here (their own error is above 0.9 eps) would
             # be stored alone; clustered again among themselves (in memory: they are few)
             # most join clusters of their own. Their codes wait for the writing pass.
-            evicted = _evicted_members(source, labels, rounded, encoder, progress, hold)
-            if len(evicted) and sink.recluster(evicted, budget_bytes):
+            evicted, blocks = passes.evicted(labels, rounded, encoder, hold)
+            if len(evicted) and sink.recluster(evicted, budget_bytes, blocks):
                 labels = labels.copy()
                 labels[evicted] = -1
         logger.info("writing pass over the input: %d clusters, %d factored (compact)",
                     len(planned), len(rounded))
-        for c, part in held_parts(cluster_parts(source, labels, progress, "writing"), hold):
-            if c < 0:  # clustered again above
-                continue
-            group, leftovers = encoder.encode_cluster(part.indices, part.data, part.offsets,
-                                                      rounded.get(c), planned[c].bound,
-                                                      whole=False)
+        bounds = {c: cl.bound for c, cl in enumerate(planned)}
+        for c, group, leftovers in passes.encoded(labels, rounded, bounds, encoder, hold):
             if group is not None:
                 sink._add(group, cid[c])
             sink.leftovers(leftovers)
 
 
-def _evicted_members(source, labels, rounded, encoder, progress, hold: int) -> np.ndarray:
+class LocalPasses:
+    """The storing passes as sequential passes over ``source`` in this process."""
+
+    def __init__(self, source: MatrixSource, progress=None):
+        self.source, self.progress = source, progress
+
+    def accumulate(self, group, labels, rank) -> dict:
+        """Every cluster of ``group``'s :class:`ExactBasis`, fed its members' columns."""
+        return accumulate_bases(self.source, labels, group, rank, self.progress)
+
+    def evicted(self, labels, rounded, encoder, hold=None):
+        """The members the encoder would evict from their factored cluster, ascending; their
+        blocks are left to be read again (None). ``hold``: see :func:`held_parts`."""
+        return evicted_members(self.source, labels, rounded, encoder, self.progress,
+                               hold=hold), None
+
+    def encoded(self, labels, rounded, bounds, encoder, hold=None):
+        """(cluster, stored group or None, leftovers) for each cluster's part in each batch
+        (or each ``hold`` bytes of batches, :func:`held_parts`), members labelled -1 skipped."""
+        return encoded_parts(self.source, labels, rounded, bounds, encoder, self.progress,
+                             hold=hold)
+
+
+def accumulate_bases(source, labels, group, rank, progress=None, phase="bases") -> dict:
+    accs = {c: ExactBasis(source.m, rank, source.dtype) for c in group}
+    for c, part in cluster_parts(source, labels, progress, phase):
+        acc = accs.get(c)
+        if acc is not None:
+            acc.add(part.data)
+    return accs
+
+
+def encoded_parts(source, labels, rounded, bounds, encoder, progress=None, first: int = 0,
+                  hold: int | None = None):
+    """See :meth:`LocalPasses.encoded`; ``first`` is added to the indices of ``source`` (a
+    shard's) to make them the collection's."""
+    for c, part in _held(cluster_parts(source, labels, progress, "writing"), hold):
+        if c < 0:  # clustered again
+            continue
+        group, leftovers = encoder.encode_cluster(part.indices + first, part.data, part.offsets,
+                                                  rounded.get(c), bounds[c], whole=False)
+        yield c, group, leftovers
+
+
+def evicted_members(source, labels, rounded, encoder, progress=None, keep_blocks=False,
+                    hold: int | None = None):
     """One pass: the members of factored clusters that the encoder would evict (as
-    :meth:`matclust.compact.CompactEncoder.encode_cluster` decides), in index order."""
+    :meth:`matclust.compact.CompactEncoder.encode_cluster` decides), in index order; with
+    ``keep_blocks``, also their columns (copied), in that order."""
     from matclust.engine import budget as qb
 
-    out = []
-    for c, part in held_parts(cluster_parts(source, labels, progress, "checking"), hold):
+    out, blocks = [], []
+    for c, part in _held(cluster_parts(source, labels, progress, "checking"), hold):
         basis = rounded.get(c)
         if basis is None:
             continue
         data = as_compute(part.data)
         _, trunc2 = qb.truncation(basis, data, part.offsets)
         norm2 = qb.per_matrix(column_norms2(data), part.offsets)
-        out.append(part.indices[~encoder.keeps(data, part.offsets, norm2, trunc2)])
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+        gone = np.flatnonzero(~encoder.keeps(data, part.offsets, norm2, trunc2))
+        out.append(part.indices[gone])
+        if keep_blocks:
+            blocks.extend(np.array(part.block(j)) for j in gone)
+    indices = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    order = np.argsort(indices, kind="stable")
+    if keep_blocks:
+        return indices[order], [blocks[j] for j in order]
+    return indices[order]
 
 
 def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: bool):
@@ -285,21 +346,20 @@ def _groups_within(factored, planned, m: int, budget_bytes: int, complex_data: b
 
 
 def _exact_bases(source, planned, labels, rank, eps, budget_bytes, progress,
-                 float_coefficients: bool = True) -> dict[int, np.ndarray]:
+                 float_coefficients: bool = True, accumulate=None) -> dict[int, np.ndarray]:
     """Every factored cluster's exact basis, in passes over the input. ``float_coefficients``:
     coefficients will be stored as floats of the storage dtype, which must hold them (the
-    compact encoding's codes and steps hold any magnitude)."""
+    compact encoding's codes and steps hold any magnitude). ``accumulate(group, labels,
+    rank)``: the clusters' accumulators fed their columns (default: one pass here)."""
+    if accumulate is None:
+        accumulate = LocalPasses(source, progress).accumulate
     m = source.m
     factored = [c for c, cl in enumerate(planned) if cl.factored]
     bases: dict[int, np.ndarray] = {}
     for group in _groups_within(factored, planned, m, budget_bytes, source.dtype.kind == "c"):
         logger.info("bases pass over the input: %d of %d factored clusters", len(group),
                     len(factored))
-        accs = {c: ExactBasis(m, rank, source.dtype) for c in group}
-        for c, part in cluster_parts(source, labels, progress, "bases"):
-            acc = accs.get(c)
-            if acc is not None:
-                acc.add(part.data)
+        accs = accumulate(group, labels, rank)
         for c, acc in accs.items():
             basis, best = acc.basis_and_error()
             planned[c].best_error = best

@@ -177,9 +177,9 @@ def test_members_evicted_out_of_core_are_clustered_again(tmp_path, monkeypatch):
     calls = []
     real = sinks.CompactSink.recluster
 
-    def spy(self, indices, budget):
+    def spy(self, indices, budget, *blocks):
         calls.append(len(indices))
-        return real(self, indices, budget)
+        return real(self, indices, budget, *blocks)
 
     monkeypatch.setattr(sinks.CompactSink, "recluster", spy)
     reports = {}

@@ -63,6 +63,23 @@ class ExactBasis:
         self._root = stacked
         self._pending, self._pending_cols = [], 0
 
+    def root(self) -> np.ndarray:
+        """W (m x at most m columns) with W W^* = M M^* for the columns added so far: all
+        another accumulator needs to take them over (:meth:`merge`)."""
+        self._compress()
+        return self._root
+
+    def merge(self, root: np.ndarray, norm2: float, columns: int) -> None:
+        """Take over another accumulator's columns: its :meth:`root`, exact energy and count
+        (its root's own energy differs from the columns' by rounding only)."""
+        root = np.asarray(root, dtype=self.dtype)
+        self.norm2 += float(norm2)
+        self.columns += int(columns)
+        self._pending.append(root)
+        self._pending_cols += root.shape[1]
+        if self._pending_cols > self._limit:
+            self._compress()
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(U, sigma2): the top-r left singular vectors (m x min(r, rank M)) and every squared
         singular value of M_S, descending."""

@@ -287,7 +287,7 @@ class MatrixSource:
         }
 
     # -- magnitude ----------------------------------------------------------------------------
-    def calibrate(self, peaks: np.ndarray | None) -> None:
+    def calibrate(self, peaks: np.ndarray | None, top: int | None = None) -> None:
         """Choose the power of two every matrix is multiplied by when read, from each matrix's
         largest entry as read uncalibrated (:meth:`Batch.peaks`); ``None``: read the values
         as they are (the state before calibration).
@@ -299,7 +299,8 @@ class MatrixSource:
         ``apart_bits(dtype)`` powers of two below the collection's is *apart*: it gets its own
         power of two (its largest entry in [1/2, 1) too) instead of underflowing, and is
         stored on its own (:attr:`apart`; the drivers make it a singleton, since a cluster
-        must share one scale).
+        must share one scale). ``top``: the collection's largest exponent when ``peaks`` are
+        only part of it (a shard of a distributed run), at least their own largest.
         """
         self.exponents = np.zeros(self.K, dtype=np.int64)
         self.apart = np.zeros(self.K, dtype=bool)
@@ -308,7 +309,7 @@ class MatrixSource:
             return
         peaks = np.asarray(peaks, dtype=np.float64)
         own = peak_exponents(peaks)
-        top = int(own.max())
+        top = max(int(own.max()), top) if top is not None else int(own.max())
         self.apart = (peaks > 0) & (own < top - apart_bits(self.dtype))
         self.exponents = np.where(self.apart, -own, -top).astype(np.int64)
         self._scaled = bool(self.exponents.any())

@@ -31,6 +31,9 @@ class CachedReader:
         Most bytes of matrix data kept between calls.
     """
 
+    #: The blocks are the matrices themselves: no rounding to account for (see BlockReader).
+    loss2 = None
+
     def __init__(self, source: MatrixSource, budget_bytes: int):
         self.source = source
         self.budget_bytes = int(budget_bytes)

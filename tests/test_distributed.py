@@ -1,0 +1,232 @@
+"""Sharded and distributed runs (matclust/stages.py, matclust/distributed.py): the guarantee at
+1, 2 and 8 shards recomputed from the input, the same labels in this process, on a local Dask
+cluster and on a real one started here, and a run that survives a worker killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import PAPER, check_compact, read_store, run_inprocess, write_planted
+from test_out_of_core import check_out_of_core_store
+
+pytest.importorskip("dask.distributed")
+
+RANK, EPS = 3, 0.1
+
+
+def _labels(store) -> np.ndarray:
+    return read_store(store).labels if read_store(store).attrs.get("format") == "matclust/1" \
+        else _compact_labels(store)
+
+
+def _compact_labels(store) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_group(str(store), mode="r")["labels"][...])
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """Clusters planted across the whole index range (each shard sees every subspace), with
+    magnitudes spread over a decade and noise near eps, so shards' clusters must be merged and
+    some members leave their cluster when stored."""
+    path = tmp_path_factory.mktemp("dist") / "planted.h5"
+    return write_planted(path, K=480, m=12, n=4, subspaces=5, rank=2, noise=0.03, seed=3,
+                         dtype="float32")
+
+
+@pytest.mark.parametrize("shards", [1, 2, 8])
+@pytest.mark.parametrize("paper", [False, True], ids=["default", "paper"])
+def test_guarantee_holds_at_every_shard_count(collection, tmp_path, shards, paper):
+    path, mats, _ = collection
+    out = tmp_path / "out.zarr"
+    mode = PAPER if paper else ()
+    result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
+                           "--shards", shards, *mode, "--json", check=0)
+    report = result.json()
+    assert report["params"]["shards"] == shards
+    assert report["stages"]["shards"] == shards
+    assert report["stages"]["summaries_merged"] >= shards  # each shard's clusters were merged
+    if paper:
+        check_out_of_core_store(out, path, rank=RANK, eps=EPS)
+    else:
+        check_compact(out, mats, EPS, "matrix")
+    # Sharding costs little here: the merge joins the shards' parts of each planted cluster.
+    single = run_inprocess("cluster", path, "-o", tmp_path / "one.zarr", "--rank", RANK, "--eps",
+                           EPS, "--mode", "out-of-core", *mode, "--json", check=0).json()
+    assert report["compression_ratio"] >= 0.9 * single["compression_ratio"]
+
+
+def test_same_shards_same_labels_in_process_and_on_workers(collection, tmp_path):
+    path, mats, _ = collection
+    args = ("--rank", RANK, "--eps", EPS, "--shards", 4, "--quiet")
+    run_inprocess("cluster", path, "-o", tmp_path / "here.zarr", *args, check=0)
+    _run("cluster", path, "-o", tmp_path / "there.zarr", *args, "--workers", 2)
+    assert np.array_equal(_labels(tmp_path / "here.zarr"), _labels(tmp_path / "there.zarr"))
+    check_compact(tmp_path / "there.zarr", mats, EPS, "matrix")
+
+
+def test_without_workers_dask_is_not_imported(collection, tmp_path):
+    path, _, _ = collection
+    code = textwrap.dedent(f"""
+        import sys
+        from matclust.cli import main
+        for extra in ([], ["--shards", "2"]):
+            try:
+                main(["cluster", {str(path)!r}, "-o", {str(tmp_path / 'o.zarr')!r}, "--rank", "3",
+                      "--eps", "0.1", "--quiet", "--overwrite", *extra])
+            except SystemExit as exc:
+                assert not exc.code, exc.code
+        print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_bad_distributed_options_are_one_line_errors(collection, tmp_path):
+    path, _, _ = collection
+    for extra, words in ((("--workers", 0), "--workers"), (("--shards", 0), "--shards"),
+                         (("--workers", 1, "--scheduler", "tcp://127.0.0.1:9"), "not both"),
+                         (("--shards", 2, "--mode", "in-memory"), "--mode in-memory")):
+        result = run_inprocess("cluster", path, "-o", tmp_path / "x.zarr", "--rank", RANK,
+                               "--eps", EPS, *extra)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result
+        assert not (tmp_path / "x.zarr").exists()
+
+
+# -- a real Dask cluster -----------------------------------------------------------------------
+def _run(*args, timeout=180):
+    proc = subprocess.run([sys.executable, "-m", "matclust", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _dask(*args, log):
+    # The `dask` command of this interpreter's environment.
+    return subprocess.Popen([sys.executable, "-m", "dask", *map(str, args)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A scheduler and two single-threaded workers (no nanny: each worker is the process
+    started here, so killing it kills the worker), on 127.0.0.1; stopped in any case."""
+    from dask.distributed import Client
+
+    procs = []
+    log = open(tmp_path / "dask.log", "w")
+    try:
+        file = tmp_path / "scheduler.json"
+        procs.append(_dask("scheduler", "--host", "127.0.0.1", "--port", 0, "--no-dashboard",
+                           "--scheduler-file", file, log=log))
+        deadline = time.time() + 60
+        while not file.exists() or not file.read_text().strip():
+            assert time.time() < deadline and procs[0].poll() is None, "scheduler did not start"
+            time.sleep(0.1)
+        address = json.loads(file.read_text())["address"]
+        for _ in range(2):
+            procs.append(_dask("worker", address, "--nthreads", 1, "--no-nanny",
+                               "--no-dashboard", "--host", "127.0.0.1", log=log))
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)  # worker address -> process id
+        yield address, {addr: p for addr, pid in pids.items() for p in procs if p.pid == pid}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+        log.close()
+
+
+def test_real_cluster_gives_the_labels_of_a_local_one(collection, tmp_path, dask_cluster):
+    path, mats, _ = collection
+    address, _ = dask_cluster
+    args = ("--rank", RANK, "--eps", EPS, "--shards", 4, "--quiet")
+    _run("cluster", path, "-o", tmp_path / "real.zarr", *args, "--scheduler", address)
+    _run("cluster", path, "-o", tmp_path / "local.zarr", *args, "--workers", 2)
+    assert np.array_equal(_labels(tmp_path / "real.zarr"), _labels(tmp_path / "local.zarr"))
+    check_compact(tmp_path / "real.zarr", mats, EPS, "matrix")
+
+
+def test_a_worker_killed_mid_run_changes_nothing(tmp_path, dask_cluster):
+    from dask.distributed import Client
+
+    address, workers = dask_cluster
+    path, mats, _ = write_planted(tmp_path / "big.h5", K=12000, m=16, n=8, subspaces=20, rank=3,
+                                  noise=0.02, seed=5, dtype="float32")
+    args = ("--rank", 4, "--eps", EPS, "--shards", 8, "--quiet")
+    _run("cluster", path, "-o", tmp_path / "local.zarr", *args, "--workers", 2)
+    run = subprocess.Popen([sys.executable, "-m", "matclust", "cluster", path, "-o",
+                            tmp_path / "survived.zarr", *map(str, args), "--scheduler", address],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    try:
+        with Client(address, timeout="30s") as client:
+            deadline = time.time() + 60
+            while killed is None and time.time() < deadline and run.poll() is None:
+                # The first worker seen busy with a shard's plan is killed (SIGKILL).
+                for addr, keys in client.processing().items():
+                    if any("plan_shard" in str(k) for k in keys) and addr in workers:
+                        workers[addr].send_signal(signal.SIGKILL)
+                        killed = addr
+                        break
+                time.sleep(0.02)
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert killed is not None, "no worker was seen planning a shard"
+    assert workers[killed].wait(timeout=30) == -signal.SIGKILL
+    assert run.returncode == 0, err[-3000:]
+    assert np.array_equal(_labels(tmp_path / "survived.zarr"), _labels(tmp_path / "local.zarr"))
+    check_compact(tmp_path / "survived.zarr", mats, EPS, "matrix")
+
+
+def test_shards_far_below_the_collection_are_planned_in_its_scale(tmp_path):
+    """The second shard's matrices lie 2^-500 below the first's: on its own that shard clusters
+    them, but in the collection's scale they are kept apart (stored alone). The shard is
+    planned again in the collection's scale, and the result is the unsharded one's."""
+    from matclust.collections_io import write_collection
+
+    _, mats, _ = write_planted(tmp_path / "base.h5", K=60, m=8, n=3, subspaces=2, rank=2,
+                               noise=0.01, seed=7)
+    mats = [a if i < 30 else np.ldexp(a, -500) for i, a in enumerate(mats)]
+    path = tmp_path / "far.h5"
+    write_collection(str(path), np.stack(mats), layout="stack", dataset="matrices")
+    out = {}
+    for name, extra in (("sharded", ("--shards", 2)), ("single", ("--mode", "out-of-core"))):
+        out[name] = run_inprocess("cluster", path, "-o", tmp_path / f"{name}.zarr", "--rank", 2,
+                                  "--eps", EPS, *extra, "--json", check=0).json()
+        check_compact(tmp_path / f"{name}.zarr", mats, EPS, "matrix")
+    labels = _labels(tmp_path / "sharded.zarr")
+    assert len(np.unique(labels[30:])) == 30  # each far matrix alone
+    assert out["sharded"]["singletons"] == out["single"]["singletons"]
+
+
+def test_complex_collection_sharded(tmp_path):
+    path, mats, _ = write_planted(tmp_path / "c.h5", K=200, m=8, n=3, subspaces=3, rank=2,
+                                  noise=0.02, seed=11, dtype="complex128")
+    for mode in ((), PAPER):
+        out = tmp_path / f"c{len(mode)}.zarr"
+        run_inprocess("cluster", path, "-o", out, "--rank", 2, "--eps", EPS, "--shards", 3,
+                      *mode, check=0)
+        if mode:
+            check_out_of_core_store(out, path, rank=2, eps=EPS)
+        else:
+            check_compact(out, mats, EPS, "matrix")
+
