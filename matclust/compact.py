@@ -279,12 +279,12 @@ class CompactEncoder:
         bases: list = [None] * B
         basis_norms: list = [None] * B
         by_shape: dict[tuple, list[int]] = {}
-        blocks = [np.asarray(block, dtype=compute_dtype(block.dtype)) for _, block in items]
-        for pos, block in enumerate(blocks):
+        for pos, (_, block) in enumerate(items):
             by_shape.setdefault(block.shape, []).append(pos)
         for shape, positions in by_shape.items():
             positions = np.array(positions, dtype=np.int64)
-            stack = np.stack([blocks[p] for p in positions])
+            stack = np.stack([items[p][1] for p in positions])  # to double precision at once
+            stack = stack.astype(compute_dtype(stack.dtype), copy=False)
             peaks = np.abs(stack).reshape(len(positions), -1).max(axis=1)
             shape_shifts = np.where(peaks > 0, np.frexp(peaks)[1], 0).astype(np.int64)
             scaled = qb.scaled_pow2(stack, -shape_shifts[:, None, None])
