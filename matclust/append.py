@@ -37,7 +37,7 @@ import numpy as np
 
 from matclust import defaults, limits
 from matclust.checkpoint import OutputGuard
-from matclust.compact import EVICT_SHARE, CompactEncoder, max_code_bound
+from matclust.compact import EVICT_SHARE, AloneBatch, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
 from matclust.engine.linalg import column_norms2, times_power2
 from matclust.errors import InputError
@@ -476,7 +476,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
                 if group is not None and len(group.members) == 1:
                     alone.append(group)
                     continue
-                out.add_alone(alone)
+                out.add_alone(AloneBatch.of(alone, out.complex))
                 alone = []
                 if group is not None:
                     out.add(group)

@@ -94,6 +94,70 @@ class StoredGroup:
         return relative_errors(self.quantised.err2, self.quantised.norm2)
 
 
+@dataclass
+class AloneBatch:
+    """Matrices each stored alone (a cluster of its own), as arrays over the batch instead of
+    one :class:`StoredGroup` apiece (thousands come at once: per-matrix objects were a fifth
+    of the RGB patches' encoding time). Matrix j: ``codes[code_offsets[j]:code_offsets[j+1]]``
+    as stored (:func:`matclust.engine.budget.flatten_codes`), its step exponent, its norms and
+    errors in its own scale 2^shifts[j], and ``bases[j]`` (None: its DCT coefficients)."""
+
+    members: np.ndarray
+    widths: np.ndarray
+    exponents: np.ndarray
+    shifts: np.ndarray
+    norm2: np.ndarray
+    err2: np.ndarray
+    codes: np.ndarray
+    code_offsets: np.ndarray
+    bases: list
+    basis_norms: list
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """Each matrix's own relative error (its cluster's bound)."""
+        return relative_errors(self.err2, self.norm2, if_zero=0.0)
+
+    @classmethod
+    def of(cls, groups: list[StoredGroup], complex_data: bool) -> "AloneBatch":
+        """The batch of groups of one matrix each."""
+        flats = [qb.flatten_codes(g.quantised.codes, g.basis is None, complex_data)
+                 for g in groups]
+        sizes = np.fromiter((f.size for f in flats), np.int64, len(flats))
+        return cls(
+            np.fromiter((int(g.members[0]) for g in groups), np.int64, len(groups)),
+            np.fromiter((int(g.widths[0]) for g in groups), np.int64, len(groups)),
+            np.fromiter((int(g.quantised.exponents[0]) for g in groups), np.int16, len(groups)),
+            np.fromiter((g.shift for g in groups), np.int64, len(groups)),
+            np.fromiter((float(g.quantised.norm2[0]) for g in groups), float, len(groups)),
+            np.fromiter((float(g.quantised.err2[0]) for g in groups), float, len(groups)),
+            np.concatenate(flats) if flats else np.zeros(0, np.int64),
+            np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            [g.basis for g in groups],
+            [np.asarray(g.basis_norms, float) if g.basis is not None else None for g in groups])
+
+    def groups(self, m: int, complex_data: bool) -> list[StoredGroup]:
+        """One :class:`StoredGroup` per matrix (the API's results without a store)."""
+        out = []
+        bounds = self.bounds
+        for j in range(len(self)):
+            basis, n = self.bases[j], int(self.widths[j])
+            flat = self.codes[self.code_offsets[j]: self.code_offsets[j + 1]]
+            rows = m if basis is None else basis.shape[1]
+            q = qb.Quantised(qb.unflatten_codes(flat, rows, n, basis is None, complex_data),
+                             self.exponents[j: j + 1].copy(), self.err2[j: j + 1].copy(),
+                             self.norm2[j: j + 1].copy())
+            group = StoredGroup(self.members[j: j + 1].copy(), self.widths[j: j + 1].copy(),
+                                basis, q, float(bounds[j]), shift=int(self.shifts[j]))
+            if basis is not None:
+                group.basis_norms = self.basis_norms[j]
+            out.append(group)
+        return out
+
+
 class CompactEncoder:
     """Encodes formed clusters and lone matrices (see the module docstring).
 
@@ -198,55 +262,75 @@ class CompactEncoder:
         return keep
 
     # -- one matrix alone ------------------------------------------------------------------
-    def encode_many(self, items) -> list[StoredGroup]:
+    def encode_many(self, items) -> AloneBatch:
         """Matrices ``(index, block)`` each stored alone, at its own rank or by its DCT
         coefficients (:func:`matclust.engine.budget.own_ranks` picks the one estimated
         smaller). Each is rescaled by a power of two first, so that neither its norm nor its
         budget under- or overflows; its step absorbs the scale exactly. The DCT ones are
-        quantised together (one vectorised step search instead of one per matrix)."""
-        out: list[StoredGroup | None] = [None] * len(items)
+        quantised together (one vectorised step search instead of one per matrix). Returns
+        them in the order of ``items``."""
+        B = len(items)
+        indices = np.fromiter((int(i) for i, _ in items), np.int64, B)
+        parts = 2 if self.complex else 1
+        widths = np.zeros(B, np.int64)
+        exponents = np.full(B, qb.ZERO_STEP, np.int16)  # zero matrices keep these
+        shifts, norm2, err2 = np.zeros(B, np.int64), np.zeros(B), np.zeros(B)
+        flats: list = [None] * B
+        bases: list = [None] * B
+        basis_norms: list = [None] * B
         by_shape: dict[tuple, list[int]] = {}
-        blocks = [np.asarray(block, dtype=compute_dtype(block.dtype)) for _, block in items]
-        for pos, block in enumerate(blocks):
+        for pos, (_, block) in enumerate(items):
             by_shape.setdefault(block.shape, []).append(pos)
         for shape, positions in by_shape.items():
-            stack = np.stack([blocks[p] for p in positions])
+            positions = np.array(positions, dtype=np.int64)
+            stack = np.stack([items[p][1] for p in positions])  # to double precision at once
+            stack = stack.astype(compute_dtype(stack.dtype), copy=False)
             peaks = np.abs(stack).reshape(len(positions), -1).max(axis=1)
-            shifts = np.where(peaks > 0, np.frexp(peaks)[1], 0).astype(np.int64)
-            scaled = qb.scaled_pow2(stack, -shifts[:, None, None])
+            shape_shifts = np.where(peaks > 0, np.frexp(peaks)[1], 0).astype(np.int64)
+            scaled = qb.scaled_pow2(stack, -shape_shifts[:, None, None])
+            widths[positions] = shape[1]
+            shifts[positions] = shape_shifts
             # One batched SVD and DCT for all matrices of this shape.
             u, s, vt = np.linalg.svd(scaled, full_matrices=False)
             dct = qb.dct_matrix(shape[0]) @ scaled @ qb.dct_matrix(shape[1]).T
             ranks = qb.own_ranks(s, vt, dct, self.eps, self.rank, EVICT_SHARE,
                                  self.basis_dtype.itemsize)
+            zero = np.flatnonzero(peaks == 0)
+            if len(zero):
+                flats_zero = np.zeros(self.m * parts * shape[1], np.int64)
+                for j in zero:
+                    flats[positions[j]] = flats_zero
             raw = []  # positions in this shape's stack stored by their DCT coefficients
-            for j, pos in enumerate(positions):
-                index, width = items[pos][0], shape[1]
-                if peaks[j] == 0:
-                    q = qb.Quantised(np.zeros((self.m * (2 if self.complex else 1), width),
-                                              np.int64), np.array([qb.ZERO_STEP], np.int16),
-                                     np.zeros(1), np.zeros(1))
-                    out[pos] = StoredGroup(np.array([index]), np.array([width]), None, q, 0.0)
+            for j in np.flatnonzero((peaks > 0) & (ranks > 0)):
+                k, pos = int(ranks[j]), positions[j]
+                basis = np.ascontiguousarray(u[j, :, :k].astype(self.basis_dtype))
+                q = qb.quantise(basis, scaled[j], np.array([0, shape[1]]), self.eps)
+                if q is None:
+                    raw.append(j)
                     continue
-                k = int(ranks[j])
-                if k:
-                    basis = np.ascontiguousarray(u[j, :, :k].astype(self.basis_dtype))
-                    q = qb.quantise(basis, scaled[j], np.array([0, width]), self.eps)
-                    if q is not None:
-                        out[pos] = self._alone(index, width, basis, q, int(shifts[j]))
-                        out[pos].basis_norms = s[j, :k]  # in the matrix's own scale
-                        continue
-                raw.append(j)
-            if raw:
-                self._dct_batch(items, positions, np.array(raw), scaled, dct, shifts, out)
-        return out
+                exponents[pos] = qb.shifted_steps(q.exponents, shape_shifts[j])[0]
+                norm2[pos], err2[pos] = q.norm2[0], q.err2[0]
+                flats[pos] = qb.flatten_codes(q.codes, False, self.complex)
+                bases[pos], basis_norms[pos] = basis, s[j, :k]  # in the matrix's own scale
+            raw = np.sort(np.concatenate([np.flatnonzero((peaks > 0) & (ranks == 0)),
+                                          np.array(raw, dtype=np.int64)]))
+            if len(raw):
+                self._dct_batch(positions[raw], indices, scaled[raw], dct[raw],
+                                shape_shifts[raw], exponents, norm2, err2, flats)
+        sizes = np.fromiter((f.size for f in flats), np.int64, B)
+        return AloneBatch(indices, widths,
+                          exponents, shifts, norm2, err2,
+                          np.concatenate(flats) if B else np.zeros(0, np.int64),
+                          np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                          bases, basis_norms)
 
-    def _dct_batch(self, items, positions, rows, scaled, dct, shifts, out) -> None:
+    def _dct_batch(self, positions, indices, scaled, dct, shifts, exponents, norm2, err2,
+                   flats) -> None:
         """Matrices of one shape by their DCT coefficients: one step search for all, then
-        every one checked on its decoded matrix (one batched inverse DCT)."""
-        B, (m, n) = len(rows), scaled.shape[1:]
-        coeffs = dct[rows]
-        side_by_side = coeffs.transpose(1, 0, 2).reshape(m, B * n)
+        every one checked on its decoded matrix (one batched inverse DCT); their results go
+        to ``positions`` of the other arguments (see :meth:`encode_many`)."""
+        B, (m, n) = len(positions), scaled.shape[1:]
+        side_by_side = dct.transpose(1, 0, 2).reshape(m, B * n)
         offsets = np.arange(0, B * n + 1, n, dtype=np.int64)
         q = qb.quantise(None, side_by_side, offsets, self.eps)
         ok = np.zeros(B, dtype=bool)
@@ -256,27 +340,24 @@ class CompactEncoder:
             if self.complex:
                 values = values[:, :m] + 1j * values[:, m:]
             decoded = qb.dct_matrix(m).T @ values @ qb.dct_matrix(n)
-            err2 = np.sum(np.abs(scaled[rows] - decoded) ** 2, axis=(1, 2))
-            ok = err2 <= self.eps ** 2 * q.norm2
-            steps = qb.shifted_steps(q.exponents, shifts[rows])  # what _alone does, for all
-        for t, j in enumerate(rows):
-            pos, index = positions[j], items[positions[j]][0]
-            if ok[t]:
-                one = qb.Quantised(codes[t], steps[t:t + 1], err2[t:t + 1], q.norm2[t:t + 1])
-                out[pos] = self._alone(index, n, None, one, int(shifts[j]), shifted=True)
-            else:  # the transform's rounding tipped it over: lower the target for this one
-                one = self._dct_codes(index, scaled[j], dct[j], np.array([0, n]))
-                out[pos] = self._alone(index, n, None, one, int(shifts[j]))
-
-    def _alone(self, index: int, width: int, basis, q: qb.Quantised, shift: int,
-               shifted: bool = False) -> StoredGroup:
-        if not shifted:  # else the caller moved the step by the shift already
-            q.exponents = qb.shifted_steps(q.exponents, shift)
-        # Norms and errors in the matrix's own scale: only their ratio is used.
-        group = StoredGroup(np.array([index]), np.array([width]), basis, q, 0.0, shift=shift)
-        norm2, err2 = float(q.norm2[0]), float(q.err2[0])
-        group.bound = float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
-        return group
+            decoded_err2 = np.sum(np.abs(scaled - decoded) ** 2, axis=(1, 2))
+            ok = decoded_err2 <= self.eps ** 2 * q.norm2
+            good = positions[ok]
+            exponents[good] = qb.shifted_steps(q.exponents[ok], shifts[ok])
+            norm2[good], err2[good] = q.norm2[ok], decoded_err2[ok]
+            # Stored order (flatten_codes) for all at once: each part's entries in dct_scan order.
+            scan = qb.dct_scan(m, n)
+            kept = codes[ok]
+            parts = [kept[:, :m], kept[:, m:]] if self.complex else [kept]
+            flat = np.concatenate([p.reshape(len(kept), m * n)[:, scan] for p in parts], axis=1)
+            for pos, row in zip(good, flat):
+                flats[pos] = row
+        for t in np.flatnonzero(~ok):  # the transform's rounding tipped it over: lower the target
+            pos = positions[t]
+            one = self._dct_codes(int(indices[pos]), scaled[t], dct[t], np.array([0, n]))
+            exponents[pos] = qb.shifted_steps(one.exponents, shifts[t])[0]
+            norm2[pos], err2[pos] = one.norm2[0], one.err2[0]
+            flats[pos] = qb.flatten_codes(one.codes, True, self.complex)
 
     def _dct_codes(self, index: int, block: np.ndarray, dct: np.ndarray, offsets,
                    allocation: str = "matrix") -> qb.Quantised:

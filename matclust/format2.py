@@ -27,7 +27,7 @@ import zlib
 
 import numpy as np
 
-from matclust.compact import CODE_CHUNK, StoredGroup
+from matclust.compact import CODE_CHUNK, AloneBatch, StoredGroup
 from matclust.store import copy_compressed_chunks
 
 #: Codes compressed both ways to choose the shuffle (the first ones written).
@@ -78,7 +78,10 @@ class CompactWriter:
         self.basis_dtype = np.dtype(basis_dtype)
         self.labels = np.full(self.K, -1, dtype=np.int64)
         self.exponents = np.zeros(self.K, dtype=np.int16)
-        self._pending: dict[int, np.ndarray] = {}
+        # Zig-zagged codes of runs of consecutive matrices, by the first one's index, with the
+        # run's length: written once every matrix before them is.
+        self._pending: dict[int, tuple[np.ndarray, int]] = {}
+        self._waiting = 0
         self._next = 0
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
@@ -113,10 +116,16 @@ class CompactWriter:
         self.labels[group.members] = cid
         self.exponents[group.members] = group.quantised.exponents
         offsets = np.concatenate([[0], np.cumsum(group.widths)]).astype(np.int64)
-        raw = group.basis is None
-        for j, i in enumerate(group.members):
-            self._pending[int(i)] = qb.flatten_codes(group.quantised.matrix_codes(offsets, j),
-                                                     raw, self.complex)
+        raw, codes = group.basis is None, group.quantised.codes
+        if not raw and len(group.widths) and np.all(group.widths == group.widths[0]):
+            # Matrices of one width: every one's codes row-major, one after the other, at once.
+            n = int(group.widths[0])
+            flat = codes.reshape(codes.shape[0], len(group.widths), n).transpose(1, 0, 2).ravel()
+        else:
+            flat = np.concatenate([np.zeros(0, np.int64)] + [
+                qb.flatten_codes(group.quantised.matrix_codes(offsets, j), raw, self.complex)
+                for j in range(len(group.members))])
+        self._pend(group.members, flat, offsets * codes.shape[0])
         self._drain()
 
     @staticmethod
@@ -195,19 +204,19 @@ class CompactWriter:
             self._buffer.append(tail.astype(np.uint64))
             self._buffered += len(tail)
 
-    def add_alone(self, groups) -> None:
-        """Groups of one matrix each, each a cluster of its own (what :meth:`add` does, with
-        less work per group: thousands of them come at once)."""
-        for group in groups:
-            q, basis, i = group.quantised, group.basis, int(group.members[0])
-            self.labels[i] = len(self.clusters)
-            self.exponents[i] = q.exponents[0]
+    def add_alone(self, batch: AloneBatch) -> None:
+        """Matrices each a cluster of its own, in batch order (what :meth:`add` does for each,
+        at once: thousands of them come together)."""
+        first = len(self.clusters)
+        self.labels[batch.members] = np.arange(first, first + len(batch))
+        self.exponents[batch.members] = batch.exponents
+        for basis, bound, shift, norm2, err2, width, along in zip(
+                batch.bases, batch.bounds.tolist(), batch.shifts.tolist(), batch.norm2.tolist(),
+                batch.err2.tolist(), batch.widths.tolist(), batch.basis_norms):
             self.clusters.append({
-                "basis": basis, "bound": float(group.bound), "shift": int(group.shift),
-                "norm2": float(q.norm2[0]), "err2": float(q.err2[0]), "size": 1,
-                "columns": int(group.widths[0]),
-                "rows2": None if basis is None else np.asarray(group.basis_norms, float) ** 2})
-            self._pending[i] = qb.flatten_codes(q.codes, basis is None, self.complex)
+                "basis": basis, "bound": bound, "shift": shift, "norm2": norm2, "err2": err2,
+                "size": 1, "columns": width, "rows2": None if basis is None else along ** 2})
+        self._pend(batch.members, batch.codes, batch.code_offsets)
         self._drain()
 
     def stats(self) -> list[dict]:
@@ -227,7 +236,7 @@ class CompactWriter:
     @property
     def waiting(self) -> int:
         """Matrices encoded but not yet written, waiting for an earlier one."""
-        return len(self._pending)
+        return self._waiting
 
     @property
     def stored_numbers(self) -> int:
@@ -237,13 +246,27 @@ class CompactWriter:
     # -- codes, in index order --------------------------------------------------------------
     def _drain(self) -> None:
         while self._next in self._pending:
-            codes = self._pending.pop(self._next)
-            self._buffer.append(qb.zigzag(codes.ravel()))
+            codes, count = self._pending.pop(self._next)
+            self._buffer.append(codes)
             self._buffered += codes.size
             self.code_count += codes.size
-            self._next += 1
+            self._next += count
+            self._waiting -= count
             if self._buffered >= CODE_CHUNK:
                 self._flush()
+
+    def _pend(self, members: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
+        """Codes of ``members`` (ascending), matrix j's ``flat[offsets[j]:offsets[j + 1]]``
+        as stored, to be written in index order (:meth:`_drain`); zig-zagged in one call and
+        kept as runs of consecutive matrices (one dictionary entry per run, not per matrix)."""
+        members = np.asarray(members, dtype=np.int64)
+        if not len(members):
+            return
+        flat = qb.zigzag(flat)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(members) != 1) + 1, [len(members)]])
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            self._pending[int(members[a])] = (flat[offsets[a]: offsets[b]], b - a)
+        self._waiting += len(members)
 
     def _codes_array(self, sample: np.ndarray):
         """The codes array, with the shuffle that suits the first codes: a bit shuffle for

@@ -145,24 +145,19 @@ class CompactSink:
         if self.writer is None:
             self.kept.append(group)
 
-    def _add_alone(self, groups) -> None:
-        """Many groups of one matrix each (see :meth:`_add`), with the per-group work batched."""
-        members = np.fromiter((int(g.members[0]) for g in groups), np.int64, len(groups))
+    def _add_alone(self, batch) -> None:
+        """Matrices each stored alone (a :class:`matclust.compact.AloneBatch`; see :meth:`_add`)."""
         exps = getattr(self.source, "exponents", None)
-        if exps is not None and np.any(exps[members]):
-            # What unscale does to each, in one call for all (one per group was ~10 % of the
-            # RGB patches' run: 4,728 of them).
-            shift = exps[members].astype(np.int64)
-            steps = qb.shifted_steps(np.concatenate([g.quantised.exponents for g in groups]), -shift)
-            for j, group in enumerate(groups):
-                group.quantised.exponents = steps[j : j + 1]
-                group.shift -= int(shift[j])
-        norm2 = np.fromiter((float(g.quantised.norm2[0]) for g in groups), float, len(groups))
-        err2 = np.fromiter((float(g.quantised.err2[0]) for g in groups), float, len(groups))
-        self.worst = max(self.worst, float(relative_errors(err2, norm2).max(initial=0.0)))
-        self.out.add_alone(groups)
+        if exps is not None and np.any(exps[batch.members]):
+            # What unscale does to a group, for the whole batch at once.
+            shift = exps[batch.members].astype(np.int64)
+            batch.exponents = qb.shifted_steps(batch.exponents, -shift)
+            batch.shifts = batch.shifts - shift
+        worst = relative_errors(batch.err2, batch.norm2).max(initial=0.0)
+        self.worst = max(self.worst, float(worst))
+        self.out.add_alone(batch)
         if self.writer is None:
-            self.kept.extend(groups)
+            self.kept.extend(batch.groups(self.source.m, self.out.complex))
 
     def consume(self, formed, reader) -> None:
         if formed.basis is None and formed.batch is None:

@@ -260,3 +260,35 @@ def test_out_of_core_keeps_no_basis_its_evictions_made_not_worth_storing(tmp_pat
         for c in np.flatnonzero(ranks > 0):  # single columns: members = columns
             assert members[c] >= 2 and rank * (m + members[c]) < m * members[c], (mode, c)
     assert sizes["out-of-core"] <= 1.1 * sizes["in-memory"], sizes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex128"])
+def test_matrices_alone_whose_batched_dct_codes_fail_are_coded_again(tmp_path, monkeypatch,
+                                                                     dtype):
+    """Matrices stored alone by their DCT coefficients are quantised as one batch and each is
+    checked on its decoded values; one that fails is coded again on its own. With the batch's
+    steps doubled behind the encoder's back every one fails, and each must still land in its
+    own place in the store, within eps."""
+    from matclust import compact
+
+    real_quantise = compact.qb.quantise
+    spoiled = []
+
+    def doubled_steps(basis, data, offsets, *args, **kwargs):
+        q = real_quantise(basis, data, offsets, *args, **kwargs)
+        if basis is None and len(offsets) > 2 and q is not None:  # the batch of DCT codes
+            q.exponents = np.where(q.exponents == qb.ZERO_STEP, q.exponents,
+                                   q.exponents + qb.STEP_GRID).astype(np.int16)
+            spoiled.append(len(offsets) - 1)
+        return q
+
+    monkeypatch.setattr(compact.qb, "quantise", doubled_steps)
+    inp = os.fspath(tmp_path / "in.h5")
+    # Noise as large as the signal: most matrices fit no cluster and are stored alone.
+    write_planted(inp, K=40, m=8, n=3, n_max=5, subspaces=3, rank=2, noise=1.0, dtype=dtype,
+                  layout="group")
+    out = os.fspath(tmp_path / "out.h5")
+    run_inprocess("cluster", inp, "-o", out, "--rank", "2", "--eps", "0.1", check=0)
+    assert sum(spoiled) >= 10, "too few matrices went through the batched DCT coding"
+    mats, _, _ = load_input(inp)
+    assert check_compact(out, mats, 0.1).max() <= 0.1
