@@ -292,12 +292,20 @@ def _quantise_uniform(basis_rounded, data, offsets, coeffs, trunc2, norm2, allow
 
 
 def _decode_error(u, data, real_coeffs, exps, offsets, widths, complex_data):
+    # Called for every try of the step search on all of a group's coefficients: computed in
+    # place where the values allow (the same numbers as the plain expressions).
     steps = np.repeat(step_values(exps), widths)
+    zero = steps <= 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.where(steps > 0, np.rint(real_coeffs / np.where(steps > 0, steps, 1.0)), 0.0)
-    decoded_coeffs = _complex_from(codes * steps, complex_data)
-    decoded = decoded_coeffs if u is None else u @ decoded_coeffs
-    err2 = per_matrix(column_norms2(data - decoded), offsets)
+        codes = real_coeffs / np.where(zero, 1.0, steps)
+    np.rint(codes, out=codes)
+    if zero.any():
+        codes[:, zero] = 0.0
+    decoded = _complex_from(codes * steps, complex_data)
+    if u is not None:
+        decoded = u @ decoded
+    decoded -= data  # the sign does not change a norm
+    err2 = per_matrix(column_norms2(decoded), offsets)
     return codes.astype(np.int64), err2
 
 
