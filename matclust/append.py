@@ -410,13 +410,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
     stored = StoredBases(reader_old, complex_data)
     held = stored.qh.nbytes + 2 * source.matrix_bytes
 
-    def fits(limit):
-        return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
-
-    if not fits(memory_limit):
-        raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
-                            memory_limit, fits)
-    run_plan = limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
+    run_plan = _append_plan(source, store_path, held, memory_limit)
     source.batch_limit = run_plan.batch
     reader = CachedReader(source, source.matrix_bytes)
     norms2 = scan_norms(reader, progress)  # calibrates: one power of two for all but apart ones
@@ -532,13 +526,7 @@ def _append_plain(old: ResultStore, source, params: dict, store_path: str, memor
     # Plain arrays are not compressed: the store's size is what its clusters take in memory.
     held = _store_bytes(store_path) + 2 * source.matrix_bytes
 
-    def fits(limit):
-        return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
-
-    if not fits(memory_limit):
-        raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
-                            memory_limit, fits)
-    run_plan = limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
+    run_plan = _append_plan(source, store_path, held, memory_limit)
     stored = _PlainClusters(old)
     bases = StoredBases(stored, source.dtype.kind == "c")
     source.batch_limit = run_plan.batch
@@ -739,3 +727,17 @@ def _names(old_names, new_names, inputs: list[dict]):
         raise InputError(f"{inputs[-1]['input']}: its member names repeat or do not sort in "
                          "index order with the store's")
     return names
+
+
+def _append_plan(source, store_path, held: int, memory_limit: int) -> limits.Plan:
+    """The memory plan of appending ``source`` with ``held`` bytes kept beside it, or
+    InputError naming the smallest limit that works."""
+    K1 = source.K
+
+    def fits(limit):
+        return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
+
+    if not fits(memory_limit):
+        raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
+                            memory_limit, fits)
+    return limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
