@@ -208,17 +208,25 @@ class CompactSink:
         store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
                               budget, progress, passes)
 
+    def can_recluster(self, indices: np.ndarray, budget_bytes: int) -> bool:
+        """Whether :meth:`recluster` may hold the matrices of ``indices``: a quarter of the
+        budget at most."""
+        return self._recluster_bytes(indices) <= budget_bytes // 4
+
+    def _recluster_bytes(self, indices: np.ndarray) -> int:
+        return int(self.source.widths[indices].sum()) * self.source.m * self.source.dtype.itemsize
+
     def recluster(self, indices: np.ndarray, budget_bytes: int, blocks=None) -> bool:
         """Cluster ``indices`` again among themselves, in memory, and add what that stores
         (out of core: the members evicted from the planned clusters). False, and nothing
-        done, when their matrices would take more than a quarter of the budget. ``blocks``:
-        their columns in the working scale, when already read (else one pass reads them)."""
+        done, unless :meth:`can_recluster`. ``blocks``: their columns in the working scale,
+        when already read (else one pass reads them)."""
         from matclust import limits
         from matclust.api import MatrixClusterer
 
-        need = int(self.source.widths[indices].sum()) * self.source.m * self.source.dtype.itemsize
-        if need > budget_bytes // 4:
+        if not self.can_recluster(indices, budget_bytes):
             return False
+        need = self._recluster_bytes(indices)
         # One sequential pass picks them out, a batch at a time: reading scattered indices at
         # once reads every storage chunk they touch together (the whole 2 GB file for 21,000
         # matrices spread over 10^6). In the working scale, as pass 2 sees them.

@@ -576,7 +576,11 @@ class ShardedPasses:
         return indices, [b for p in parts for b in p[1]]
 
     def encoded(self, labels, rounded, bounds, encoder, hold=None):
+        """The tasks start now; their parts come from the generator returned."""
         futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder, hold)
+        return self._in_order(futures)
+
+    def _in_order(self, futures):
         for i in range(len(futures)):  # in shard order: the store's parts go in index order
             parts = self.runner.gather([futures[i]], self.progress)[0]
             futures[i] = None  # added to the store: let the runner forget it

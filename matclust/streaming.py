@@ -249,15 +249,23 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
                 # MiniLM columns, rank 32: 207 such bases took 5.3 MB against 1.4 MB in memory.
                 evicted = np.union1d(evicted, dissolved)
                 blocks = None  # read again: the dissolved members' columns were not kept
-            if len(evicted) and sink.recluster(evicted, budget_bytes, blocks):
+            again = len(evicted) > 0 and sink.can_recluster(evicted, budget_bytes)
+            if again:
                 labels = labels.copy()
                 labels[evicted] = -1
+        else:
+            again = False
         cid = {c: out.new_cluster(rounded[c], planned[c].bound or 0.0,
                                   sink.cluster_shift(planned[c].members)) for c in rounded}
         logger.info("writing pass over the input: %d clusters, %d factored (compact)",
                     len(planned), len(rounded))
         bounds = {c: cl.bound for c, cl in enumerate(planned)}
-        for c, group, leftovers in passes.encoded(labels, rounded, bounds, encoder, hold):
+        # A sharded run's encoding tasks start here; the evicted members are clustered again
+        # in this process meanwhile (it sat idle: 10^6 planted, 2 workers, --shards 2).
+        parts = passes.encoded(labels, rounded, bounds, encoder, hold)
+        if again:
+            sink.recluster(evicted, budget_bytes, blocks)
+        for c, group, leftovers in parts:
             if group is not None:
                 sink._add(group, cid[c])
             sink.leftovers(leftovers)
