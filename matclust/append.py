@@ -480,17 +480,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         report = build_report(params, K0 + K1, m, int(params["rank"]), eps, stats,
                               out.stored_numbers, source.input_dtype.itemsize,
                               stored_dtype.itemsize, time.perf_counter() - started, worst)
-        new_numbers = m * int(source.widths.sum())
-        report["input_bytes"] = int(old.report.get("input_bytes", 0)) + \
-            new_numbers * source.input_dtype.itemsize
-        report["append"] = {"input": params["inputs"][-1]["input"],
-                            "dataset": source.dataset, "K": int(K1), "joined": int(joined),
-                            "new_clusters": int(new_clusters),
-                            "seconds": round(time.perf_counter() - started, 3)}
-        writer.set_json("params", params)
-        writer.set_report(report)
-        old.close()  # done reading: the new store replaces it
-        writer.commit()
+        _commit(writer, old, report, params, source, joined, new_clusters, started)
     return report
 
 
@@ -592,16 +582,7 @@ def _append_plain(old: ResultStore, source, params: dict, store_path: str, memor
         report = build_report(params, K0 + K1, m, int(params["rank"]), eps, new_stats,
                               sum(enc.numbers for enc in encoded), source.input_dtype.itemsize,
                               stored_dtype.itemsize, time.perf_counter() - started, worst)
-        report["input_bytes"] = int(old.report.get("input_bytes", 0)) + \
-            m * int(source.widths.sum()) * source.input_dtype.itemsize
-        report["append"] = {"input": params["inputs"][-1]["input"],
-                            "dataset": source.dataset, "K": int(K1), "joined": int(joined),
-                            "new_clusters": int(new_clusters),
-                            "seconds": round(time.perf_counter() - started, 3)}
-        writer.set_json("params", params)
-        writer.set_report(report)
-        old.close()
-        writer.commit()
+        _commit(writer, old, report, params, source, joined, new_clusters, started)
     return report
 
 
@@ -741,3 +722,19 @@ def _append_plan(source, store_path, held: int, memory_limit: int) -> limits.Pla
         raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
                             memory_limit, fits)
     return limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
+
+
+def _commit(writer, old, report: dict, params: dict, source, joined: int, new_clusters: int,
+            started: float) -> None:
+    """Complete the grown store: the report gains the input bytes of every input and what this
+    append did; the old store is closed (done reading: the new one replaces it)."""
+    report["input_bytes"] = int(old.report.get("input_bytes", 0)) + \
+        source.m * int(source.widths.sum()) * source.input_dtype.itemsize
+    report["append"] = {"input": params["inputs"][-1]["input"], "dataset": source.dataset,
+                        "K": int(source.K), "joined": int(joined),
+                        "new_clusters": int(new_clusters),
+                        "seconds": round(time.perf_counter() - started, 3)}
+    writer.set_json("params", params)
+    writer.set_report(report)
+    old.close()
+    writer.commit()
