@@ -15,26 +15,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from compression import COLLECTIONS, DEFAULT_COLLECTIONS, collection_path  # noqa: E402
+from runner import command_seconds  # noqa: E402
 
 
 def timed(src: str, path: str, out: str, rank: int, eps: float, extra: list[str]) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = src
-    cmd = [sys.executable, "-m", "matclust", "cluster", path, "-o", out, "--rank", str(rank),
-           "--eps", str(eps), "--overwrite", "--quiet", *extra]
-    started = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    return time.perf_counter() - started
+    return command_seconds(path, out, rank, eps, extra, src=src)
 
 
 def main() -> None:

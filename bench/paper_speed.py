@@ -41,7 +41,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the paper code's progress bars
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +50,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compression import COLLECTIONS, collection_path, only_dataset  # noqa: E402
+from runner import command_seconds  # noqa: E402
 
 from matclust import MatrixClusterer  # noqa: E402
 from matclust.report import paper_params  # noqa: E402
@@ -81,14 +81,9 @@ def timed(fit) -> tuple[float, object]:
 
 def whole_command(path: str, rank: int, eps: float) -> float:
     """Seconds of `matclust cluster` with its default flags, BLAS threads as usual."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_NUM_THREADS", "PYTHONDONTWRITEBYTECODE")}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "matclust", "cluster", path, "-o", os.path.join(tmp, "r.h5"),
-               "--rank", str(rank), "--eps", str(eps), "--quiet"]
-        started = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        return time.perf_counter() - started
+        return command_seconds(path, os.path.join(tmp, "r.h5"), rank, eps,
+                               drop=("OPENBLAS_NUM_THREADS",))
 
 
 def main() -> None:

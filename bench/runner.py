@@ -43,3 +43,18 @@ def run_cluster(path: str, mode: str, rank: int, eps: float, dataset: str | None
     verified = subprocess.run([sys.executable, "-m", "matclust", "verify", out, "--quiet"],
                               capture_output=True, env=env).returncode == 0
     return {"wall": wall, "report": json.loads(proc.stdout), "verified": verified}
+
+
+def command_seconds(path: str, out: str, rank: int, eps: float, extra=(), src: str | None = None,
+                    drop=()) -> float:
+    """Wall seconds of one `matclust cluster` (``--overwrite --quiet`` and ``extra``), with
+    ``src`` first on PYTHONPATH (another checkout) and the variables ``drop`` unset."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", *drop)}
+    if src is not None:
+        env["PYTHONPATH"] = src
+    cmd = [sys.executable, "-m", "matclust", "cluster", path, "-o", out, "--rank", str(rank),
+           "--eps", str(eps), "--overwrite", "--quiet", *extra]
+    started = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
