@@ -108,12 +108,25 @@ def parse_storage_options(text, option: str = "--storage-options") -> dict:
 # ---------------------------------------------------------------------------------------------
 # Opening
 # ---------------------------------------------------------------------------------------------
+#: Seconds an S3 request may wait for a connection and for an answer before botocore gives up
+#: (and retries): without them a request to a server that stopped answering waits forever, and
+#: so does a cron job. Generous beside the tests' requests (well under a second each); the
+#: user's own `config_kwargs` in --storage-options take precedence.
+S3_TIMEOUTS = {"connect_timeout": 30, "read_timeout": 120}
+
+
+def _with_defaults(proto: str, options: dict) -> dict:
+    if proto in ("s3", "s3a"):
+        options["config_kwargs"] = {**S3_TIMEOUTS, **(options.get("config_kwargs") or {})}
+    return options
+
+
 def filesystem(url: str, options: dict | None = None):
     """(fsspec filesystem, path inside it) for ``url``, with the storage options in force (or
     ``options``); InputError for an unknown protocol, a missing package or a bad option."""
     url = resolve(url)
     proto = protocol(url)
-    options = storage_options() if options is None else dict(options)
+    options = _with_defaults(proto, storage_options() if options is None else dict(options))
     try:
         from fsspec.core import url_to_fs
     except ImportError:
@@ -142,7 +155,8 @@ def zarr_store(url: str, read_only: bool, options: dict | None = None):
 
     url = resolve(url)
     filesystem(url, options)  # the same checks and messages as every other URL
-    opts = storage_options() if options is None else dict(options)
+    opts = _with_defaults(protocol(url),
+                          storage_options() if options is None else dict(options))
     with remote_errors(url, "open"):
         return FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
 
