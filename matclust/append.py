@@ -45,7 +45,7 @@ from matclust.format2 import CompactWriter
 from matclust.report import build_report
 from matclust.locations import is_hdf5_url, is_url, refuse_read_only
 from matclust.safety import refuse_clashes, require_path, same_entry
-from matclust.sinks import unscaled
+from matclust.sinks import cluster_among_themselves, unscaled
 from matclust.sources import open_source
 from matclust.sources.base import Batch, columns_of
 from matclust.sources.cache import CachedReader
@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 #: Bytes of (projections x columns) computed at once while screening newcomers.
 SCREEN_BYTES = 32 * 2**20
-#: Parameters of the store's run that the new matrices are clustered with.
-CLUSTERING_KEYS = ("rank", "eps", "method", "order", "patience", "oversampling", "guarantee")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,8 +656,6 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     run calibrates them itself, so matrices apart from the others' scale are kept apart as a
     first run would). The run may use what the plan left for caches (``budget_bytes``); its
     own model counts the interpreter once more, which errs on the safe side."""
-    from matclust.api import MatrixClusterer
-
     batch = reader.get(indices)
     exps = source.exponents[indices]
     blocks = [times_power2(np.array(block), -int(e)) for block, e in zip(batch.blocks(), exps)]
@@ -669,14 +665,12 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     # The blocks are in the working dtype (float64 for integers), which the store rebuilds in
     # its stored dtype (float32): the run keeps that rounding's room off eps as the store's
     # first run did.
-    chosen = {k: params[k] for k in CLUSTERING_KEYS}
     stored_dtype = np.dtype(params.get("stored_dtype", "float64"))
+    overrides = {}
     if encoding == "compact":
-        chosen["eps"] = float(params["eps"]) - 4 * float(np.finfo(stored_dtype).eps)
+        overrides["eps"] = float(params["eps"]) - 4 * float(np.finfo(stored_dtype).eps)
     need = sum(block.nbytes for block in blocks)
-    sub = MatrixClusterer(**chosen, encoding=encoding, mode="in-memory",
-                          memory_limit=max(budget_bytes, 2 * need) + limits.BASELINE_BYTES
-                          ).fit(blocks)
+    sub = cluster_among_themselves(blocks, params, budget_bytes, need, encoding, **overrides)
     return sub.clusters_, float(sub.report_["max_matrix_error"])
 
 

@@ -221,9 +221,6 @@ class CompactSink:
         (out of core: the members evicted from the planned clusters). False, and nothing
         done, unless :meth:`can_recluster`. ``blocks``: their columns in the working scale,
         when already read (else one pass reads them)."""
-        from matclust import limits
-        from matclust.api import MatrixClusterer
-
         if not self.can_recluster(indices, budget_bytes):
             return False
         need = self._recluster_bytes(indices)
@@ -238,13 +235,7 @@ class CompactSink:
             # Copies: a block is a view of its whole batch, which it would otherwise keep alive.
             blocks = [np.array(block) for c, part in cluster_parts(self.source, wanted) if c == 0
                       for block in part.blocks()]
-        keys = ("rank", "eps", "method", "order", "patience", "oversampling", "guarantee")
-        # The run in this process may use what the caches were given, not the whole limit
-        # (on 10^6 matrices the whole limit again took the process to 2.2 GiB at 1 GiB); its
-        # model counts the interpreter once more, which only errs on the safe side.
-        sub_limit = max(budget_bytes, 2 * need) + limits.BASELINE_BYTES
-        sub = MatrixClusterer(**{k: self.params[k] for k in keys}, encoding="compact",
-                              mode="in-memory", memory_limit=sub_limit).fit(blocks)
+        sub = cluster_among_themselves(blocks, self.params, budget_bytes, need)
         for group in sub.clusters_:
             group.members = indices[group.members]
             self._add(group)
@@ -260,3 +251,22 @@ class CompactSink:
             self.flush_pool()
         labels, stats = self.out.finish(self.source.names)
         return labels, stats, self.out.stored_numbers, self.worst
+
+
+#: What a run of matrices clustered again among themselves takes from the run they came from.
+CLUSTERING_KEYS = ("rank", "eps", "method", "order", "patience", "oversampling", "guarantee")
+
+
+def cluster_among_themselves(blocks, params: dict, budget_bytes: int, need: int,
+                             encoding: str = "compact", **overrides):
+    """``blocks`` (``need`` bytes) clustered in memory with ``params``' clustering parameters
+    (``overrides`` replace some), fitted. The run may use what the caches were given, not the
+    whole limit (on 10^6 matrices the whole limit again took the process to 2.2 GiB at 1 GiB);
+    its model counts the interpreter once more, which only errs on the safe side."""
+    from matclust import limits
+    from matclust.api import MatrixClusterer
+
+    chosen = {**{k: params[k] for k in CLUSTERING_KEYS}, **overrides}
+    return MatrixClusterer(**chosen, encoding=encoding, mode="in-memory",
+                           memory_limit=max(budget_bytes, 2 * need) + limits.BASELINE_BYTES
+                           ).fit(blocks)
