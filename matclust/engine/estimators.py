@@ -35,6 +35,9 @@ from matclust.engine.linalg import (
 #: Safety margin for rounding in the estimators, as a multiple of r * eps_machine * ||M_S||^2.
 #: It makes the bound robust to the last bits of floating point; it changes bounds by ~1e-14.
 ROUNDING_MARGIN = 16.0
+#: Rounding margin of a screened block's captured energy, as a multiple of
+#: (m + r) * eps_machine * ||A||^2 (see IncrementalState.captured).
+SCREEN_MARGIN = 4.0
 
 
 class _State:
@@ -73,6 +76,13 @@ class _State:
     def top_basis(self) -> np.ndarray | None:
         """Orthonormal top-r left singular vectors of the blocks added so far, when the state
         tracks them exactly (None otherwise)."""
+        return None
+
+    def captured(self, block: np.ndarray) -> float | None:
+        """A lower bound on ||P^* A||_F^2 for a block A, P the state's r tracked leading
+        directions (orthonormal), or None when the state tracks no directions. Blocks that
+        join a cluster without an update: ``energy`` plus their captured energies is a lower
+        bound on the cluster's top-r energy (see docs/algorithms.md, "Screening")."""
         return None
 
 
@@ -129,6 +139,8 @@ class Estimator:
     #: Columns worth adding in one update when several candidates are admitted together
     #: (0: one block at a time).
     group_columns = 0
+    #: Whether states bound blocks added without an update (``_State.captured``).
+    screens = False
 
     def __init__(self, rank: int):
         if rank < 1:
@@ -283,6 +295,16 @@ class IncrementalState(_State):
         top = np.arange(len(mu) - 1, max(len(mu) - self.keep, 0) - 1, -1)
         return np.clip(mu[top], 0.0, None), v[:, top]
 
+    def captured(self, block: np.ndarray) -> float | None:
+        a, q = as_compute(block), self.q[:, : self.rank]
+        if q.dtype != a.dtype:  # real state, complex block (or the reverse): widen both
+            a = a.astype(np.result_type(a, q))
+            q = q.astype(a.dtype)
+        # The product's rounding is at most ~m eps ||A||^2, and P's departure from orthonormal
+        # a few eps; both are charged, generously.
+        margin = SCREEN_MARGIN * (q.shape[0] + self.rank) * EPS * sqnorm(a)
+        return float(np.sum(column_norms2(q.conj().T @ a))) - margin
+
     def top_basis(self) -> np.ndarray | None:
         # After one update from empty, Q diag(lam) Q^* is the block's Gram up to directions
         # dropped as numerically null, so the leading columns are its top-r singular vectors.
@@ -399,6 +421,7 @@ class IncrementalEstimator(Estimator):
     """Incremental truncated SVD tracking k = rank + oversampling directions (Loewner bound)."""
 
     name = "incremental"
+    screens = True
 
     def __init__(self, rank: int, m: int, complex_data: bool = False,
                  oversampling: int = defaults.OVERSAMPLING):
