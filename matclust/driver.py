@@ -27,7 +27,7 @@ from matclust import defaults
 from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.exact import pending_limit
-from matclust.engine.estimators import Estimator, bound_from
+from matclust.engine.estimators import Estimator
 from matclust.engine.linalg import as_compute, column_norms2, residual_columns2, sqnorm
 from matclust.sources.base import Batch, columns_of
 
@@ -169,55 +169,6 @@ def feeding_order(blocks, rank: int, order: str) -> np.ndarray:
             residual2[i] = float(np.sum(residual_columns2(q, blocks[i])))
         tail = by_ascending(np.flatnonzero(rest), residual2)
     return np.concatenate([seed, tail]).astype(np.int64)
-
-
-class Screen:
-    """Candidates admitted without an update of the estimator's state.
-
-    With P the state's r tracked leading directions (orthonormal), the cluster's top-r energy is
-    at least that of its columns inside P (Ky Fan: E_r(M) >= ||P^* M||_F^2): the state's own
-    lower bound plus ||P^* A||_F^2 for every block added since. While that keeps the cluster
-    within eps, a candidate joins for one r x m by m x n product instead of an update (a QR and
-    an eigendecomposition). The first candidate the screen does not admit is tried with one
-    update by all the blocks screened in and itself (:meth:`fold`): a group, which bounds at
-    least as tightly as updates one block at a time; the cluster ends there if that fails too.
-    """
-
-    def __init__(self, rank: int, eps: float):
-        self.rank, self.eps = rank, eps
-        self.clear()
-
-    def clear(self) -> None:
-        self.blocks: list[np.ndarray] = []
-        self.norms2: list[float] = []
-        self.loss2: list[float] = []
-        self._energy = 0.0  # captured energy of the blocks screened in
-        self._bound: float | None = None  # their cluster's bound (None: none screened in)
-
-    def __bool__(self) -> bool:
-        return bool(self.blocks)
-
-    def admits(self, state, block: np.ndarray, norm2: float, loss2: float) -> bool:
-        """Whether ``block`` joins on the screen; it is held for :meth:`fold` either way."""
-        energy = self._energy + state.captured(block)
-        self.blocks.append(block)
-        self.norms2.append(norm2)
-        self.loss2.append(loss2)
-        bound = bound_from(state.energy + energy, self.rank, state.norm2 + sum(self.norms2),
-                           state.loss2 + sum(self.loss2))
-        if bound > self.eps:
-            return False
-        self._energy, self._bound = energy, bound
-        return True
-
-    def fold(self, state):
-        """``state`` extended by every held block (the last one not admitted) as one group."""
-        ends = np.cumsum([b.shape[1] for b in self.blocks])
-        return state.prefixes(np.hstack(self.blocks), ends, self.norms2, self.loss2)
-
-    def bound(self, state) -> float:
-        """The cluster's bound: ``state``'s, or the screen's with blocks screened in."""
-        return state.bound if self._bound is None else self._bound
 
 
 class BlockReader(Protocol):
@@ -406,25 +357,21 @@ class GreedyDriver:
         # (a try that overshoots costs a few eigenvalue probes, one that undershoots a whole
         # update).
         run = max(1, self._last_size - len(seed))
-        screen = Screen(self.rank, self.eps)
+        screen = state.screen()
         for batch_indices in self._candidates(seed, seed_blocks, state):
             batch = self.reader.get(batch_indices)
             j = 0
             while j < len(batch):
-                if screen or self._screens(state, batch, j):
+                if screen is not None and (screen or self._screens(batch, j)):
                     idx = int(batch.indices[j])
                     loss2 = 0.0 if self._loss2 is None else float(self._loss2[idx])
-                    if screen.admits(state, batch.block(j), float(self.norms2[idx]), loss2):
-                        admit(batch, j, 1)
-                        j += 1
-                        continue
-                    # Not on the screen: one update with the blocks screened in and this one.
-                    group = screen.fold(state)
-                    p = len(group)
-                    if group.state(p).bound > self.eps:
-                        return np.array(members), screen.bound(state), kept
-                    state = group.state(p)
-                    screen.clear()
+                    if not screen.admits(batch.block(j), float(self.norms2[idx]), loss2, self.eps):
+                        # Not on the screen: one update by the blocks screened in and this one.
+                        group = screen.fold()
+                        if group.state(len(group)).bound > self.eps:
+                            return np.array(members), screen.bound, kept
+                        state = group.state(len(group))
+                        screen = state.screen()
                     admit(batch, j, 1)
                     j += 1
                     continue
@@ -443,14 +390,13 @@ class GreedyDriver:
                 admit(batch, j, take)
                 j += take
                 run *= 2
-        return np.array(members), screen.bound(state), kept
+        return np.array(members), screen.bound if screen else state.bound, kept
 
-    def _screens(self, state, batch, j: int) -> bool:
-        """Whether candidate j of ``batch`` goes through the screen (see :class:`Screen`):
-        when it cannot share a group update with the next one (it fills the estimator's column
-        budget alone) and the state tracks directions to screen with."""
-        width = int(batch.offsets[j + 1] - batch.offsets[j])
-        return self.estimator.screens and 2 * width > self.estimator.group_columns
+    def _screens(self, batch, j: int) -> bool:
+        """Whether candidate j of ``batch`` goes through the estimator's screen
+        (:class:`~matclust.engine.estimators.Screen`) rather than an update: when it cannot
+        share a group update with the next one (it fills the column budget alone)."""
+        return 2 * int(batch.offsets[j + 1] - batch.offsets[j]) > self.estimator.group_columns
 
     def _longest_fit(self, group) -> int:
         """How many leading blocks of a group that does not fit do fit, added as one block
