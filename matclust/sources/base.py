@@ -478,8 +478,19 @@ class MatrixSource:
         positions ``at`` of ``batch``."""
         offsets = np.concatenate([[0], np.cumsum(self.widths[indices])]).astype(np.int64)
         out = np.empty((self.m, int(offsets[-1])), self.dtype)
-        for sel, batch, at in parts:
-            out[:, columns_of(offsets, sel)] = batch.data[:, columns_of(batch.offsets, at)]
+        # np.take into a contiguous array is ~10x faster than assigning to fancy-indexed
+        # columns: the parts are taken one after the other, then put in order by one more take.
+        order = np.concatenate([sel for sel, _, _ in parts])
+        if len(parts) == 1 and (np.diff(order) == 1).all():
+            batch, at = parts[0][1], parts[0][2]
+            np.take(batch.data, columns_of(batch.offsets, at), axis=1, out=out)
+        else:
+            joined = np.concatenate([np.take(batch.data, columns_of(batch.offsets, at), axis=1)
+                                     for _, batch, at in parts], axis=1)
+            joined_offsets = np.concatenate([[0], np.cumsum(self.widths[indices[order]])])
+            position = np.empty(len(indices), dtype=np.int64)
+            position[order] = np.arange(len(indices))
+            np.take(joined, columns_of(joined_offsets.astype(np.int64), position), axis=1, out=out)
         return Batch(indices, out, offsets)
 
     def _check_finite(self, data: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> None:
