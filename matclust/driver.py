@@ -440,9 +440,11 @@ class GreedyDriver:
             pieces = [ascending[remaining_mask[ascending]]]
         else:
             pieces = self._by_residual(seed_state.order_basis(), seed_blocks, remaining_mask)
-        # Read in slices of 16, 32, then 64 candidates: most clusters end within the first
-        # few, and gathering columns costs in proportion to how many.
-        step = 16
+        # Read in slices of doubling size, up to 64 candidates: most clusters end within the
+        # first few, and gathering columns costs in proportion to how many. The first slice is
+        # twice what the last cluster admitted, within 4..16 (PDE 128 x 48 blocks, clusters of
+        # ~5: 1,802 blocks gathered with 16 first, for 550 admitted).
+        step = min(16, max(4, 2 * (self._last_size - len(seed))))
         for ordered in pieces:
             start = 0
             while start < len(ordered):

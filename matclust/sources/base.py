@@ -138,7 +138,9 @@ class Batch:
         positions = np.asarray(positions, dtype=np.int64)
         widths = np.diff(self.offsets)[positions]
         offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
-        return Batch(self.indices[positions], self.data[:, columns_of(self.offsets, positions)], offsets)
+        # np.take keeps the rows contiguous; data[:, columns] would come out column-major,
+        # and every later gather from it (a cached batch compacted) would transpose.
+        return Batch(self.indices[positions], np.take(self.data, columns_of(self.offsets, positions), axis=1), offsets)
 
 
 class MatrixSource:
