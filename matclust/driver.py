@@ -439,7 +439,7 @@ class GreedyDriver:
             ascending = self._by_norm[::-1]
             pieces = [ascending[remaining_mask[ascending]]]
         else:
-            pieces = self._by_residual(seed_state.order_basis(), seed_blocks, remaining_mask)
+            pieces = self._by_residual(seed_state.top_basis(), seed_blocks, remaining_mask)
         # Read in slices of doubling size, up to 64 candidates: most clusters end within the
         # first few, and gathering columns costs in proportion to how many. The first slice is
         # twice what the last cluster admitted, within 4..16 (PDE 128 x 48 blocks, clusters of
@@ -453,8 +453,8 @@ class GreedyDriver:
                 step = min(2 * step, 64)
 
     def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray) -> Iterator[np.ndarray]:
-        """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's estimator state's
-        ``order_basis`` when it has one, else the seed's top-r basis (an SVD of the seed)."""
+        """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's top-r basis
+        (from the seed's estimator state when it tracks one, else an SVD of the seed)."""
         if q is None:
             q = seed_basis(seed_blocks, self.rank)
         candidates = np.flatnonzero(remaining_mask)

@@ -35,9 +35,6 @@ from matclust.engine.linalg import (
 #: Safety margin for rounding in the estimators, as a multiple of r * eps_machine * ||M_S||^2.
 #: It makes the bound robust to the last bits of floating point; it changes bounds by ~1e-14.
 ROUNDING_MARGIN = 16.0
-#: The 'residual' order measures candidates against all k = r + p tracked directions of the
-#: seed when m >= this many times k, else against its top r (IncrementalState.order_basis).
-ORDER_SPACE_FACTOR = 4
 #: Rounding margin of a screened bound (see Screen), as a multiple of
 #: (m + k) * eps_machine * ||M_S||^2.
 SCREEN_MARGIN = 4.0
@@ -76,10 +73,9 @@ class _State:
         see :class:`Prefixes`."""
         return Prefixes(self, block, ends, norms2, loss2)
 
-    def order_basis(self) -> np.ndarray | None:
-        """The orthonormal directions the 'residual' order measures candidates against, when
-        the state tracks them exactly (None otherwise: the driver then takes the seed's top-r
-        left singular vectors)."""
+    def top_basis(self) -> np.ndarray | None:
+        """Orthonormal top-r left singular vectors of the blocks added so far, when the state
+        tracks them exactly (None otherwise)."""
         return None
 
     def screen(self) -> "Screen | None":
@@ -297,19 +293,13 @@ class IncrementalState(_State):
     def screen(self) -> "Screen":
         return Screen(self)
 
-    def order_basis(self) -> np.ndarray | None:
+    def top_basis(self) -> np.ndarray | None:
         # After one update from empty, Q diag(lam) Q^* is the block's Gram up to directions
-        # dropped as numerically null, so the leading columns are its top singular vectors.
+        # dropped as numerically null, so the leading columns are its top-r singular vectors.
         # Those dropped are the smallest: with r columns kept they are not among the top r.
         if self.size != 1 or not self.q.shape[1] or (self.slack and self.q.shape[1] < self.rank):
             return None
-        # All k tracked directions (the paper's order) when they are a small part of the space:
-        # there they tell candidates that share the seed's structure beyond its top r from
-        # those that do not (PDE trajectories, 128 x 48, r 8 + 5: compression ratio 6.59 ->
-        # 7.22). When k is a large part of it, most of any candidate lies inside them, and the
-        # top r discriminate better (16 x 16 patches, r 4 + 5: 2.283 with r, 2.250 with k).
-        wanted = self.keep if self.q.shape[0] >= ORDER_SPACE_FACTOR * self.keep else self.rank
-        return self.q[:, : min(wanted, int(np.count_nonzero(self.lam > 0)) or 1)]
+        return self.q[:, : min(self.rank, int(np.count_nonzero(self.lam > 0)) or 1)]
 
 
 class _IncrementalPrefixes(Prefixes):
