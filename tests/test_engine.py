@@ -712,3 +712,42 @@ def test_prefixes_are_the_prefix_blocks_added_as_one(method, cplx):
                 a = dense[:, seed.shape[1]:]
                 want = np.sort(np.linalg.eigvalsh(t + a @ a.conj().T))[::-1][:r].sum()
                 assert state.energy == pytest.approx(want, rel=1e-9, abs=1e-12 * state.norm2)
+
+
+@pytest.mark.parametrize("cplx", [False, True])
+def test_screen_bounds_the_cluster(cplx):
+    """Blocks admitted on the incremental state's screen (no update): after each, the screen's
+    bound is >= the true error of the seed plus the blocks so far (numpy's SVD), and no
+    tighter than one update by all of them (fold), whose group bound is the estimator's own.
+    Random, planted (exactly low-rank and with tiny noise) and wide blocks against a narrow
+    tracked basis."""
+    rng = np.random.default_rng(71 + cplx)
+    for trial in range(12):
+        m = int(rng.integers(6, 50))
+        r = int(rng.integers(1, 5))
+        widths = rng.integers(1, 2 * m, size=int(rng.integers(2, 7)))
+        if trial % 3 == 0:
+            blocks = random_blocks(rng, m, widths, cplx, scales=10.0 ** rng.uniform(-2, 1, len(widths)))
+        else:
+            k = int(rng.integers(1, min(m, r + 3)))
+            blocks = planted_blocks(rng, m, widths, k, [0.0, 1e-12, 1e-3][trial % 3], cplx)
+        seed, rest = blocks[0], blocks[1:]
+        for est in (IncrementalEstimator(r, m, cplx), IncrementalEstimator(r, m, cplx, oversampling=0)):
+            state = est.start([seed])
+            screen = state.screen()
+            for p, block in enumerate(rest, start=1):
+                assert screen.admits(block, float(np.linalg.norm(block) ** 2), 0.0, eps=1.0)
+                err = reference([seed] + rest[:p], r)[0]
+                assert screen.bound >= err - SLACK, (trial, p, screen.bound, err)
+                if trial % 3 == 1 and k <= r and seed.shape[1] >= k:
+                    # The seed spans the blocks' subspace: the screen sees all of their energy.
+                    assert screen.bound < 1e-5, (trial, p, screen.bound)
+                folded = screen.fold()
+                assert folded.bound(p) <= screen.bound + 1e-12, (trial, p)
+                # Bounds are sqrt(1 - energy / norm2): compare the energies' share.
+                assert abs(folded.state(p).bound ** 2
+                           - state.extend(np.hstack(rest[:p])).bound ** 2) < 1e-12, (trial, p)
+            # A bound above eps is refused, and the block is still held for the fold.
+            tight = state.screen()
+            assert not tight.admits(rest[0], float(np.linalg.norm(rest[0]) ** 2), 0.0, eps=-1.0)
+            assert len(tight.fold()) == 1 and tight.bound == state.bound

@@ -35,6 +35,9 @@ from matclust.engine.linalg import (
 #: Safety margin for rounding in the estimators, as a multiple of r * eps_machine * ||M_S||^2.
 #: It makes the bound robust to the last bits of floating point; it changes bounds by ~1e-14.
 ROUNDING_MARGIN = 16.0
+#: Rounding margin of a screened bound (see Screen), as a multiple of
+#: (m + k) * eps_machine * ||M_S||^2.
+SCREEN_MARGIN = 4.0
 
 
 class _State:
@@ -73,6 +76,10 @@ class _State:
     def top_basis(self) -> np.ndarray | None:
         """Orthonormal top-r left singular vectors of the blocks added so far, when the state
         tracks them exactly (None otherwise)."""
+        return None
+
+    def screen(self) -> "Screen | None":
+        """A :class:`Screen` from this state (None when the estimator has none)."""
         return None
 
 
@@ -283,6 +290,9 @@ class IncrementalState(_State):
         top = np.arange(len(mu) - 1, max(len(mu) - self.keep, 0) - 1, -1)
         return np.clip(mu[top], 0.0, None), v[:, top]
 
+    def screen(self) -> "Screen":
+        return Screen(self)
+
     def top_basis(self) -> np.ndarray | None:
         # After one update from empty, Q diag(lam) Q^* is the block's Gram up to directions
         # dropped as numerically null, so the leading columns are its top-r singular vectors.
@@ -389,6 +399,72 @@ class _IncrementalPrefixes(Prefixes):
         return IncrementalState(base.rank, base.keep, basis, lam,
                                 base.norm2 + float(self.norms2[p - 1]), base.size + 1, slack,
                                 base.loss2 + float(self.loss2[p - 1]))
+
+
+class Screen:
+    """Blocks admitted to a cluster without an update of its incremental state.
+
+    Let Q (orthonormal, k columns) and lam be the state's tracked directions and energies, so
+    that Q diag(lam) Q^* <= M M^* (up to the state's slack). For blocks A_1..A_j added since,
+    the k x k matrix diag(lam) + sum_i Y_i Y_i^*, Y_i = Q^* A_i, is Q^* (Q diag(lam) Q^* +
+    sum_i A_i A_i^*) Q <= Q^* M M^* Q (M now with the A_i), and the sum of its top r eigenvalues
+    is at most E_r(M) (Ky Fan: a compression has no larger top-r sum). So that sum, less the
+    state's slack, is a lower bound on the cluster's top-r energy that costs a k x m by m x n
+    product and a k x k eigenvalue problem per block, instead of a QR and an eigendecomposition
+    of k + n. It misses only what the blocks have outside span(Q).
+
+    The driver screens candidates while this bound admits them; the first one it does not
+    admit is tried with one update by every held block and itself (:meth:`fold`), a group
+    update, which bounds at least as tightly as updates one block at a time.
+    """
+
+    def __init__(self, state: "IncrementalState"):
+        self.state = state
+        self.q = state.q
+        self.gram = np.diag(state.lam).astype(state.q.dtype)
+        self.blocks: list[np.ndarray] = []
+        self.norms2: list[float] = []
+        self.loss2: list[float] = []
+        self.margin2 = 0.0  # the blocks' squared norms, the scale of the products' rounding
+        self._bound: float | None = None  # None: no block admitted yet
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks)
+
+    def admits(self, block: np.ndarray, norm2: float, loss2: float, eps: float) -> bool:
+        """Whether ``block`` joins on the screen; it is held for :meth:`fold` either way."""
+        a, q, state = as_compute(block), self.q, self.state
+        if q.dtype != a.dtype:  # real state, complex block (or the reverse): widen both
+            a = a.astype(np.result_type(a, q))
+            q = self.q = q.astype(a.dtype)
+            self.gram = self.gram.astype(a.dtype)
+        y = q.conj().T @ a
+        self.gram = self.gram + y @ y.conj().T
+        self.blocks.append(block)
+        self.norms2.append(norm2)
+        self.loss2.append(loss2)
+        self.margin2 += sqnorm(a)
+        mu = np.linalg.eigvalsh(self.gram)[::-1][: state.rank]
+        # The products and the eigenvalues round by ~(m + k) eps times the blocks' energy;
+        # charged generously, on top of every bound's own margin.
+        rounding = SCREEN_MARGIN * (q.shape[0] + q.shape[1]) * EPS * (self.margin2 + state.norm2)
+        energy = float(np.sum(np.clip(mu, 0.0, None))) - state.rank * state.slack - rounding
+        bound = bound_from(energy, state.rank, state.norm2 + sum(self.norms2),
+                           state.loss2 + sum(self.loss2))
+        if bound > eps:
+            return False
+        self._bound = bound
+        return True
+
+    def fold(self) -> Prefixes:
+        """The state extended by every held block (the last one not admitted) as one group."""
+        ends = np.cumsum([b.shape[1] for b in self.blocks])
+        return self.state.prefixes(np.hstack(self.blocks), ends, self.norms2, self.loss2)
+
+    @property
+    def bound(self) -> float:
+        """The bound of the state with the admitted blocks."""
+        return self.state.bound if self._bound is None else self._bound
 
 
 #: Columns added at once in the full-space regime, per row of the blocks.
