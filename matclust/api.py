@@ -472,6 +472,8 @@ class MatrixClusterer:
                              f"an output store ({source.matrix_bytes / 2**20:.0f} MiB of "
                              f"matrices); give one")
         summaries = SummaryReader(source, params["rank"], budget, form_eps, progress)
+        logger.info("summary pass over the input: %d directions of each matrix, %s",
+                    summaries.s, summaries.store_dtype)
         driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
                               form_eps, params["order"], params["patience"],
                               progress.advance, exact_check=False)

@@ -243,8 +243,12 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             # Members that leave their cluster here (their own error is above 0.9 eps) would
             # be stored alone; clustered again among themselves (in memory: they are few)
             # most join clusters of their own. Their codes wait for the writing pass.
+            logger.info("checking pass over the input: members of %d factored clusters",
+                        len(rounded))
             evicted, blocks = passes.evicted(labels, rounded, encoder, hold)
             dissolved = _dissolved(planned, labels, rounded, evicted, rank, source)
+            logger.info("%d members evicted; %d more in clusters dissolved (no longer worth a basis)",
+                        len(evicted), len(dissolved))
             if len(dissolved):
                 # A cluster left with too few members for its basis to pay (as the in-memory
                 # driver decides after its evictions): all its members are clustered again.
