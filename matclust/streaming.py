@@ -247,8 +247,8 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
                         len(rounded))
             evicted, blocks = passes.evicted(labels, rounded, encoder, hold)
             dissolved = _dissolved(planned, labels, rounded, evicted, rank, source)
-            logger.info("%d members evicted; %d more in clusters dissolved (no longer worth a basis)",
-                        len(evicted), len(dissolved))
+            logger.info("%d members evicted; %d more in clusters dissolved (no longer worth "
+                        "a basis)", len(evicted), len(dissolved))
             if len(dissolved):
                 # A cluster left with too few members for its basis to pay (as the in-memory
                 # driver decides after its evictions): all its members are clustered again.
