@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "in-memory", "out-of-core")
 
-#: Above this much matrix data ``auto`` runs out of core even when the data would fit: its
-#: compacted summaries scan faster than cached batches (bench/: 27,648 MiniLM columns 9.2 s in
-#: memory, 7.4 s out of core; 20,000 planted 32 x 16 blocks 5.6 s and 3.6 s; 100,000 of them
-#: 22 s and 9.5 s), while small collections do not repay its extra passes (14,158 RGB
-#: patches, 12 MiB: 0.52 s and 0.64 s).
+#: Above this much matrix data ``auto`` runs out of core even when the data would fit, provided
+#: the summaries are smaller than the matrices (:func:`summaries_shrink`): they then scan
+#: faster than cached batches (bench/: 20,000 planted 32 x 16 blocks 5.6 s in memory, 3.6 s out
+#: of core; 100,000 of them 22 s and 9.5 s), while small collections do not repay the extra
+#: passes (14,158 RGB patches, 12 MiB: 0.52 s and 0.64 s).
 AUTO_OUT_OF_CORE_BYTES = 32 * 2**20
 
 
@@ -131,7 +131,8 @@ class MatrixClusterer:
         runs it on compact per-matrix summaries that fit the memory limit, with bounds that stay
         guaranteed, and computes the exact bases and coefficients in sequential passes
         (needs an output store). ``auto`` picks out-of-core, given an output store, when the
-        matrices do not fit the budget or exceed ``AUTO_OUT_OF_CORE_BYTES`` (32 MiB).
+        matrices do not fit the budget, or exceed ``AUTO_OUT_OF_CORE_BYTES`` (32 MiB) and are
+        wider than the rank (their summaries are then the smaller; :func:`summaries_shrink`).
     n_clusters : int, optional
         Number of clusters of the random and kmeans baselines.
     random_state : int
@@ -345,11 +346,12 @@ class MatrixClusterer:
         # Every matrix may end up a cluster of its own: the plan reserves room for that.
         in_memory_plan = limits.plan(params["memory_limit"], source.K,
                                      limits.cluster_reserve(source.K))
+        fits = in_memory_plan is not None and source.matrix_bytes <= in_memory_plan.cache
         out_of_core = params["mode"] == "out-of-core" or (
             params["mode"] == "auto" and output is not None
-            and source.matrix_bytes > min(in_memory_plan.cache if in_memory_plan else 0,
-                                          AUTO_OUT_OF_CORE_BYTES)
-            and not is_baseline(params["method"]))
+            and not is_baseline(params["method"])
+            and (not fits or (source.matrix_bytes > AUTO_OUT_OF_CORE_BYTES
+                              and summaries_shrink(source, params["rank"]))))
         run_plan = cluster_plan(source, params, out_of_core)
         budget = run_plan.cache
         source.batch_limit = run_plan.batch
@@ -470,6 +472,8 @@ class MatrixClusterer:
                              f"an output store ({source.matrix_bytes / 2**20:.0f} MiB of "
                              f"matrices); give one")
         summaries = SummaryReader(source, params["rank"], budget, form_eps, progress)
+        logger.info("summary pass over the input: %d directions of each matrix, %s",
+                    summaries.s, summaries.store_dtype)
         driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
                               form_eps, params["order"], params["patience"],
                               progress.advance, exact_check=False)
@@ -502,6 +506,17 @@ def summary_bytes(source: MatrixSource, rank: int, eps: float) -> int:
     s = int(min(rank, source.m, int(source.widths.max())))
     dtype = summary_dtype(eps, source.dtype.kind == "c", 1, 0)
     return source.K * source.m * s * dtype.itemsize
+
+
+def summaries_shrink(source: MatrixSource, rank: int) -> bool:
+    """Whether the summaries keep fewer directions than the matrices have columns. When they
+    do not (matrices no wider than the rank), planning on them scans as many columns as the
+    matrices themselves and only adds passes: 59,068 MiniLM columns (384 x 1) at rank 32,
+    eps 0.2 took 50.6 s of CPU out of core and 7.7 s in memory, to the same store (every
+    column stored alone: the matrix guarantee dissolved every cluster planned out of core).
+    Summaries keep min(rank, m, widest) directions of every matrix (``SummaryReader``)."""
+    directions = min(rank, source.m, int(source.widths.max()))
+    return source.K * directions < int(source.widths.sum())
 
 
 def cluster_plan(source: MatrixSource, params: dict, out_of_core: bool) -> limits.Plan:

@@ -193,8 +193,8 @@ def _configure_logging(verbosity: int) -> None:
 @click.option("--mode", type=click.Choice(["auto", "in-memory", "out-of-core"]), default="auto",
               show_default=True,
               help="in-memory: the matrices themselves, exhaustive candidate order; out-of-core: "
-                   "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit "
-                   "or exceed 32 MiB.")
+                   "per-matrix summaries within --memory-limit; auto: out-of-core when the data do not fit, "
+                   "or exceed 32 MiB and the matrices are wider than --rank.")
 @click.option("--guarantee", type=click.Choice(["matrix", "cluster"]), default=defaults.GUARANTEE,
               show_default=True,
               help="matrix: every matrix within eps of itself, as stored; cluster: every cluster "

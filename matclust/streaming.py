@@ -229,7 +229,9 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
 
     ``passes``: how the passes over the input run (:class:`LocalPasses`, sequential, by
     default; a sharded run's go over its shards in parallel, :mod:`matclust.stages`)."""
-    passes = passes or LocalPasses(source, progress)
+    # The checking pass keeps the evicted members' columns while they fit what the recluster
+    # may hold (sink.can_recluster), sparing it a pass of its own to pick them out.
+    passes = passes or LocalPasses(source, progress, keep_bytes=budget_bytes // 4)
     labels = _labels_of(planned, source.K)
     encoder, out = sink.encoder, sink.out
     hold = min(WRITE_HOLD_BYTES, budget_bytes // 8)  # see held_parts
@@ -241,8 +243,12 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             # Members that leave their cluster here (their own error is above 0.9 eps) would
             # be stored alone; clustered again among themselves (in memory: they are few)
             # most join clusters of their own. Their codes wait for the writing pass.
+            logger.info("checking pass over the input: members of %d factored clusters",
+                        len(rounded))
             evicted, blocks = passes.evicted(labels, rounded, encoder, hold)
             dissolved = _dissolved(planned, labels, rounded, evicted, rank, source)
+            logger.info("%d members evicted; %d more in clusters dissolved (no longer worth "
+                        "a basis)", len(evicted), len(dissolved))
             if len(dissolved):
                 # A cluster left with too few members for its basis to pay (as the in-memory
                 # driver decides after its evictions): all its members are clustered again.
@@ -253,6 +259,8 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
             if again:
                 labels = labels.copy()
                 labels[evicted] = -1
+            else:
+                blocks = None
         else:
             again = False
         cid = {c: out.new_cluster(rounded[c], planned[c].bound or 0.0,
@@ -265,6 +273,7 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
         parts = passes.encoded(labels, rounded, bounds, encoder, hold)
         if again:
             sink.recluster(evicted, budget_bytes, blocks)
+            blocks = None  # not held through the writing pass
         for c, group, leftovers in parts:
             if group is not None:
                 sink._add(group, cid[c])
@@ -287,20 +296,22 @@ def _dissolved(planned, labels, rounded, evicted, rank: int, source) -> np.ndarr
 
 
 class LocalPasses:
-    """The storing passes as sequential passes over ``source`` in this process."""
+    """The storing passes as sequential passes over ``source`` in this process. ``keep_bytes``:
+    the checking pass keeps the evicted members' columns up to this many bytes."""
 
-    def __init__(self, source: MatrixSource, progress=None):
-        self.source, self.progress = source, progress
+    def __init__(self, source: MatrixSource, progress=None, keep_bytes: int = 0):
+        self.source, self.progress, self.keep_bytes = source, progress, keep_bytes
 
     def accumulate(self, group, labels, rank) -> dict:
         """Every cluster of ``group``'s :class:`ExactBasis`, fed its members' columns."""
         return accumulate_bases(self.source, labels, group, rank, self.progress)
 
     def evicted(self, labels, rounded, encoder, hold=None):
-        """The members the encoder would evict from their factored cluster, ascending; their
-        blocks are left to be read again (None). ``hold``: see :func:`held_parts`."""
+        """The members the encoder would evict from their factored cluster, ascending, and
+        their columns (None, to be read again, beyond ``keep_bytes``). ``hold``: see
+        :func:`held_parts`."""
         return evicted_members(self.source, labels, rounded, encoder, self.progress,
-                               hold=hold), None
+                               keep_blocks=True, hold=hold, keep_bytes=self.keep_bytes)
 
     def encoded(self, labels, rounded, bounds, encoder, hold=None):
         """(cluster, stored group or None, leftovers) for each cluster's part in each batch
@@ -331,13 +342,14 @@ def encoded_parts(source, labels, rounded, bounds, encoder, progress=None, first
 
 
 def evicted_members(source, labels, rounded, encoder, progress=None, keep_blocks=False,
-                    hold: int | None = None):
+                    hold: int | None = None, keep_bytes: int | None = None):
     """One pass: the members of factored clusters that the encoder would evict (as
     :meth:`matclust.compact.CompactEncoder.encode_cluster` decides), in index order; with
-    ``keep_blocks``, also their columns (copied), in that order."""
+    ``keep_blocks``, also their columns (copied), in that order, or None once they take more
+    than ``keep_bytes`` (no limit: None)."""
     from matclust.engine import budget as qb
 
-    out, blocks = [], []
+    out, blocks, kept = [], [], 0
     for c, part in _held(cluster_parts(source, labels, progress, "checking"), hold):
         basis = rounded.get(c)
         if basis is None:
@@ -347,12 +359,16 @@ def evicted_members(source, labels, rounded, encoder, progress=None, keep_blocks
         norm2 = qb.per_matrix(column_norms2(data), part.offsets)
         gone = np.flatnonzero(~encoder.keeps(data, part.offsets, norm2, trunc2))
         out.append(part.indices[gone])
-        if keep_blocks:
-            blocks.extend(np.array(part.block(j)) for j in gone)
+        if keep_blocks and blocks is not None:
+            taken = [np.array(part.block(j)) for j in gone]
+            blocks.extend(taken)
+            kept += sum(block.nbytes for block in taken)
+            if keep_bytes is not None and kept > keep_bytes:
+                blocks = None  # more than may be held: they are read again if needed
     indices = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
     order = np.argsort(indices, kind="stable")
     if keep_blocks:
-        return indices[order], [blocks[j] for j in order]
+        return indices[order], None if blocks is None else [blocks[j] for j in order]
     return indices[order]
 
 

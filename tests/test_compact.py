@@ -192,6 +192,46 @@ def test_members_evicted_out_of_core_are_clustered_again(tmp_path, monkeypatch):
     assert reports["out-of-core"]["singletons"] < calls[0]  # most joined clusters again
 
 
+def test_evicted_members_kept_by_the_checking_pass_store_as_read_again(tmp_path, monkeypatch):
+    """Out of core the checking pass keeps the evicted members' columns for their recluster
+    (no pass of its own to read them again); with nothing kept (keep_bytes 0) they are read
+    again. Both stores are identical, labels and decoded matrices, and within eps."""
+    import matclust.sinks as sinks
+    import matclust.streaming as streaming
+
+    inp = os.fspath(tmp_path / "in.h5")
+    write_planted(inp, K=400, m=16, n=4, subspaces=4, rank=3, noise=0.05, dtype="float32",
+                  scale_spread=10.0)
+    mats, _, _ = load_input(inp)
+    given = []
+    real = sinks.CompactSink.recluster
+
+    def spy(self, indices, budget, blocks=None):
+        given.append(blocks is not None)
+        return real(self, indices, budget, blocks)
+
+    monkeypatch.setattr(sinks.CompactSink, "recluster", spy)
+    local = streaming.LocalPasses
+
+    class KeepNothing(local):
+        def __init__(self, source, progress=None, keep_bytes=0):
+            super().__init__(source, progress, keep_bytes=0)
+
+    stores = []
+    for passes in (local, KeepNothing):
+        monkeypatch.setattr(streaming, "LocalPasses", passes)
+        out = os.fspath(tmp_path / f"{passes.__name__}.h5")
+        run_inprocess("cluster", inp, "-o", out, "--rank", "3", "--eps", "0.1", "--mode",
+                      "out-of-core", check=0)
+        check_compact(out, mats, 0.1, "matrix")
+        stores.append(decode_compact(out))
+    assert given == [True, False], "the recluster did not run, or kept nothing: nothing shown"
+    (_, labels0, dec0), (_, labels1, dec1) = stores
+    np.testing.assert_array_equal(labels0, labels1)
+    for a, b in zip(dec0, dec1):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("method", ["incremental", "residual", "weyl"])
 @pytest.mark.parametrize("mode", ["in-memory", "out-of-core"])
 def test_every_method_keeps_every_matrix_within_eps(tmp_path, method, mode):

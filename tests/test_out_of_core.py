@@ -559,6 +559,27 @@ def test_auto_mode_runs_large_collections_out_of_core(tmp_path, monkeypatch, thr
     assert verify_store(str(tmp_path / "out.h5"))["ok"]
 
 
+@pytest.mark.parametrize("width,expected", [(4, "in-memory"), (5, "out-of-core")])
+def test_auto_mode_keeps_matrices_no_wider_than_the_rank_in_memory(tmp_path, monkeypatch, width,
+                                                                   expected):
+    """Above AUTO_OUT_OF_CORE_BYTES, matrices no wider than the rank run in memory (their
+    summaries would be as large as they are); one column more and the summaries are the smaller,
+    so auto runs out of core. Either way the store holds every matrix within eps."""
+    import matclust.api as api
+
+    mats, _ = planted_collection(300, 24, width, 3, 3, 0.01, "float64", None, 2, 10.0)
+    inp = write_input(tmp_path / "in.h5", list(mats), "stack")
+    assert 300 * 24 * width * 8 > 2**15
+    monkeypatch.setattr(api, "AUTO_OUT_OF_CORE_BYTES", 2**15)
+    out = tmp_path / "out.h5"
+    with open_source(inp, DATASET) as src:
+        mc = MatrixClusterer(rank=4, eps=0.1, mode="auto").fit(src, str(out))
+    assert mc.report_["params"]["mode"] == expected
+    assert read_store(out).params["mode"] == expected
+    assert verify_store(str(out))["ok"]
+    assert mc.report_["max_matrix_error"] <= 0.1
+
+
 # ---------------------------------------------------------------------------------------------
 # Quality against the in-memory mode
 # ---------------------------------------------------------------------------------------------
