@@ -39,7 +39,7 @@ from matclust import defaults, limits
 from matclust.checkpoint import OutputGuard
 from matclust.compact import EVICT_SHARE, AloneBatch, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
-from matclust.engine.linalg import column_norms2, times_power2
+from matclust.engine.linalg import as_compute, column_norms2, times_power2
 from matclust.errors import InputError
 from matclust.format2 import CompactWriter
 from matclust.report import build_report
@@ -456,7 +456,13 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         logger.info("%d of %d new matrices joined stored clusters; %d clustered anew",
                     joined, K1, len(leftover))
         new_clusters = 0
-        if len(leftover):
+        if len(leftover) and not _may_cluster(source, reader, norms2, leftover, params,
+                                              encoder.eps):
+            logger.info("no seed's basis fits enough of them for a factored cluster: each "
+                        "is stored alone")
+            worst = max(worst, _store_alone(out, encoder, source, reader, leftover, K0))
+            new_clusters = len(leftover)
+        elif len(leftover):
             groups, sub_worst = _cluster_anew(source, reader, leftover, params,
                                               run_plan.cache)
             worst = max(worst, sub_worst)
@@ -672,6 +678,92 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     need = sum(block.nbytes for block in blocks)
     sub = cluster_among_themselves(blocks, params, budget_bytes, need, encoding, **overrides)
     return sub.clusters_, float(sub.report_["max_matrix_error"])
+
+
+#: Bytes of (matrices x seed directions) measured at once by :func:`_may_cluster`.
+PROBE_BYTES = 32 * 2**20
+
+
+def _may_cluster(source, reader, norms2: np.ndarray, leftover: np.ndarray, params: dict,
+                 eps: float) -> bool:
+    """Whether the matrices ``leftover`` (none of which a stored basis fits) may hold a cluster
+    worth storing factored; if not, each is stored alone at once (:func:`_store_alone`),
+    which is what clustering them among themselves ends in, without that run's cost (about
+    half an append of 5,000 MiniLM columns: scans, a greedy run, encodings copied over).
+
+    The probe asks what the greedy run asks first, for its first ``patience`` seeds (the
+    largest matrices, packed to at most rank columns each, as the driver packs them): do the
+    matrices that fit a seed's top-r basis within the formation error make a cluster worth
+    factoring (enough columns: r (m + N) < m N)? The driver gives up on a collection after
+    ``patience`` clusters in a row that did not grow; here no seed has even the members a
+    factored cluster would need. It is a judgement, not a proof: a cluster the greedy run
+    would form around a later seed, or whose basis moves far from its seed's, is missed.
+    What that may cost is compression only: every matrix alone meets eps by its own
+    encoding. Measured (docs/benchmarks.md, "Appends"): MiniLM columns and RGB patches take
+    this path (the run they skip formed no factored cluster among these leftovers), planted
+    blocks from new subspaces do not (tests/test_append.py). The cluster guarantee pools
+    matrices alone into one group (:meth:`matclust.compact.CompactEncoder.encode_pool`), and
+    ``patience`` 0 never gives up: both cluster the leftovers as before."""
+    from matclust.compact import formation_eps
+    from matclust.driver import by_norm_descending, pack_seed, seed_basis, worth_factoring
+
+    patience = int(params.get("patience", defaults.PATIENCE))
+    if params["guarantee"] != "matrix" or patience <= 0:
+        return True
+    eligible = leftover[~source.apart[leftover] & (norms2[leftover] >= qb.TINY_NORM2)]
+    if len(eligible) < 2:
+        return False  # one matrix is a cluster of one whatever the run
+    rank, m, widths = int(params["rank"]), source.m, source.widths
+    limit2 = formation_eps(eps, "compact") ** 2 * norms2[eligible]
+    ordered = eligible[by_norm_descending(norms2[eligible])]
+    alive = np.zeros(len(widths), dtype=bool)
+    alive[eligible] = True
+    bases = []
+    for _ in range(patience):
+        live = ordered[alive[ordered]]
+        if not len(live):
+            break
+        seed = pack_seed(live, widths, rank)
+        alive[seed] = False
+        bases.append(seed_basis(reader.get(seed).blocks(), rank))
+    ranks = np.array([b.shape[1] for b in bases], dtype=np.int64)
+    qh = np.concatenate(bases, axis=1).conj().T  # every seed's basis, (sum of ranks, m)
+    captured = np.zeros((len(bases), len(eligible)))
+    per_chunk = max(1, PROBE_BYTES // (16 * max(qh.shape[0], m) * int(widths.max())))
+    for lo in range(0, len(eligible), per_chunk):
+        batch = reader.get(eligible[lo: lo + per_chunk])
+        energy = _energy_per_seed(qh @ as_compute(batch.data), ranks)
+        captured[:, lo: lo + len(batch)] = np.add.reduceat(energy, batch.offsets[:-1], axis=1)
+    fits = norms2[eligible][None, :] - captured <= limit2[None, :]
+    return any(worth_factoring(rank, m, int(widths[eligible[row]].sum()), int(row.sum()))
+               for row in fits)
+
+
+def _energy_per_seed(product: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Squared norms of each column's parts along consecutive row blocks of ``ranks`` rows
+    (one block per seed basis): (len(ranks), columns)."""
+    starts = np.concatenate([[0], np.cumsum(ranks)[:-1]]).astype(np.int64)
+    return np.add.reduceat(np.abs(product) ** 2, starts, axis=0)
+
+
+def _store_alone(out, encoder, source, reader, leftover: np.ndarray, K0: int) -> float:
+    """Each matrix of ``leftover`` stored alone in ``out`` (as matrices K0 + index), encoded
+    as a run of them among themselves stores its singletons (the matrix guarantee: each at its
+    own rank or by its DCT coefficients, checked on decoded values); the largest matrix
+    error."""
+    from matclust.engine.linalg import relative_errors
+    from matclust.sinks import ALONE_BATCH, unscaled_alone
+
+    worst = 0.0
+    for lo in range(0, len(leftover), ALONE_BATCH):
+        chunk = leftover[lo: lo + ALONE_BATCH]
+        batch = reader.get(chunk)
+        alone = unscaled_alone(encoder.encode_many(list(zip(chunk.tolist(), batch.blocks()))),
+                               source.exponents[chunk])
+        worst = max(worst, float(relative_errors(alone.err2, alone.norm2).max(initial=0.0)))
+        alone.members = alone.members + K0
+        out.add_alone(alone)
+    return worst
 
 
 def _names(old_names, new_names, inputs: list[dict]):
