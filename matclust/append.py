@@ -707,8 +707,10 @@ def _may_cluster(source, reader, norms2: np.ndarray, leftover: np.ndarray, param
     would form around a later seed, or whose basis moves far from its seed's, is missed.
     What that may cost is compression only: every matrix alone meets eps by its own
     encoding. Measured (docs/benchmarks.md, "Appends"): MiniLM columns and RGB patches take
-    this path (the run they skip formed no factored cluster among these leftovers), planted
-    blocks from new subspaces do not (tests/test_append.py). The cluster guarantee pools
+    this path (the run they skip formed no factored cluster among the 5,000 columns, one of
+    10 patches among the 2,270 patches; the grown stores came out 0.5 % and 0.9 % smaller,
+    their new cluster ids in index order), planted blocks from new subspaces do not
+    (tests/test_append.py). The cluster guarantee pools
     matrices alone into one group (:meth:`matclust.compact.CompactEncoder.encode_pool`), and
     ``patience`` 0 never gives up: both cluster the leftovers as before."""
     from matclust.compact import formation_eps
