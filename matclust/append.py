@@ -15,7 +15,9 @@ A newcomer joins a cluster when
   squared error E and squared norm N (docs/format.md, "Appends").
 
 The others are clustered among themselves with the store's own parameters
-(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids. Plain
+(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids, unless a
+probe finds no seed whose basis fits enough of them for a factored cluster: then each is
+stored alone at once (:func:`_may_cluster`). Plain
 (matclust/1) stores are grown the same way (:func:`_append_plain`): a joined cluster's group
 gains the new members' coefficients against its stored basis. The grown store is written next
 to the old one and renamed over it when complete (the old one stays
