@@ -42,6 +42,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import runner  # noqa: E402  (bytecode cached as an installed matclust has it)
+
 #: name: (builder, dataset, rank, eps)
 COLLECTIONS = {
     "planted": ("planted", "matrices", 8, 0.1),
@@ -96,7 +98,7 @@ def matclust(*args) -> tuple[float, float, dict | None]:
     """Wall and CPU seconds (user + system) of one command, and its JSON output."""
     cmd = [sys.executable, "-m", "matclust", *map(str, args)]
     cpu, started = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=runner._env())
     wall, cpu = time.perf_counter() - started, _children_cpu() - cpu
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
@@ -105,7 +107,7 @@ def matclust(*args) -> tuple[float, float, dict | None]:
 
 def verified(store: str) -> bool:
     return subprocess.run([sys.executable, "-m", "matclust", "verify", store, "--quiet"],
-                          capture_output=True).returncode == 0
+                          capture_output=True, env=runner._env()).returncode == 0
 
 
 def run(name: str, folder: str, planted_K: int, mode: str, split: str) -> dict:
@@ -144,7 +146,6 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(HERE, "data", "append"))
     args = parser.parse_args()
     os.makedirs(args.data, exist_ok=True)
-    subprocess.run([sys.executable, "-c", "import matclust.cli"], check=True)  # bytecode
     header = (f"{'collection':>10} {'K':>6} {'rank':>4} {'eps':>5} {'both s':>7} {'first s':>7} "
               f"{'append s':>8} {'append/both':>11} {'cpu':>5} {'run':>5} {'bytes both':>10} "
               f"{'bytes grown':>11} "

@@ -15,7 +15,9 @@ A newcomer joins a cluster when
   squared error E and squared norm N (docs/format.md, "Appends").
 
 The others are clustered among themselves with the store's own parameters
-(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids. Plain
+(:class:`~matclust.api.MatrixClusterer`, in memory) into new clusters with new ids, unless a
+probe finds no seed whose basis fits enough of them for a factored cluster: then each is
+stored alone at once (:func:`_may_cluster`). Plain
 (matclust/1) stores are grown the same way (:func:`_append_plain`): a joined cluster's group
 gains the new members' coefficients against its stored basis. The grown store is written next
 to the old one and renamed over it when complete (the old one stays
@@ -36,6 +38,7 @@ import time
 import numpy as np
 
 from matclust import defaults, limits
+from matclust.blas import single_threaded
 from matclust.checkpoint import OutputGuard
 from matclust.compact import EVICT_SHARE, AloneBatch, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
@@ -322,7 +325,13 @@ def append_to_store(store_path, input_path, dataset=None, transpose=None,
                 params["inputs"] = inputs + [{"input": recorded, "dataset": source.dataset,
                                               "K": int(source.K)}]
                 run = _append_compact if old.compact is not None else _append_plain
-                return run(old, source, params, store_path, memory_limit, progress, started)
+                # BLAS on one thread, as clustering runs (matclust.blas): the work is many
+                # products of a few thousand columns by a basis, where a second thread cost
+                # more than it saved (the 4,604 RGB patches joining the first stored cluster:
+                # encoded in 0.22 s of CPU on two threads, 0.07 s on one).
+                with single_threaded():
+                    return run(old, source, params, store_path, memory_limit, progress,
+                               started)
 
 
 def _require_store(path: str) -> None:
@@ -456,7 +465,13 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         logger.info("%d of %d new matrices joined stored clusters; %d clustered anew",
                     joined, K1, len(leftover))
         new_clusters = 0
-        if len(leftover):
+        if len(leftover) and not _may_cluster(source, reader, norms2, leftover, params,
+                                              encoder.eps):
+            logger.info("no seed's basis fits enough of them for a factored cluster: each "
+                        "is stored alone")
+            worst = max(worst, _store_alone(out, encoder, source, reader, leftover, K0))
+            new_clusters = len(leftover)
+        elif len(leftover):
             groups, sub_worst = _cluster_anew(source, reader, leftover, params,
                                               run_plan.cache)
             worst = max(worst, sub_worst)
@@ -672,6 +687,91 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     need = sum(block.nbytes for block in blocks)
     sub = cluster_among_themselves(blocks, params, budget_bytes, need, encoding, **overrides)
     return sub.clusters_, float(sub.report_["max_matrix_error"])
+
+
+#: Bytes of (matrices x seed directions) measured at once by :func:`_may_cluster`.
+PROBE_BYTES = 32 * 2**20
+
+
+def _may_cluster(source, reader, norms2: np.ndarray, leftover: np.ndarray, params: dict,
+                 eps: float) -> bool:
+    """Whether the matrices ``leftover`` (none of which a stored basis fits) may hold a cluster
+    worth storing factored; if not, each is stored alone at once (:func:`_store_alone`),
+    which is what clustering them among themselves ends in, without that run's cost (about
+    half an append of 5,000 MiniLM columns: scans, a greedy run, encodings copied over).
+
+    The probe asks what the greedy run asks first, for its first ``patience`` seeds (the
+    largest matrices, packed to at most rank columns each, as the driver packs them): do the
+    matrices that fit a seed's top-r basis within the formation error make a cluster worth
+    factoring (enough columns: r (m + N) < m N)? The driver gives up on a collection after
+    ``patience`` clusters in a row that did not grow; here no seed has even the members a
+    factored cluster would need. It is a judgement, not a proof: a cluster the greedy run
+    would form around a later seed, or whose basis moves far from its seed's, is missed.
+    What that may cost is compression only: every matrix alone meets eps by its own
+    encoding. Measured (docs/benchmarks.md, "Appends"): MiniLM columns and RGB patches take
+    this path (the run they skip formed no factored cluster among the 5,000 columns, one of
+    10 patches among the 2,270 patches; the grown stores came out 0.5 % and 0.9 % smaller,
+    their new cluster ids in index order), planted blocks from new subspaces do not
+    (tests/test_append.py). The cluster guarantee pools
+    matrices alone into one group (:meth:`matclust.compact.CompactEncoder.encode_pool`), and
+    ``patience`` 0 never gives up: both cluster the leftovers as before."""
+    from matclust.compact import formation_eps
+    from matclust.driver import by_norm_descending, pack_seed, seed_basis, worth_factoring
+
+    patience = int(params.get("patience", defaults.PATIENCE))
+    if params["guarantee"] != "matrix" or patience <= 0:
+        return True
+    eligible = leftover[~source.apart[leftover] & (norms2[leftover] >= qb.TINY_NORM2)]
+    if len(eligible) < 2:
+        return False  # one matrix is a cluster of one whatever the run
+    rank, m, widths = int(params["rank"]), source.m, source.widths
+    limit2 = formation_eps(eps, "compact") ** 2 * norms2[eligible]
+    ordered = eligible[by_norm_descending(norms2[eligible])]
+    alive = np.zeros(len(widths), dtype=bool)
+    alive[eligible] = True
+    bases = []
+    for _ in range(patience):
+        live = ordered[alive[ordered]]
+        if not len(live):
+            break
+        seed = pack_seed(live, widths, rank)
+        alive[seed] = False
+        bases.append(seed_basis(reader.get(seed).blocks(), rank))
+    starts = np.concatenate([[0], np.cumsum([b.shape[1] for b in bases])[:-1]]).astype(np.int64)
+    # Every seed's basis, (sum of ranks, m), in single precision as screening is (half the
+    # time of double); the room left for its rounding below errs towards clustering.
+    qh = np.concatenate(bases, axis=1).conj().T.astype(
+        np.complex64 if source.dtype.kind == "c" else np.float32)
+    captured = np.zeros((len(bases), len(eligible)))
+    per_chunk = max(1, PROBE_BYTES // (8 * max(qh.shape[0], m) * int(widths.max())))
+    for lo in range(0, len(eligible), per_chunk):
+        batch = reader.get(eligible[lo: lo + per_chunk])
+        energy = np.abs(qh @ batch.data.astype(qh.dtype, copy=False)) ** 2
+        energy = np.add.reduceat(energy, starts, axis=0)  # (seeds, columns)
+        captured[:, lo: lo + len(batch)] = np.add.reduceat(energy, batch.offsets[:-1], axis=1)
+    fits = norms2[eligible][None, :] - captured * (1 + 1e-5) <= limit2[None, :]
+    return any(worth_factoring(rank, m, int(widths[eligible[row]].sum()), int(row.sum()))
+               for row in fits)
+
+
+def _store_alone(out, encoder, source, reader, leftover: np.ndarray, K0: int) -> float:
+    """Each matrix of ``leftover`` stored alone in ``out`` (as matrices K0 + index), encoded
+    as a run of them among themselves stores its singletons (the matrix guarantee: each at its
+    own rank or by its DCT coefficients, checked on decoded values); the largest matrix
+    error."""
+    from matclust.engine.linalg import relative_errors
+    from matclust.sinks import ALONE_BATCH, unscaled_alone
+
+    worst = 0.0
+    for lo in range(0, len(leftover), ALONE_BATCH):
+        chunk = leftover[lo: lo + ALONE_BATCH]
+        batch = reader.get(chunk)
+        alone = unscaled_alone(encoder.encode_many(list(zip(chunk.tolist(), batch.blocks()))),
+                               source.exponents[chunk])
+        worst = max(worst, float(relative_errors(alone.err2, alone.norm2).max(initial=0.0)))
+        alone.members = alone.members + K0
+        out.add_alone(alone)
+    return worst
 
 
 def _names(old_names, new_names, inputs: list[dict]):

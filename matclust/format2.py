@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 
 from matclust.compact import CODE_CHUNK, AloneBatch, StoredGroup
-from matclust.store import copy_compressed_chunks
+from matclust.store import appendable_shuffle, copy_compressed_chunks
 
 #: Codes compressed both ways to choose the shuffle (the first ones written).
 SHUFFLE_SAMPLE = 1 << 18
@@ -86,6 +86,7 @@ class CompactWriter:
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
         self._codes = None  # created with the first codes: see _codes_array
+        self.shuffle = None  # of the codes array: chosen on the first codes, or seed()'s
         self.clusters: list[dict] = []
         self.code_count = 0
 
@@ -184,6 +185,9 @@ class CompactWriter:
                 f += 1
             self.clusters.append(info)
         self._next = K0
+        # The old store's shuffle: its chunks can then be copied as stored, and choosing one
+        # again (compressing a sample both ways) cost more than the copy (MiniLM: 0.05 s).
+        self.shuffle = reader.codes_shuffle
         total = int(reader.code_offsets[-1])
         self.code_count = total
         # Whole chunks straight to the new array, compressed as they are stored where the
@@ -275,9 +279,10 @@ class CompactWriter:
         columns). Chosen by compressing a sample both ways with zlib, a stand-in for zstd
         that every Python has."""
         if self._codes is None:
-            sample = sample[:SHUFFLE_SAMPLE].astype(self.code_dtype)
-            self.shuffle = "bit" if len(zlib.compress(_bit_shuffled(sample), 6)) <= \
-                len(zlib.compress(_byte_shuffled(sample), 6)) else "byte"
+            if self.shuffle is None:
+                sample = sample[:SHUFFLE_SAMPLE].astype(self.code_dtype)
+                self.shuffle = "bit" if len(zlib.compress(_bit_shuffled(sample), 6)) <= \
+                    len(zlib.compress(_byte_shuffled(sample), 6)) else "byte"
             self._codes = self.writer.create_appendable("codes", self.code_dtype, CODE_CHUNK,
                                                         self.shuffle)
         return self._codes
@@ -383,6 +388,11 @@ class CompactReader:
     @property
     def codes_dtype(self) -> np.dtype:
         return np.dtype(self._codes.dtype)
+
+    @property
+    def codes_shuffle(self) -> str | None:
+        """The codes array's shuffle, "bit" or "byte" (None: compressed some other way)."""
+        return appendable_shuffle(self._codes)
 
     def summaries(self) -> dict:
         """The per-cluster arrays an append or a merge bounds a union with (docs/format.md):

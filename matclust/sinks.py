@@ -79,6 +79,16 @@ def unscaled(group, exponents: np.ndarray):
     return group
 
 
+def unscaled_alone(batch, exponents: np.ndarray):
+    """What :func:`unscaled` does to a group, for an :class:`~matclust.compact.AloneBatch` of
+    matrices encoded multiplied by 2^exponents (one per matrix, in batch order) at once."""
+    if np.any(exponents):
+        shift = np.asarray(exponents, dtype=np.int64)
+        batch.exponents = qb.shifted_steps(batch.exponents, -shift)
+        batch.shifts = batch.shifts - shift
+    return batch
+
+
 def write_cluster(writer, cid: int, enc: EncodedCluster) -> None:
     prefix = f"clusters/{cid}"
     writer.write_array(f"{prefix}/members", enc.members.astype(np.int64))
@@ -148,11 +158,8 @@ class CompactSink:
     def _add_alone(self, batch) -> None:
         """Matrices each stored alone (a :class:`matclust.compact.AloneBatch`; see :meth:`_add`)."""
         exps = getattr(self.source, "exponents", None)
-        if exps is not None and np.any(exps[batch.members]):
-            # What unscale does to a group, for the whole batch at once.
-            shift = exps[batch.members].astype(np.int64)
-            batch.exponents = qb.shifted_steps(batch.exponents, -shift)
-            batch.shifts = batch.shifts - shift
+        if exps is not None:
+            batch = unscaled_alone(batch, exps[batch.members])
         worst = relative_errors(batch.err2, batch.norm2).max(initial=0.0)
         self.worst = max(self.worst, float(worst))
         self.out.add_alone(batch)

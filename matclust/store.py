@@ -290,6 +290,26 @@ def copy_compressed_chunks(source, target, count: int) -> bool:
     return True
 
 
+def appendable_shuffle(array) -> str | None:
+    """The shuffle, "bit" or "byte", of an array made by ``create_appendable`` (a compact
+    store's codes) as its compression records it; None when it is compressed another way.
+    Neither h5py nor zarr is imported for this: the array's own library already is."""
+    h5py, zarr = sys.modules.get("h5py"), sys.modules.get("zarr")
+    if h5py is not None and isinstance(array, h5py.Dataset):
+        options = array._filters.get(str(BLOSC_FILTER), ())  # Blosc's: shuffle is the 6th
+        return {2: "bit", 1: "byte"}.get(int(options[5])) if len(options) > 5 else None
+    if zarr is not None and isinstance(array, zarr.Array):
+        for codec in array.metadata.codecs:
+            shuffle = getattr(getattr(codec, "shuffle", None), "value", None)
+            if shuffle in ("bitshuffle", "shuffle"):
+                return "bit" if shuffle == "bitshuffle" else "byte"
+    return None
+
+
+#: hdf5plugin's Blosc filter id (hdf5plugin.Blosc.filter_id).
+BLOSC_FILTER = 32001
+
+
 class _ZarrBackend(_Backend):
     def __init__(self, path: str, mode: str):
         import zarr

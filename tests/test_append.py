@@ -3,7 +3,9 @@ inputs with the independent decoder of tests/conftest.py (numpy + h5py/zarr only
 
 from __future__ import annotations
 
+import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -433,13 +435,113 @@ def test_old_codes_are_copied_as_stored(tmp_path, ext, monkeypatch):
         with open(os.path.join(path, "codes", "c", "0"), "rb") as fh:
             return fh.read()
 
-    chunk_before = first_chunk(store)
+    def shuffle(path):  # Blosc's shuffle of the codes, as the file records it
+        if ext == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                return f["codes"]._filters["32001"][5]
+        with open(os.path.join(path, "codes", "zarr.json")) as fh:
+            codecs = json.load(fh)["codecs"]
+        return [c["configuration"]["shuffle"] for c in codecs if c["name"] == "blosc"][0]
+
+    chunk_before, shuffle_before = first_chunk(store), shuffle(store)
     _, _, decoded_before = decode_compact(store)
+
+    def no_sampling(*args):
+        raise AssertionError("the grown store's shuffle is the old store's, not chosen again")
+
+    monkeypatch.setattr(matclust.format2, "zlib", types.SimpleNamespace(compress=no_sampling))
     run_inprocess("append", store, second, "--quiet", check=0)
     assert copies == [(1, True)]
-    assert first_chunk(store) == chunk_before
+    assert first_chunk(store) == chunk_before and shuffle(store) == shuffle_before
     _, _, decoded = decode_compact(store)
     for a, b in zip(decoded[:2100], decoded_before):
         np.testing.assert_array_equal(a, b)
     check_compact(store, list(noise), 0.05)
+    run_inprocess("verify", store, check=0)
+
+
+def _spy_cluster_anew(monkeypatch):
+    """Record every run of leftovers clustered among themselves (matclust.append._cluster_anew)."""
+    import matclust.append
+
+    calls = []
+    real = matclust.append._cluster_anew
+
+    def spy(source, reader, indices, *args, **kwargs):
+        calls.append(len(indices))
+        return real(source, reader, indices, *args, **kwargs)
+
+    monkeypatch.setattr(matclust.append, "_cluster_anew", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+def test_leftovers_without_structure_are_stored_alone_as_their_run_would(tmp_path, monkeypatch,
+                                                                          dtype):
+    """Newcomers of random noise (no seed's basis fits others) skip clustering among
+    themselves: each is stored alone, within eps of its input on decoded values, and decodes
+    exactly as in the store the skipped run gives (forced here), which stores each alone too."""
+    import shutil
+
+    import matclust.append
+    from matclust.collections_io import write_collection
+
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal((140, 16, 3)) * np.exp(rng.uniform(-3, 3, (140, 1, 1)))
+    if dtype == "complex64":
+        noise = noise + 1j * rng.standard_normal(noise.shape)
+    noise = noise.astype(dtype)
+    first, second = os.fspath(tmp_path / "first.h5"), os.fspath(tmp_path / "second.h5")
+    write_collection(first, noise[:60])
+    write_collection(second, noise[60:])
+    store, forced = os.fspath(tmp_path / "store.h5"), os.fspath(tmp_path / "forced.h5")
+    eps = 0.1
+    run_inprocess("cluster", first, "-o", store, "--rank", "4", "--eps", str(eps), "--quiet",
+                  check=0)
+    shutil.copy(store, forced)
+    calls = _spy_cluster_anew(monkeypatch)
+    report = run_inprocess("append", store, second, "--json", check=0).json()
+    assert calls == [] and report["append"]["new_clusters"] == 80
+    rel = check_compact(store, list(noise), eps)
+    assert report["max_matrix_error"] >= rel.max() - 1e-9
+    run_inprocess("verify", store, check=0)
+
+    monkeypatch.setattr(matclust.append, "_may_cluster", lambda *args: True)
+    run_inprocess("append", forced, second, "--quiet", check=0)
+    assert calls == [80]
+    _, labels, decoded = decode_compact(store)
+    _, forced_labels, forced_decoded = decode_compact(forced)
+    assert len(np.unique(labels)) == len(np.unique(forced_labels)) == len(noise)
+    for a, b in zip(decoded, forced_decoded):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_structured_leftovers_are_still_clustered(tmp_path, monkeypatch):
+    """A store of noise (nothing factored) grown by blocks from a few low-rank subspaces: the
+    probe finds seeds their neighbours fit, so the newcomers are clustered among themselves
+    into factored clusters, every matrix within eps."""
+    from matclust.collections_io import write_collection
+    from matclust.sample import planted_collection
+
+    rng = np.random.default_rng(8)
+    noise = rng.standard_normal((60, 12, 4)).astype(np.float32)
+    planted, _ = planted_collection(90, 12, 4, 3, 2, 0.005, "float32", None, 3, 10.0)
+    planted = np.stack([np.asarray(a) for a in planted])
+    first, second = os.fspath(tmp_path / "first.h5"), os.fspath(tmp_path / "second.h5")
+    write_collection(first, noise)
+    write_collection(second, planted)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", first, "-o", store, "--rank", "2", "--eps", "0.05", "--quiet",
+                  check=0)
+    _, before, _ = decode_compact(store)
+    assert len(np.unique(before)) == len(noise)  # every noise block alone: nothing to join
+    calls = _spy_cluster_anew(monkeypatch)
+    report = run_inprocess("append", store, second, "--json", check=0).json()
+    assert calls == [len(planted)] and report["append"]["joined"] == 0
+    check_compact(store, list(noise) + list(planted), 0.05)
+    _, labels, _ = decode_compact(store)
+    sizes = np.bincount(labels[len(noise):])
+    assert sizes.max() >= 10, "the planted blocks formed no cluster"
     run_inprocess("verify", store, check=0)
