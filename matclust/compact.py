@@ -292,7 +292,8 @@ class CompactEncoder:
             shifts[positions] = shape_shifts
             # One batched SVD and DCT for all matrices of this shape.
             u, s, vt = np.linalg.svd(scaled, full_matrices=False)
-            dct = qb.dct_matrix(shape[0]) @ scaled @ qb.dct_matrix(shape[1]).T
+            dct_side = qb.to_dct_side_by_side(scaled)  # (m, B n)
+            dct = dct_side.reshape(shape[0], len(positions), shape[1]).transpose(1, 0, 2)
             ranks = qb.own_ranks(s, vt, dct, self.eps, self.rank, EVICT_SHARE,
                                  self.basis_dtype.itemsize)
             zero = np.flatnonzero(peaks == 0)
@@ -314,7 +315,10 @@ class CompactEncoder:
                 bases[pos], basis_norms[pos] = basis, s[j, :k]  # in the matrix's own scale
             raw = np.sort(np.concatenate([np.flatnonzero((peaks > 0) & (ranks == 0)),
                                           np.array(raw, dtype=np.int64)]))
-            if len(raw):
+            if len(raw) == len(positions):  # all of them (their DCTs as computed)
+                self._dct_batch(positions, indices, scaled, dct, shape_shifts, exponents,
+                                norm2, err2, flats)
+            elif len(raw):
                 self._dct_batch(positions[raw], indices, scaled[raw], dct[raw],
                                 shape_shifts[raw], exponents, norm2, err2, flats)
         sizes = np.fromiter((f.size for f in flats), np.int64, B)
@@ -335,12 +339,13 @@ class CompactEncoder:
         q = qb.quantise(None, side_by_side, offsets, self.eps)
         ok = np.zeros(B, dtype=bool)
         if q is not None:
-            codes = q.codes.reshape(q.codes.shape[0], B, n).transpose(1, 0, 2)  # (B, rows, n)
-            values = codes * qb.step_values(q.exponents)[:, None, None]
+            values = q.codes * np.repeat(qb.step_values(q.exponents), n)
             if self.complex:
-                values = values[:, :m] + 1j * values[:, m:]
-            decoded = qb.dct_matrix(m).T @ values @ qb.dct_matrix(n)
-            decoded_err2 = np.sum(np.abs(scaled - decoded) ** 2, axis=(1, 2))
+                values = values[:m] + 1j * values[m:]
+            decoded = qb.from_dct_side_by_side(values, n)
+            decoded -= scaled.transpose(1, 0, 2).reshape(m, B * n)  # the sign keeps the norm
+            decoded_err2 = qb.per_matrix(column_norms2(decoded), offsets)
+            codes = q.codes.reshape(q.codes.shape[0], B, n).transpose(1, 0, 2)  # (B, rows, n)
             ok = decoded_err2 <= self.eps ** 2 * q.norm2
             good = positions[ok]
             exponents[good] = qb.shifted_steps(q.exponents[ok], shifts[ok])

@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from matclust.engine.linalg import column_norms2, compute_dtype
+from matclust.engine.linalg import column_norms2, compute_dtype, times_power2
 
 #: Steps are 2^(e / STEP_GRID): a step is never more than 4.4 % below the one asked for.
 STEP_GRID = 16
@@ -62,10 +62,8 @@ def basis_dtype_for(eps: float, complex_data: bool) -> np.dtype:
 
 
 def scaled_pow2(a: np.ndarray, e: int) -> np.ndarray:
-    """a * 2^e, exactly (ldexp; complex parts scaled separately)."""
-    if np.iscomplexobj(a):
-        return np.ldexp(a.real, e) + 1j * np.ldexp(a.imag, e)
-    return np.ldexp(a, e)
+    """a * 2^e, exactly (:func:`matclust.engine.linalg.times_power2`)."""
+    return times_power2(a, e)
 
 
 def step_values(exponents: np.ndarray) -> np.ndarray:
@@ -223,7 +221,7 @@ def quantise(basis_rounded: np.ndarray | None, data: np.ndarray, offsets: np.nda
         if found is None:
             return None
         exps[fails], codes[:, sub.columns], err2[fails] = found
-    return Quantised(codes, exps.astype(np.int16), err2, norm2)
+    return Quantised(codes.astype(np.int64), exps.astype(np.int16), err2, norm2)
 
 
 def _largest_steps(evaluate, exps: np.ndarray, allowed2: np.ndarray, safe_exps: np.ndarray,
@@ -299,13 +297,13 @@ class _GroupErrors:
         return codes, steps
 
     def decoded(self, exps):
-        """(codes as int64, squared errors of the decoded matrices)."""
+        """(codes, as integral floats; squared errors of the decoded matrices)."""
         codes, steps = self._rounded(exps)
         decoded = _complex_from(codes * steps, self.complex)
         if self.u is not None:
             decoded = self.u @ decoded
         decoded -= self.data  # the sign does not change a norm
-        return codes.astype(np.int64), per_matrix(column_norms2(decoded), self.offsets)
+        return codes, per_matrix(column_norms2(decoded), self.offsets)
 
     def predicted(self, exps):
         """(None, the predicted squared errors); decoded ones without a basis."""
@@ -356,7 +354,7 @@ def _quantise_uniform(basis_rounded, data, offsets, coeffs, trunc2, norm2, allow
         if e is None:
             return None
         codes, err2 = errors.decoded(np.full(k, e, dtype=np.int64))
-    return Quantised(codes, np.full(k, e, dtype=np.int16), err2, norm2)
+    return Quantised(codes.astype(np.int64), np.full(k, e, dtype=np.int16), err2, norm2)
 
 
 def _largest_step(passes, first: int, safe: int) -> int | None:
@@ -405,6 +403,21 @@ def from_dct(c: np.ndarray) -> np.ndarray:
     return dct_matrix(c.shape[0]).T @ c @ dct_matrix(c.shape[1])
 
 
+def to_dct_side_by_side(stack: np.ndarray) -> np.ndarray:
+    """The 2-D DCTs of a stack of matrices (B, m, n), side by side (m, B n): two matrix
+    products over the whole stack (a product per matrix costs far more for small ones)."""
+    B, m, n = stack.shape
+    left = dct_matrix(m) @ stack.transpose(1, 0, 2).reshape(m, B * n)
+    return (left.reshape(m * B, n) @ dct_matrix(n).T).reshape(m, B * n)
+
+
+def from_dct_side_by_side(coeffs: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of :func:`to_dct_side_by_side` (matrices of n columns), side by side."""
+    m = coeffs.shape[0]
+    left = dct_matrix(m).T @ coeffs
+    return (left.reshape(-1, n) @ dct_matrix(n)).reshape(m, -1)
+
+
 @lru_cache(maxsize=64)
 def dct_scan(m: int, n: int) -> np.ndarray:
     """The order DCT coefficients (m x n, row-major positions) are stored in: by frequency
@@ -444,7 +457,12 @@ def estimated_bits(values: np.ndarray, step) -> np.ndarray | float:
     values = np.abs(np.asarray(values))
     step = np.asarray(step, dtype=np.float64)
     mags = values / (step[:, None] if step.ndim else step)
-    bits = np.where(mags >= 0.5, np.log2(mags + 0.5) + 2.5, 0.2)
+    coded = mags >= 0.5
+    # The logarithm only where a value is coded (most are not: a third of the time here).
+    bits = np.full(mags.shape, 0.2)
+    mags += 0.5
+    np.log2(mags, out=bits, where=coded)
+    np.add(bits, 2.5, out=bits, where=coded)
     return bits.sum(axis=-1) if step.ndim else float(bits.sum())
 
 
