@@ -12,6 +12,9 @@ quantiser with step h adds about h^2 / 12 per coefficient; the step is chosen fr
 *checked on the decoded values*: the estimate is only a starting point (with a rounded basis it
 is off by up to a few per cent). A step that fails is lowered; a step of 2 sqrt(budget / count)
 / sigma_max(U~) can never fail (every coefficient moves by at most h/2), which ends the search.
+The search itself compares errors predicted from the coefficients by the identity above (exact
+but for rounding, and far cheaper than decoding); only the steps it settles on are decoded and
+checked (:class:`_GroupErrors`).
 Without a basis ("raw") the matrix's entries themselves are quantised, with the same rules.
 
 Steps lie on the grid 2^(e/16) and are stored as the integer e (int16), which covers every
