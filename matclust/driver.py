@@ -28,8 +28,7 @@ from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.exact import pending_limit
 from matclust.engine.estimators import Estimator
-from matclust.engine.linalg import (as_compute, column_norms2, compute_dtype, residual_columns2,
-                                    sqnorm)
+from matclust.engine.linalg import as_compute, column_norms2, residual_columns2, sqnorm
 from matclust.sources.base import Batch, columns_of
 
 logger = logging.getLogger(__name__)
@@ -449,10 +448,7 @@ class GreedyDriver:
         batch = None
         if kept is not None:
             offsets = np.concatenate([[0], np.cumsum(self.widths[members])]).astype(np.int64)
-            # In double precision once: every round of evictions, the exact basis and the
-            # encoder compute in it (RGB patches: 7 rounds over 39,000 float32 columns
-            # converted 0.1 s).
-            batch = Batch(members, np.hstack(kept, dtype=compute_dtype(kept[0].dtype)), offsets)
+            batch = Batch(members, np.hstack(kept), offsets)
         gram = None  # see _over_provisionally
         while True:
             columns = int(self.widths[members].sum())
