@@ -212,29 +212,34 @@ class CompactEncoder:
         kept = np.flatnonzero(keep)
         group = None
         if len(kept):
-            cols = _columns(offsets, kept)
-            sub_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])]).astype(np.int64)
+            if len(kept) == len(members):  # all of them: no copies
+                sub_data, sub_coeffs, sub_offsets = data, coeffs, np.asarray(offsets, np.int64)
+            else:
+                cols = _columns(offsets, kept)
+                sub_data, sub_coeffs = data[:, cols], coeffs[:, cols]
+                sub_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])]).astype(np.int64)
+            sub_trunc2 = trunc2[kept]
             # Per-matrix budgets first, with either guarantee (every per-matrix encoding meets
             # the cluster guarantee too, so that one never needs more bytes); the cluster
             # guarantee falls back to sharing the cluster's budget where a member's own is spent.
-            q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, "matrix",
-                            coeffs[:, cols], trunc2[kept])
+            q = qb.quantise(rounded, sub_data, sub_offsets, self.eps, "matrix", sub_coeffs,
+                            sub_trunc2)
             if self.guarantee == "cluster":
                 # One step for the whole cluster where it costs fewer bits (matrices of very
                 # different norms: the small ones then cost almost nothing).
-                one = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, "uniform",
-                                  coeffs[:, cols], trunc2[kept])
+                one = qb.quantise(rounded, sub_data, sub_offsets, self.eps, "uniform",
+                                  sub_coeffs, sub_trunc2)
                 if one is not None and np.abs(one.codes).max(initial=0) <= self.max_code and (
                         q is None or code_bits(one) < code_bits(q)):
                     q = one
                 if q is None:
-                    q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps,
-                                    "proportional", coeffs[:, cols], trunc2[kept])
+                    q = qb.quantise(rounded, sub_data, sub_offsets, self.eps, "proportional",
+                                    sub_coeffs, sub_trunc2)
             if q is None:
                 keep[:] = False
             else:
                 # The energy captured along each stored direction (later merges use it).
-                rows2 = np.sum(np.abs(coeffs[:, cols]) ** 2, axis=1)
+                rows2 = np.sum(np.abs(sub_coeffs) ** 2, axis=1)
                 group = StoredGroup(members[kept], np.diff(sub_offsets), rounded, q,
                                     max(float(bound or 0.0), 0.0), np.sqrt(rows2))
         return group, [(int(members[j]), data[:, offsets[j]: offsets[j + 1]])
