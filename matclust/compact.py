@@ -212,29 +212,34 @@ class CompactEncoder:
         kept = np.flatnonzero(keep)
         group = None
         if len(kept):
-            cols = _columns(offsets, kept)
-            sub_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])]).astype(np.int64)
+            if len(kept) == len(members):  # all of them: no copies
+                sub_data, sub_coeffs, sub_offsets = data, coeffs, np.asarray(offsets, np.int64)
+            else:
+                cols = _columns(offsets, kept)
+                sub_data, sub_coeffs = data[:, cols], coeffs[:, cols]
+                sub_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])]).astype(np.int64)
+            sub_trunc2 = trunc2[kept]
             # Per-matrix budgets first, with either guarantee (every per-matrix encoding meets
             # the cluster guarantee too, so that one never needs more bytes); the cluster
             # guarantee falls back to sharing the cluster's budget where a member's own is spent.
-            q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, "matrix",
-                            coeffs[:, cols], trunc2[kept])
+            q = qb.quantise(rounded, sub_data, sub_offsets, self.eps, "matrix", sub_coeffs,
+                            sub_trunc2)
             if self.guarantee == "cluster":
                 # One step for the whole cluster where it costs fewer bits (matrices of very
                 # different norms: the small ones then cost almost nothing).
-                one = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps, "uniform",
-                                  coeffs[:, cols], trunc2[kept])
+                one = qb.quantise(rounded, sub_data, sub_offsets, self.eps, "uniform",
+                                  sub_coeffs, sub_trunc2)
                 if one is not None and np.abs(one.codes).max(initial=0) <= self.max_code and (
                         q is None or code_bits(one) < code_bits(q)):
                     q = one
                 if q is None:
-                    q = qb.quantise(rounded, data[:, cols], sub_offsets, self.eps,
-                                    "proportional", coeffs[:, cols], trunc2[kept])
+                    q = qb.quantise(rounded, sub_data, sub_offsets, self.eps, "proportional",
+                                    sub_coeffs, sub_trunc2)
             if q is None:
                 keep[:] = False
             else:
                 # The energy captured along each stored direction (later merges use it).
-                rows2 = np.sum(np.abs(coeffs[:, cols]) ** 2, axis=1)
+                rows2 = np.sum(np.abs(sub_coeffs) ** 2, axis=1)
                 group = StoredGroup(members[kept], np.diff(sub_offsets), rounded, q,
                                     max(float(bound or 0.0), 0.0), np.sqrt(rows2))
         return group, [(int(members[j]), data[:, offsets[j]: offsets[j + 1]])
@@ -292,7 +297,8 @@ class CompactEncoder:
             shifts[positions] = shape_shifts
             # One batched SVD and DCT for all matrices of this shape.
             u, s, vt = np.linalg.svd(scaled, full_matrices=False)
-            dct = qb.dct_matrix(shape[0]) @ scaled @ qb.dct_matrix(shape[1]).T
+            dct_side = qb.to_dct_side_by_side(scaled)  # (m, B n)
+            dct = dct_side.reshape(shape[0], len(positions), shape[1]).transpose(1, 0, 2)
             ranks = qb.own_ranks(s, vt, dct, self.eps, self.rank, EVICT_SHARE,
                                  self.basis_dtype.itemsize)
             zero = np.flatnonzero(peaks == 0)
@@ -314,7 +320,10 @@ class CompactEncoder:
                 bases[pos], basis_norms[pos] = basis, s[j, :k]  # in the matrix's own scale
             raw = np.sort(np.concatenate([np.flatnonzero((peaks > 0) & (ranks == 0)),
                                           np.array(raw, dtype=np.int64)]))
-            if len(raw):
+            if len(raw) == len(positions):  # all of them (their DCTs as computed)
+                self._dct_batch(positions, indices, scaled, dct, shape_shifts, exponents,
+                                norm2, err2, flats)
+            elif len(raw):
                 self._dct_batch(positions[raw], indices, scaled[raw], dct[raw],
                                 shape_shifts[raw], exponents, norm2, err2, flats)
         sizes = np.fromiter((f.size for f in flats), np.int64, B)
@@ -335,12 +344,13 @@ class CompactEncoder:
         q = qb.quantise(None, side_by_side, offsets, self.eps)
         ok = np.zeros(B, dtype=bool)
         if q is not None:
-            codes = q.codes.reshape(q.codes.shape[0], B, n).transpose(1, 0, 2)  # (B, rows, n)
-            values = codes * qb.step_values(q.exponents)[:, None, None]
+            values = q.codes * np.repeat(qb.step_values(q.exponents), n)
             if self.complex:
-                values = values[:, :m] + 1j * values[:, m:]
-            decoded = qb.dct_matrix(m).T @ values @ qb.dct_matrix(n)
-            decoded_err2 = np.sum(np.abs(scaled - decoded) ** 2, axis=(1, 2))
+                values = values[:m] + 1j * values[m:]
+            decoded = qb.from_dct_side_by_side(values, n)
+            decoded -= scaled.transpose(1, 0, 2).reshape(m, B * n)  # the sign keeps the norm
+            decoded_err2 = qb.per_matrix(column_norms2(decoded), offsets)
+            codes = q.codes.reshape(q.codes.shape[0], B, n).transpose(1, 0, 2)  # (B, rows, n)
             ok = decoded_err2 <= self.eps ** 2 * q.norm2
             good = positions[ok]
             exponents[good] = qb.shifted_steps(q.exponents[ok], shifts[ok])

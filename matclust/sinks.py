@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matclust.blas import single_threaded
+from matclust.blas import CORES, on_all_cores, single_threaded
 from matclust.compact import CompactEncoder, max_code_bound
 from matclust.encode import EncodedCluster, encode
 from matclust.engine import budget as qb
@@ -131,6 +131,11 @@ class CompactSink:
         # one group of DCT coefficients with one step (matclust.compact.encode_pool).
         self.pool: list[tuple[int, np.ndarray]] = []
         self.unread: list[int] = []  # members of unfactored clusters, read in batches
+        # In memory (consume), full pools of matrices stored alone wait here until there is
+        # one for every core, then are encoded side by side (:meth:`_encode_ready`): most come
+        # at the end of a run (patience singletons), when nothing else is left to do.
+        self.side_by_side = False
+        self.ready: list[list] = []
 
     def unscale(self, group):
         """The group's steps and norms in the input's magnitude: the source multiplied every
@@ -145,6 +150,7 @@ class CompactSink:
         return 0 if exps is None else -int(exps[members[0]])
 
     def _add(self, group, cid=None) -> None:
+        self._encode_ready()  # what came before it is stored before it (cluster ids in order)
         group = self.unscale(group)
         if cid is None:
             self.out.add(group)
@@ -167,6 +173,7 @@ class CompactSink:
             self.kept.extend(batch.groups(self.source.m, self.out.complex))
 
     def consume(self, formed, reader) -> None:
+        self.side_by_side = True
         if formed.basis is None and formed.batch is None:
             # Not factored: its members go to the pool; read them together, not one by one
             # (most such clusters are patience singletons: thousands of small reads).
@@ -203,11 +210,22 @@ class CompactSink:
             return
         self.pool.sort(key=lambda item: item[0])
         if self.params["guarantee"] == "matrix":
-            self._add_alone(self.encoder.encode_many(self.pool))
+            self.ready.append(self.pool)
+            if not self.side_by_side or len(self.ready) >= CORES:
+                self._encode_ready()
         else:
             members = np.array([i for i, _ in self.pool], dtype=np.int64)
             self._add(self.encoder.encode_pool(members, [b for _, b in self.pool]))
         self.pool = []
+
+    def _encode_ready(self) -> None:
+        """Encode the full pools that wait (each with :meth:`CompactEncoder.encode_many`), on
+        all cores at once, and store them in the order they filled: the same arrays as one
+        after the other."""
+        if self.ready:
+            ready, self.ready = self.ready, []
+            for batch in on_all_cores(self.encoder.encode_many, ready):
+                self._add_alone(batch)
 
     def store_planned(self, planned, form_eps, budget, progress, passes=None) -> None:
         from matclust.streaming import store_planned_compact
@@ -256,6 +274,7 @@ class CompactSink:
     def finish(self):
         with single_threaded():
             self.flush_pool()
+            self._encode_ready()
         labels, stats = self.out.finish(self.source.names)
         return labels, stats, self.out.stored_numbers, self.worst
 

@@ -60,6 +60,44 @@ def test_quantise_meets_eps_on_decoded_values(complex_data, allocation):
         assert min(errs) > 0.6 * eps
 
 
+@pytest.mark.parametrize("allocation", ["matrix", "uniform"])
+def test_steps_found_on_predicted_errors_are_checked_on_decoded_values(monkeypatch, allocation):
+    """The step search runs on errors predicted from the coefficients; the decoded values have
+    the last word. With predictions spoiled to a quarter of the truth the steps found are too
+    coarse, the decoded check must catch it, and every matrix still lands within eps."""
+    rng = np.random.default_rng(7)
+    m, r, widths = 20, 4, [2, 3, 1, 4, 2]
+    basis, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    blocks = [basis @ rng.standard_normal((r, n)) + 0.005 * rng.standard_normal((m, n))
+              for n in widths]
+    data = np.hstack(blocks)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    rounded = basis.astype(np.float16)
+    real_predicted = qb._GroupErrors.predicted
+    spoiled = []
+
+    def optimistic(self, exps):
+        codes, err2 = real_predicted(self, exps)
+        spoiled.append(codes is None)
+        return codes, err2 * 0.25 if codes is None else err2
+
+    monkeypatch.setattr(qb._GroupErrors, "predicted", optimistic)
+    eps = 0.05
+    q = qb.quantise(rounded, data, offsets, eps, allocation)
+    assert q is not None and any(spoiled)
+    errs = []
+    for j, block in enumerate(blocks):
+        dec = qb.decode(rounded, q.matrix_codes(offsets, j),
+                        qb.step_values(q.exponents[j: j + 1])[0], False)
+        errs.append(np.linalg.norm(block - dec) ** 2)
+        assert np.isclose(errs[-1], q.err2[j], rtol=1e-9)
+    norms2 = [np.linalg.norm(b) ** 2 for b in blocks]
+    if allocation == "matrix":
+        assert all(e <= eps ** 2 * n2 for e, n2 in zip(errs, norms2))
+    else:
+        assert sum(errs) <= eps ** 2 * sum(norms2)
+
+
 def test_a_step_that_cannot_fail_exists():
     """The raw step 2 sqrt(budget / count) bounds every entry's rounding: no check needed."""
     rng = np.random.default_rng(0)

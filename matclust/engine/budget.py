@@ -12,6 +12,9 @@ quantiser with step h adds about h^2 / 12 per coefficient; the step is chosen fr
 *checked on the decoded values*: the estimate is only a starting point (with a rounded basis it
 is off by up to a few per cent). A step that fails is lowered; a step of 2 sqrt(budget / count)
 / sigma_max(U~) can never fail (every coefficient moves by at most h/2), which ends the search.
+The search itself compares errors predicted from the coefficients by the identity above (exact
+but for rounding, and far cheaper than decoding); only the steps it settles on are decoded and
+checked (:class:`_GroupErrors`).
 Without a basis ("raw") the matrix's entries themselves are quantised, with the same rules.
 
 Steps lie on the grid 2^(e/16) and are stored as the integer e (int16), which covers every
@@ -32,7 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from matclust.engine.linalg import column_norms2, compute_dtype
+from matclust.engine.linalg import column_norms2, compute_dtype, times_power2
 
 #: Steps are 2^(e / STEP_GRID): a step is never more than 4.4 % below the one asked for.
 STEP_GRID = 16
@@ -62,10 +65,8 @@ def basis_dtype_for(eps: float, complex_data: bool) -> np.dtype:
 
 
 def scaled_pow2(a: np.ndarray, e: int) -> np.ndarray:
-    """a * 2^e, exactly (ldexp; complex parts scaled separately)."""
-    if np.iscomplexobj(a):
-        return np.ldexp(a.real, e) + 1j * np.ldexp(a.imag, e)
-    return np.ldexp(a, e)
+    """a * 2^e, exactly (:func:`matclust.engine.linalg.times_power2`)."""
+    return times_power2(a, e)
 
 
 def step_values(exponents: np.ndarray) -> np.ndarray:
@@ -204,109 +205,174 @@ def quantise(basis_rounded: np.ndarray | None, data: np.ndarray, offsets: np.nda
         first = np.sqrt(12.0 * FIRST_STEP_SHARE * budget / count)
         safe = 2.0 * np.sqrt(budget / count) / sigma_max * (1 - 1e-6)
     exps = np.where(zero | (first <= 0), ZERO_STEP, step_exponents(np.where(first > 0, first, 1.0)))
-    exps = exps.astype(np.int64)
-    real_coeffs = _real_view(coeffs)
-    complex_data = np.iscomplexobj(coeffs)
+    safe_exps = np.where(safe > 0, step_exponents(np.where(safe > 0, safe, 1.0)), ZERO_STEP)
+    errors = _GroupErrors(u, data, coeffs, trunc2, offsets)
+    found = _largest_steps(errors.predicted, exps.astype(np.int64), allowed2, safe_exps,
+                           widths)
+    if found is None:
+        return None
+    exps, codes, err2 = found
+    if codes is None:  # predicted: now decode, and check
+        codes, err2 = errors.decoded(exps)
+    fails = np.flatnonzero(err2 > allowed2)
+    if len(fails):
+        # The prediction passed a step the decoded values do not (rounding, at the very edge
+        # of a budget): those matrices are searched again on decoded values alone.
+        sub = errors.part(fails)
+        found = _largest_steps(sub.decoded, exps[fails], allowed2[fails], safe_exps[fails],
+                               sub.widths)
+        if found is None:
+            return None
+        exps[fails], codes[:, sub.columns], err2[fails] = found
+    return Quantised(codes.astype(np.int64), exps.astype(np.int16), err2, norm2)
 
-    def attempt(e):
-        codes, err2 = _decode_error(u, data, real_coeffs, e, offsets, widths, complex_data)
-        return codes, err2, err2 > allowed2
 
-    found = None
+def _largest_steps(evaluate, exps: np.ndarray, allowed2: np.ndarray, safe_exps: np.ndarray,
+                   widths: np.ndarray):
+    """Per matrix, a step exponent whose squared error is within ``allowed2``, as large as the
+    search finds: from ``exps`` lower a failing step a few notches, then to the step that
+    cannot fail (``safe_exps``); then raise each step while its matrix still passes (the
+    h^2/12 estimate overstates the error of coefficients smaller than the step: they round to
+    0 and cost only their own size), by bisection over GROW_RANGE grid points.
+
+    ``evaluate(exponents)`` gives (codes or None, squared errors) (see :class:`_GroupErrors`);
+    ``widths``: the matrices' columns.
+    Returns (exponents, their codes or None, their errors), or None when some matrix passes
+    at none of the steps tried."""
     for tries in range(MAX_NOTCHES + 2):
-        codes, err2, fails = attempt(exps)
+        codes, err2 = evaluate(exps)
+        fails = err2 > allowed2
         if not fails.any():
-            found = (codes, err2)
             break
+        if tries == MAX_NOTCHES + 1:
+            return None
         if tries < MAX_NOTCHES:
             exps = np.where(fails & (exps != ZERO_STEP), exps - NOTCH, exps)
         else:  # the step that cannot fail (up to rounding in the check itself)
-            lower = step_exponents(np.where(safe > 0, safe, 1.0))
-            exps = np.where(fails, np.where(safe > 0, np.minimum(exps, lower), ZERO_STEP), exps)
-            if tries == MAX_NOTCHES + 1:
-                exps = np.where(fails, exps - 4 * STEP_GRID, exps)
-    if found is None:
-        return None
-    # The h^2/12 estimate overstates the error of coefficients smaller than the step (they
-    # round to 0 and cost only their own size), so most matrices pass with budget to spare:
-    # raise each step while its matrix still passes (bisection over GROW_RANGE grid points).
-    codes, err2 = found
+            exps = np.where(fails, np.where(safe_exps != ZERO_STEP,
+                                            np.minimum(exps, safe_exps), ZERO_STEP), exps)
     lo = exps.copy()
     hi = np.where(exps == ZERO_STEP, exps, exps + GROW_RANGE)
     while True:
         open_ = hi - lo > 1
         if not open_.any():
-            break
+            return lo, codes, err2
         mid = np.where(open_, (lo + hi) // 2, lo)
-        c2, e2, f2 = attempt(mid)
-        ok = open_ & ~f2
+        c2, e2 = evaluate(mid)
+        ok = open_ & (e2 <= allowed2)
         lo = np.where(ok, mid, lo)
-        hi = np.where(open_ & f2, mid, hi)
+        hi = np.where(open_ & ~ok, mid, hi)
         if ok.any():
-            cols = np.repeat(ok, widths)
-            codes[:, cols] = c2[:, cols]
             err2 = np.where(ok, e2, err2)
-    return Quantised(codes, lo.astype(np.int16), err2, norm2)
+            if codes is not None:
+                cols = np.repeat(ok, widths)
+                codes[:, cols] = c2[:, cols]
+
+
+class _GroupErrors:
+    """Every matrix's squared error ||A_i - U~ h_i Z_i||^2 for given step exponents, two ways.
+
+    ``decoded``: from the decoded matrices themselves (what the guarantee is checked on).
+    ``predicted``: ||R_i||^2 + ||U~ (C_i - h_i Z_i)||^2 with the Gram matrix U~^* U~, the same
+    number but for rounding (R_i is orthogonal to range U~: C_i are least-squares coefficients)
+    at a fraction of the cost: r x r products on the coefficients instead of m x r ones and
+    m x N arrays. The step search runs on the predicted errors; the steps it settles on are
+    then decoded and checked. Without a basis both are the decoded error."""
+
+    def __init__(self, u, data, coeffs, trunc2, offsets):
+        self.u, self.data, self.trunc2 = u, data, trunc2
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.widths = np.diff(self.offsets)
+        self.complex = np.iscomplexobj(coeffs)
+        self.coeffs = coeffs
+        self.real_coeffs = _real_view(coeffs)
+        self.gram = None if u is None else u.conj().T @ u
+
+    def _rounded(self, exps):
+        """Codes (float, integral) and the steps of every column."""
+        steps = np.repeat(step_values(exps), self.widths)
+        zero = steps <= 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            codes = self.real_coeffs / np.where(zero, 1.0, steps)
+        np.rint(codes, out=codes)
+        if zero.any():
+            codes[:, zero] = 0.0
+        return codes, steps
+
+    def decoded(self, exps):
+        """(codes, as integral floats; squared errors of the decoded matrices)."""
+        codes, steps = self._rounded(exps)
+        decoded = _complex_from(codes * steps, self.complex)
+        if self.u is not None:
+            decoded = self.u @ decoded
+        decoded -= self.data  # the sign does not change a norm
+        return codes, per_matrix(column_norms2(decoded), self.offsets)
+
+    def predicted(self, exps):
+        """(None, the predicted squared errors); decoded ones without a basis."""
+        if self.u is None:
+            return self.decoded(exps)
+        codes, steps = self._rounded(exps)
+        codes *= steps
+        moved = _complex_from(self.real_coeffs - codes, self.complex)  # C_i - h_i Z_i
+        along = np.einsum("ij,ij->j", moved.conj(), self.gram @ moved).real
+        return None, self.trunc2 + per_matrix(along, self.offsets)
+
+    def part(self, matrices: np.ndarray) -> "_GroupErrors":
+        """The same for some of the matrices (``columns``: theirs in the group)."""
+        widths = self.widths[matrices]
+        ends = np.cumsum(widths)
+        columns = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
+            self.offsets[matrices] - (ends - widths), widths)
+        sub = _GroupErrors(self.u, self.data[:, columns], self.coeffs[:, columns],
+                           self.trunc2[matrices],
+                           np.concatenate([[0], np.cumsum(widths)]).astype(np.int64))
+        sub.columns = columns
+        return sub
 
 
 def _quantise_uniform(basis_rounded, data, offsets, coeffs, trunc2, norm2, allowed, spare,
                       count) -> Quantised | None:
     """One step for every coefficient of a group whose total error may reach ``allowed``:
     the same search as :func:`quantise` (first guess, lower until it passes, the safe step,
-    then raise while it still passes), on one exponent."""
+    then raise while it still passes), on one exponent, on predicted errors and then checked
+    on the decoded values (which search again should the prediction be off)."""
     k = len(offsets) - 1
-    widths = np.diff(offsets)
     u = None if basis_rounded is None else np.asarray(basis_rounded, dtype=data.dtype)
     sigma_max = 1.0 if u is None or not u.shape[1] else float(np.linalg.norm(u, 2))
-    real_coeffs = _real_view(coeffs)
-    complex_data = np.iscomplexobj(coeffs)
     if spare <= 0 or count == 0:
         return None
+    errors = _GroupErrors(u, data, coeffs, trunc2, offsets)
 
-    def attempt(e):
-        exps = np.full(k, e, dtype=np.int64)
-        codes, err2 = _decode_error(u, data, real_coeffs, exps, offsets, widths, complex_data)
-        return codes, err2, float(err2.sum()) <= allowed
+    def within(evaluate):
+        return lambda e: float(evaluate(np.full(k, e, dtype=np.int64))[1].sum()) <= allowed
 
     first = int(step_exponents(np.array([np.sqrt(12.0 * FIRST_STEP_SHARE * spare / count)]))[0])
     safe = int(step_exponents(np.array([2.0 * np.sqrt(spare / count) / sigma_max * (1 - 1e-6)]))[0])
-    found = None
-    for e in [first - NOTCH * j for j in range(MAX_NOTCHES + 1)] + [min(first, safe),
-                                                                   min(first, safe) - 4 * STEP_GRID]:
-        codes, err2, ok = attempt(e)
-        if ok:
-            found = (e, codes, err2)
+    e = _largest_step(within(errors.predicted), first, safe)
+    if e is not None:
+        codes, err2 = errors.decoded(np.full(k, e, dtype=np.int64))
+    if e is None or float(err2.sum()) > allowed:
+        e = _largest_step(within(errors.decoded), first, safe)
+        if e is None:
+            return None
+        codes, err2 = errors.decoded(np.full(k, e, dtype=np.int64))
+    return Quantised(codes.astype(np.int64), np.full(k, e, dtype=np.int16), err2, norm2)
+
+
+def _largest_step(passes, first: int, safe: int) -> int | None:
+    """:func:`_largest_steps` for one step exponent shared by a group (``passes(e)``)."""
+    tries = [first - NOTCH * j for j in range(MAX_NOTCHES + 1)]
+    for e in tries + [min(first, safe), min(first, safe) - 4 * STEP_GRID]:
+        if passes(e):
             break
-    if found is None:
+    else:
         return None
-    lo, codes, err2 = found
-    hi = lo + GROW_RANGE
+    lo, hi = e, e + GROW_RANGE
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        c2, e2, ok = attempt(mid)
-        if ok:
-            lo, codes, err2 = mid, c2, e2
-        else:
-            hi = mid
-    return Quantised(codes, np.full(k, lo, dtype=np.int16), err2, norm2)
-
-
-def _decode_error(u, data, real_coeffs, exps, offsets, widths, complex_data):
-    # Called for every try of the step search on all of a group's coefficients: computed in
-    # place where the values allow (the same numbers as the plain expressions).
-    steps = np.repeat(step_values(exps), widths)
-    zero = steps <= 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        codes = real_coeffs / np.where(zero, 1.0, steps)
-    np.rint(codes, out=codes)
-    if zero.any():
-        codes[:, zero] = 0.0
-    decoded = _complex_from(codes * steps, complex_data)
-    if u is not None:
-        decoded = u @ decoded
-    decoded -= data  # the sign does not change a norm
-    err2 = per_matrix(column_norms2(decoded), offsets)
-    return codes.astype(np.int64), err2
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+    return lo
 
 
 def decode(basis_rounded: np.ndarray | None, codes: np.ndarray, step: float,
@@ -338,6 +404,21 @@ def to_dct(a: np.ndarray) -> np.ndarray:
 
 def from_dct(c: np.ndarray) -> np.ndarray:
     return dct_matrix(c.shape[0]).T @ c @ dct_matrix(c.shape[1])
+
+
+def to_dct_side_by_side(stack: np.ndarray) -> np.ndarray:
+    """The 2-D DCTs of a stack of matrices (B, m, n), side by side (m, B n): two matrix
+    products over the whole stack (a product per matrix costs far more for small ones)."""
+    B, m, n = stack.shape
+    left = dct_matrix(m) @ stack.transpose(1, 0, 2).reshape(m, B * n)
+    return (left.reshape(m * B, n) @ dct_matrix(n).T).reshape(m, B * n)
+
+
+def from_dct_side_by_side(coeffs: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of :func:`to_dct_side_by_side` (matrices of n columns), side by side."""
+    m = coeffs.shape[0]
+    left = dct_matrix(m).T @ coeffs
+    return (left.reshape(-1, n) @ dct_matrix(n)).reshape(m, -1)
 
 
 @lru_cache(maxsize=64)
@@ -379,7 +460,12 @@ def estimated_bits(values: np.ndarray, step) -> np.ndarray | float:
     values = np.abs(np.asarray(values))
     step = np.asarray(step, dtype=np.float64)
     mags = values / (step[:, None] if step.ndim else step)
-    bits = np.where(mags >= 0.5, np.log2(mags + 0.5) + 2.5, 0.2)
+    coded = mags >= 0.5
+    # The logarithm only where a value is coded (most are not: a third of the time here).
+    bits = np.full(mags.shape, 0.2)
+    mags += 0.5
+    np.log2(mags, out=bits, where=coded)
+    np.add(bits, 2.5, out=bits, where=coded)
     return bits.sum(axis=-1) if step.ndim else float(bits.sum())
 
 

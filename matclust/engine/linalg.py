@@ -184,9 +184,17 @@ def times_power2(a: np.ndarray, exponent) -> np.ndarray:
     a = np.asarray(a)
     if np.iscomplexobj(a):
         out = np.empty_like(a)
-        np.ldexp(a.real, exponent, out=out.real)
-        np.ldexp(a.imag, exponent, out=out.imag)
+        out.real = times_power2(a.real, exponent)
+        out.imag = times_power2(a.imag, exponent)
         return out
+    e = np.asarray(exponent)
+    if a.dtype.kind == "f" and e.size:
+        info = np.finfo(a.dtype)
+        if info.minexp <= e.min() and e.max() < info.maxexp:
+            # 2**e is a normal number of a's dtype: the product is a 2**e correctly rounded,
+            # the same number ldexp gives, at a fraction of its cost (one multiply against
+            # a call per entry: ~2 % of a whole run on RGB patches).
+            return a * np.ldexp(np.ones((), a.dtype), e)
     return np.ldexp(a, exponent)
 
 
