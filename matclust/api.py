@@ -469,7 +469,8 @@ class MatrixClusterer:
             raise InputError(f"{source.where}: out-of-core mode writes its results straight to "
                              f"an output store ({source.matrix_bytes / 2**20:.0f} MiB of "
                              f"matrices); give one")
-        summaries = SummaryReader(source, params["rank"], budget, form_eps, progress)
+        summaries = SummaryReader(source, summary_directions(source, params), budget, form_eps,
+                                  progress)
         driver = GreedyDriver(summaries, summaries.norms2, source.widths, estimator,
                               form_eps, params["order"], params["patience"],
                               progress.advance, exact_check=False)
@@ -496,18 +497,29 @@ def _writer_and_sink(source, params, estimator, output, overwrite):
     return writer, sink
 
 
-def summary_bytes(source: MatrixSource, rank: int, eps: float) -> int:
+def summary_directions(source: MatrixSource, params: dict) -> int:
+    """Directions each out-of-core summary keeps at most: as many as the residual order measures
+    candidates against (the estimator's ``order_rank``), so that the summaries order candidates
+    as the matrices do in memory (PDE trajectories, 128 x 48 at r 8 + 5: compression ratio
+    6.65 out of core with r directions, against 7.22 in memory)."""
+    if is_baseline(params["method"]) or params["order"] != "residual":
+        return params["rank"]
+    return make_estimator(params["method"], params["rank"], source.m, source.dtype.kind == "c",
+                          params["oversampling"]).order_rank
+
+
+def summary_bytes(source: MatrixSource, params: dict) -> int:
     """The least memory summaries with every direction need (the cheapest precise-enough dtype).
     Fewer directions would leave bounds too loose to admit anything: all singletons."""
-    s = int(min(rank, source.m, int(source.widths.max())))
-    dtype = summary_dtype(eps, source.dtype.kind == "c", 1, 0)
+    s = int(min(summary_directions(source, params), source.m, int(source.widths.max())))
+    dtype = summary_dtype(params["eps"], source.dtype.kind == "c", 1, 0)
     return source.K * source.m * s * dtype.itemsize
 
 
 def cluster_plan(source: MatrixSource, params: dict, out_of_core: bool) -> limits.Plan:
     """How the memory limit is split for this run (see matclust.limits), or InputError naming
     the smallest limit that works."""
-    need = summary_bytes(source, params["rank"], params["eps"]) if out_of_core else 0
+    need = summary_bytes(source, params) if out_of_core else 0
     K = source.K
 
     def fits(limit, clusters=limits.cluster_reserve(K)):
@@ -527,7 +539,7 @@ def within_reserve(clusters, source: MatrixSource, params: dict, out_of_core: bo
     reserved = limits.cluster_reserve(source.K)
     for count, cluster in enumerate(clusters, 1):
         if count > reserved:
-            need = summary_bytes(source, params["rank"], params["eps"]) if out_of_core else 0
+            need = summary_bytes(source, params) if out_of_core else 0
             raise limits.refuse(
                 f"{source.where}: these {source.K} matrices form more than {reserved} clusters; "
                 f"holding them", params["memory_limit"],

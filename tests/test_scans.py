@@ -161,7 +161,7 @@ def test_driver_emits_the_members_columns_and_trims_what_the_exact_check_rejects
             self.state = state
 
         bound = property(lambda self: self.state.bound / 2)
-        top_basis = lambda self: self.state.top_basis()  # noqa: E731
+        order_basis = lambda self: self.state.order_basis()  # noqa: E731
         screen = lambda self: None  # noqa: E731  (every candidate through an update)
 
         def prefixes(self, block, ends, norms2, loss2):
