@@ -224,7 +224,7 @@ NEGLIGIBLE_SHARE = 0.01
 def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
     """Cluster one shard on its summaries (as the out-of-core path does) and summarise each
     cluster for the merge. Members are indices into the whole collection."""
-    from matclust.api import cluster_plan
+    from matclust.api import cluster_plan, summary_directions
 
     started = time.perf_counter()
     parent, shard = spec.open()
@@ -233,7 +233,8 @@ def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
             run_plan = cluster_plan(shard, params, True)
             shard.batch_limit = run_plan.batch
             form_eps = formation_eps(params["eps"], params["encoding"])
-            summaries = SummaryReader(shard, params["rank"], run_plan.cache, form_eps)
+            summaries = SummaryReader(shard, summary_directions(shard, params), run_plan.cache,
+                                      form_eps)
             # Shards form their clusters with room to spare, so that the merge can still join
             # the parts of one cluster that several shards found (see PLAN_SHARE).
             form_eps *= PLAN_SHARE

@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matclust.driver import ascending_pieces, by_ascending
+from matclust import defaults
+from matclust.api import summary_directions
+from matclust.driver import GreedyDriver, ascending_pieces, by_ascending
+from matclust.engine import make_estimator
 from matclust.engine.linalg import residual_columns2
 from matclust.sources import array_source
 from matclust.sources.cache import CachedReader
@@ -161,7 +164,7 @@ def test_driver_emits_the_members_columns_and_trims_what_the_exact_check_rejects
             self.state = state
 
         bound = property(lambda self: self.state.bound / 2)
-        top_basis = lambda self: self.state.top_basis()  # noqa: E731
+        order_basis = lambda self: self.state.order_basis()  # noqa: E731
         screen = lambda self: None  # noqa: E731  (every candidate through an update)
 
         def prefixes(self, block, ends, norms2, loss2):
@@ -224,3 +227,51 @@ def test_driver_evicts_every_member_over_the_limit_from_large_clusters(keep_byte
         u = np.linalg.svd(np.hstack(blocks))[0][:, :r]
         own = [np.linalg.norm(b - u @ (u.T @ b)) / np.linalg.norm(b) for b in blocks[1:]]
         assert max(own, default=0.0) <= limit * (1 + 1e-9)
+
+
+def test_both_modes_order_wide_and_tall_candidates_alike():
+    """Blocks with m >= 4 (r + p) rows and more than r columns (PDE trajectories): the residual
+    order measures candidates against the seed's r + p tracked directions, in memory on the
+    matrices and out of core on their summaries, which then keep r + p directions too (here
+    all of each matrix). Many candidates lie inside those directions (their residual is
+    rounding, different in each mode); they come first in both, by their residual against the
+    seed's top r. Checked against numpy."""
+    rng = np.random.default_rng(7)
+    m, n, rank, K = 64, 16, 2, 90
+    estimator = make_estimator("incremental", rank, m)
+    k = estimator.order_rank
+    assert k == rank + defaults.OVERSAMPLING and m >= 4 * k  # the rule applies
+    shared = basis(rng, m, k)
+    mats = []
+    for i in range(K):
+        if i % 3:  # inside the shared k directions, with more or less energy beyond the top r
+            spectrum = np.r_[np.ones(rank), rng.uniform(0, 0.3, k - rank)] * rng.uniform(1, 3)
+            mats.append(shared @ (spectrum[:, None] * basis(rng, n, k).T))
+        else:  # of rank k too (their summaries hold them whole), partly outside the k
+            tilted = basis(rng, m, k) * rng.uniform(0.05, 0.5) + shared
+            mats.append(tilted @ rng.standard_normal((k, n)))
+    mats[0] = shared @ (np.linspace(3, 1, k)[:, None] * 4 * basis(rng, n, k).T)  # the seed
+    source = array_source(mats)
+    params = {"method": "incremental", "rank": rank, "oversampling": defaults.OVERSAMPLING,
+              "order": "residual"}
+    directions = summary_directions(source, params)  # what an out-of-core run keeps
+    assert directions == k
+    orders = []
+    for reader in (CachedReader(source, 1 << 30),
+                   SummaryReader(source, directions, 1 << 30, eps=0.05)):
+        norms2 = np.array([float(np.sum(a * a)) for a in mats]) if isinstance(reader, CachedReader) \
+            else reader.norms2
+        driver = GreedyDriver(reader, norms2, source.widths, estimator, 0.05)
+        seed = driver._seed(0)
+        batch = reader.get(seed)
+        state = driver._prefixes(estimator.empty(), batch, 0, len(seed)).state(len(seed))
+        orders.append(np.concatenate(list(driver._candidates(seed, batch.blocks(), state))))
+    assert list(seed) == [0]
+    np.testing.assert_array_equal(orders[0], orders[1])
+    # independent: numpy's top directions of the seed
+    u = np.linalg.svd(mats[0])[0]
+    outside_k = np.array([residual2_numpy(u[:, :k], a) / np.sum(a * a) for a in mats])
+    outside_r = np.array([residual2_numpy(u[:, :rank], a) for a in mats])
+    inside = np.flatnonzero(outside_k < 1e-9)[1:]
+    assert len(inside) > K / 2
+    np.testing.assert_array_equal(orders[0][: len(inside)], inside[np.argsort(outside_r[inside])])

@@ -12,8 +12,11 @@ estimators stay guaranteed when fed the rounded summaries (see ``loss2``). The t
 norms ||A_i||_F^2 are kept separately, exactly.
 
 Memory: K x m x s numbers of 2 (int16) or 4 (float32) bytes, chosen to fit the budget; s is
-at most the target rank (an r-dimensional basis captures at most the top-r energy of each
-member) and at most n_i.
+at most n_i and at most the directions asked for: the target rank r (an r-dimensional basis
+captures at most the top-r energy of each member), or as many as the residual order measures
+candidates against when that is more (the estimator's ``order_rank``), so that the summaries
+order candidates as the matrices do. More directions only tighten the bounds: F_i stays a
+right-contraction of A_i.
 
 Two-byte summaries are fixed point: int16 scaled by the summary's largest entry. Against
 float16 (also two bytes) their rounding loss measured 2-6x smaller on planted, Gaussian and
@@ -82,8 +85,9 @@ class SummaryReader:
     Parameters
     ----------
     source : MatrixSource
-    rank : int
-        Target rank; summaries keep at most this many directions.
+    directions : int
+        Summaries keep at most this many directions (the target rank, or the estimator's
+        ``order_rank`` when larger, see ``matclust.api.summary_directions``).
     budget_bytes : int
         Memory for the summaries.
     eps : float
@@ -102,11 +106,11 @@ class SummaryReader:
         Directions kept per matrix.
     """
 
-    def __init__(self, source: MatrixSource, rank: int, budget_bytes: int, eps: float = 0.1,
+    def __init__(self, source: MatrixSource, directions: int, budget_bytes: int, eps: float = 0.1,
                  progress=None):
         self.source = source
         K, m = source.K, source.m
-        s = int(min(rank, m, int(source.widths.max())))
+        s = int(min(directions, m, int(source.widths.max())))
         self.store_dtype = summary_dtype(eps, source.dtype.kind == "c", K * m * s, budget_bytes)
         per_number = self.store_dtype.itemsize
         s = int(min(s, budget_bytes // max(1, K * m * per_number)))
