@@ -491,6 +491,10 @@ class ResultWriter:
     the temporary. Use as a context manager: an exception aborts.
     """
 
+    #: The thread of :meth:`in_background` (made on first use) and the call handed to it.
+    _background = None
+    _in_flight = None
+
     def __new__(cls, path, *args, **kwargs):
         # A URL is written by matclust.objectstore's subclass (no rename in object stores).
         if cls is ResultWriter and is_url(path):
@@ -564,7 +568,7 @@ class ResultWriter:
         another core while this thread prepares what follows. A call's failure is raised
         here by the next call, by :meth:`settle`, or when the store is completed."""
         self.settle()
-        if getattr(self, "_background", None) is None:
+        if self._background is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._background = ThreadPoolExecutor(1, thread_name_prefix="matclust-writer")
@@ -572,11 +576,12 @@ class ResultWriter:
 
     def settle(self) -> None:
         """Wait for the call handed to :meth:`in_background`; raise its failure."""
-        in_flight, self._in_flight = getattr(self, "_in_flight", None), None
+        in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.result()
 
     def _stop_background_checked(self) -> None:
+        """Before completing: every call done, a failure raised."""
         self.settle()
         self._stop_background()
 
@@ -586,7 +591,7 @@ class ResultWriter:
             self.settle()
         except BaseException:  # the failure being handled, or one the abort makes moot
             pass
-        pool, self._background = getattr(self, "_background", None), None
+        pool, self._background = self._background, None
         if pool is not None:
             pool.shutdown(wait=True)
 
