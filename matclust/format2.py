@@ -24,10 +24,12 @@ Every array but ``labels``/``widths``-sized metadata is compressed with byte shu
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from matclust.compact import CODE_CHUNK, AloneBatch, StoredGroup
+from matclust.engine import budget as qb
 from matclust.store import appendable_shuffle, copy_compressed_chunks
 
 #: Codes compressed both ways to choose the shuffle (the first ones written). 2^16 chose as
@@ -35,7 +37,11 @@ from matclust.store import appendable_shuffle, copy_compressed_chunks
 #: bytes: RGB 11,855/11,270, gray 11,969/12,917, MiniLM 23,673/26,771, PDE 2,381/2,188,
 #: planted 35,496/33,828), for a quarter of the time (the choice cost 3 % of the RGB run).
 SHUFFLE_SAMPLE = 1 << 16
-from matclust.engine import budget as qb
+#: Chunks of codes handed to the store at a time. Compressing them was most of what a sharded
+#: run's client did once its workers were done (10^6 planted: 123 chunks, ~0.1 s each on one
+#: core); Zarr compresses the chunks of one write concurrently, and the writer's thread does
+#: it while the client goes on adding parts (:meth:`ResultWriter.in_background`).
+FLUSH_CHUNKS = 4
 
 ARRAYS = ("labels", "widths", "step_exponents", "codes", "cluster_ranks", "bases",
           "cluster_norms", "cluster_norm_exponents", "basis_norms", "cluster_bounds",
@@ -58,6 +64,57 @@ def _round_up32(x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     y = x.astype(np.float32)
     return np.where(y.astype(np.float64) < x, np.nextafter(y, np.float32(np.inf)), y).astype(np.float32)
+
+
+@dataclass
+class PartCodes:
+    """A part of a cluster as :class:`CompactWriter` stores it: its members (ascending), their
+    widths and step exponents, its totals (squared norm and error, in units of 2^shift; the
+    energy along each basis column), its bound, the largest error of one member, and every
+    member's codes as stored (flattened, zig-zagged, in the codes dtype; member j's are
+    ``codes[code_offsets[j]:code_offsets[j + 1]]``). A fraction of the size of the group it
+    comes from (int64 codes): what a sharded run's encoding tasks hand back."""
+
+    members: np.ndarray
+    widths: np.ndarray
+    exponents: np.ndarray
+    norm2: float
+    err2: float
+    bound: float
+    basis_norms: np.ndarray
+    shift: int
+    worst: float
+    codes: np.ndarray
+    code_offsets: np.ndarray
+
+    @classmethod
+    def of(cls, group: StoredGroup, complex_data: bool, code_dtype) -> "PartCodes":
+        widths = np.asarray(group.widths, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        raw, codes = group.basis is None, group.quantised.codes
+        if not raw and len(widths) and np.all(widths == widths[0]):
+            # Matrices of one width: every one's codes row-major, one after the other, at once.
+            n = int(widths[0])
+            flat = codes.reshape(codes.shape[0], len(widths), n).transpose(1, 0, 2).ravel()
+        else:
+            flat = np.concatenate([np.zeros(0, np.int64)] + [
+                qb.flatten_codes(group.quantised.matrix_codes(offsets, j), raw, complex_data)
+                for j in range(len(group.members))])
+        worst = float(group.matrix_errors.max()) if len(group.members) else 0.0
+        return cls(np.asarray(group.members, dtype=np.int64), widths,
+                   np.asarray(group.quantised.exponents, dtype=np.int16), group.norm2,
+                   float(group.quantised.err2.sum()), float(group.bound),
+                   np.asarray(group.basis_norms, dtype=np.float64), int(group.shift), worst,
+                   qb.zigzag(flat).astype(code_dtype), offsets * codes.shape[0])
+
+    def unscaled(self, exponents: np.ndarray) -> "PartCodes":
+        """The part encoded from its members multiplied by 2^exponents (one per member), in
+        their own magnitude (what :func:`matclust.sinks.unscaled` does to a group)."""
+        if not np.any(exponents):
+            return self
+        shift = np.asarray(exponents, dtype=np.int64)
+        return replace(self, exponents=qb.shifted_steps(self.exponents, -shift),
+                       shift=self.shift - int(shift[0]))
 
 
 class CompactWriter:
@@ -107,50 +164,47 @@ class CompactWriter:
         return cid
 
     def add_part(self, cid: int, group: StoredGroup) -> None:
+        self.add_codes(cid, PartCodes.of(group, self.complex, self.code_dtype))
+
+    def add_codes(self, cid: int, part: "PartCodes") -> None:
+        """A part of cluster ``cid`` whose codes are already as stored (:class:`PartCodes`:
+        what :meth:`add_part` makes of a group; a sharded run's tasks make it themselves)."""
         info = self.clusters[cid]
-        norm2, err2, rows2 = self._in_cluster_scale(info, group)
+        norm2, err2, rows2 = self._in_cluster_scale(info, part.shift, part.norm2, part.err2,
+                                                     part.basis_norms)
         info.pop("error", None)  # a seeded cluster's stored error no longer holds
         info["norm2"] += norm2
         info["err2"] += err2
-        info["size"] += len(group.members)
-        info["columns"] += int(group.widths.sum())
-        info["bound"] = max(info["bound"], group.bound)
-        if info["rows2"] is not None and len(group.basis_norms):
+        info["size"] += len(part.members)
+        info["columns"] += int(part.widths.sum())
+        info["bound"] = max(info["bound"], part.bound)
+        if info["rows2"] is not None and len(part.basis_norms):
             info["rows2"] += rows2
-        self.labels[group.members] = cid
-        self.exponents[group.members] = group.quantised.exponents
-        offsets = np.concatenate([[0], np.cumsum(group.widths)]).astype(np.int64)
-        raw, codes = group.basis is None, group.quantised.codes
-        if not raw and len(group.widths) and np.all(group.widths == group.widths[0]):
-            # Matrices of one width: every one's codes row-major, one after the other, at once.
-            n = int(group.widths[0])
-            flat = codes.reshape(codes.shape[0], len(group.widths), n).transpose(1, 0, 2).ravel()
-        else:
-            flat = np.concatenate([np.zeros(0, np.int64)] + [
-                qb.flatten_codes(group.quantised.matrix_codes(offsets, j), raw, self.complex)
-                for j in range(len(group.members))])
-        self._pend(group.members, flat, offsets * codes.shape[0])
+        self.labels[part.members] = cid
+        self.exponents[part.members] = part.exponents
+        self._pend(part.members, part.codes, part.code_offsets, zigzagged=True)
         self._drain()
 
     @staticmethod
-    def _in_cluster_scale(info: dict, group: StoredGroup):
-        """The group's squared norm, squared error and squared basis norms in the units of its
+    def _in_cluster_scale(info: dict, shift: int, norm2: float, err2: float, basis_norms):
+        """A group's squared norm, squared error and squared basis norms in the units of its
         cluster. Parts of one run share the cluster's power of two; a part appended later
-        (matclust.append) was encoded at its own, 2^group.shift."""
-        d = 2 * (group.shift - info["shift"])
-        rows2 = np.asarray(group.basis_norms, dtype=np.float64) ** 2
-        err2 = float(group.quantised.err2.sum())
+        (matclust.append) was encoded at its own, 2^shift."""
+        d = 2 * (shift - info["shift"])
+        rows2 = np.asarray(basis_norms, dtype=np.float64) ** 2
         if d == 0:
-            return group.norm2, err2, rows2
+            return norm2, err2, rows2
         with np.errstate(over="ignore", under="ignore"):  # inf: the caller's to refuse
-            return float(np.ldexp(group.norm2, d)), float(np.ldexp(err2, d)), np.ldexp(rows2, d)
+            return float(np.ldexp(norm2, d)), float(np.ldexp(err2, d)), np.ldexp(rows2, d)
 
     def error_with(self, cid: int, group: StoredGroup) -> float:
         """Cluster ``cid``'s relative error were ``group`` added to it: the energy-weighted
         sqrt((E_c + E_g) / (N_c + N_g)) of squared errors E and squared norms N, the cluster's
         own as recorded (for a seeded cluster, its stored error rounded up: an upper bound)."""
         info = self.clusters[cid]
-        norm2, err2, _ = self._in_cluster_scale(info, group)
+        norm2, err2, _ = self._in_cluster_scale(info, group.shift, group.norm2,
+                                                float(group.quantised.err2.sum()),
+                                                group.basis_norms)
         total = info["norm2"] + norm2
         with np.errstate(invalid="ignore"):  # inf / inf: NaN, not a number the caller accepts
             return float(np.sqrt((info["err2"] + err2) / total)) if total > 0 else 0.0
@@ -259,17 +313,20 @@ class CompactWriter:
             self.code_count += codes.size
             self._next += count
             self._waiting -= count
-            if self._buffered >= CODE_CHUNK:
+            if self._buffered >= FLUSH_CHUNKS * CODE_CHUNK:
                 self._flush()
 
-    def _pend(self, members: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> None:
+    def _pend(self, members: np.ndarray, flat: np.ndarray, offsets: np.ndarray,
+              zigzagged: bool = False) -> None:
         """Codes of ``members`` (ascending), matrix j's ``flat[offsets[j]:offsets[j + 1]]``
-        as stored, to be written in index order (:meth:`_drain`); zig-zagged in one call and
-        kept as runs of consecutive matrices (one dictionary entry per run, not per matrix)."""
+        as stored (zig-zagged here unless ``zigzagged``), to be written in index order
+        (:meth:`_drain`); kept as runs of consecutive matrices (one dictionary entry per run,
+        not per matrix)."""
         members = np.asarray(members, dtype=np.int64)
         if not len(members):
             return
-        flat = qb.zigzag(flat)
+        if not zigzagged:
+            flat = qb.zigzag(flat).astype(self.code_dtype)
         starts = np.concatenate([[0], np.flatnonzero(np.diff(members) != 1) + 1, [len(members)]])
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
             self._pending[int(members[a])] = (flat[offsets[a]: offsets[b]], b - a)
@@ -293,11 +350,12 @@ class CompactWriter:
     def _flush(self) -> None:
         if not self._buffer or self.writer is None:
             return
-        flat = np.concatenate(self._buffer)
+        flat = np.concatenate(self._buffer).astype(self.code_dtype, copy=False)
         # Whole chunks only until the end, so no chunk is compressed twice.
         keep = len(flat) - len(flat) % CODE_CHUNK if self._next < self.K else len(flat)
         if keep:
-            self._codes_array(flat).append(flat[:keep])
+            # Compressed in the writer's thread while this one goes on (see FLUSH_CHUNKS).
+            self.writer.in_background(self._codes_array(flat).append, flat[:keep])
         self._buffer = [flat[keep:]] if keep < len(flat) else []
         self._buffered = len(flat) - keep
 
@@ -308,6 +366,7 @@ class CompactWriter:
             raise RuntimeError(f"matrix {self._next} was never encoded")
         self._flush()
         if self.writer is not None:
+            self.writer.settle()  # every code written
             self._codes_array(np.zeros(1, dtype=self.code_dtype))  # no codes at all: empty
         used = [c for c, info in enumerate(self.clusters) if info["size"]]
         renumber = np.full(len(self.clusters), -1, dtype=np.int64)

@@ -311,6 +311,7 @@ class RemoteResultWriter(ResultWriter):
 
     def commit(self) -> None:
         with remote_errors(self.temp, "complete the result store"):
+            self._stop_background_checked()
             self._backend.set_attr("complete", True)
             self._backend.close()
         self.output.check_target(self.overwrite)  # what is there may have changed meanwhile
@@ -326,6 +327,7 @@ class RemoteResultWriter(ResultWriter):
 
     def abort(self) -> None:
         logger.debug("aborted: removing the unfinished %s", self.temp)
+        self._stop_background()
         fs, key = self.output.fs, self.output.key(self.generation)
         # A write interrupted by a signal goes on in zarr's I/O thread and may land after the
         # first removal: look again a little later (the next run on OUTPUT would remove it).

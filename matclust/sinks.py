@@ -161,6 +161,17 @@ class CompactSink:
         if self.writer is None:
             self.kept.append(group)
 
+    def add_codes(self, part, cid: int) -> None:
+        """A part of cluster ``cid`` as its codes are stored (out of core, where the writer
+        holds the results: a :class:`matclust.format2.PartCodes`), in the working scale."""
+        self._encode_ready()  # as in _add: what came before it is stored before it
+        exps = getattr(self.source, "exponents", None)
+        if exps is not None:
+            part = part.unscaled(exps[part.members])
+        self.out.add_codes(cid, part)
+        if len(part.members):
+            self.worst = max(self.worst, part.worst)
+
     def _add_alone(self, batch) -> None:
         """Matrices each stored alone (a :class:`matclust.compact.AloneBatch`; see :meth:`_add`)."""
         exps = getattr(self.source, "exponents", None)

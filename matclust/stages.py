@@ -528,15 +528,16 @@ def shard_evicted(spec: ShardSpec, labels: np.ndarray, rounded: dict, encoder, h
 
 
 def shard_encoded(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: dict, encoder,
-                  hold=None):
-    """The shard's parts of every cluster, encoded, in the order the client adds them."""
+                  code_dtype, hold=None):
+    """The shard's parts of every cluster, encoded to their codes as stored, in the order the
+    client adds them."""
     from matclust.streaming import encoded_parts
 
     parent, shard = spec.open()
     try:
         with one_core():
-            return list(encoded_parts(shard, labels, rounded, bounds, encoder, first=spec.first,
-                                      hold=hold))
+            return list(encoded_parts(shard, labels, rounded, bounds, encoder, code_dtype,
+                                      first=spec.first, hold=hold))
     finally:
         parent.close()
 
@@ -576,9 +577,10 @@ class ShardedPasses:
         indices = np.concatenate([p[0] for p in parts]).astype(np.int64)
         return indices, [b for p in parts for b in p[1]]
 
-    def encoded(self, labels, rounded, bounds, encoder, hold=None):
+    def encoded(self, labels, rounded, bounds, encoder, code_dtype, hold=None):
         """The tasks start now; their parts come from the generator returned."""
-        futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder, hold)
+        futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder,
+                             code_dtype, hold)
         return self._in_order(futures)
 
     def _in_order(self, futures):

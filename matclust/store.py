@@ -511,6 +511,10 @@ class ResultWriter:
     the temporary. Use as a context manager: an exception aborts.
     """
 
+    #: The thread of :meth:`in_background` (made on first use) and the call handed to it.
+    _background = None
+    _in_flight = None
+
     def __new__(cls, path, *args, **kwargs):
         # A URL is written by matclust.objectstore's subclass (no rename in object stores).
         if cls is ResultWriter and is_url(path):
@@ -577,6 +581,40 @@ class ResultWriter:
         "byte", applied before zstd."""
         return self._backend.create_appendable(name, dtype, chunk, shuffle)
 
+    def in_background(self, fn, *args) -> None:
+        """``fn(*args)`` in the writer's own thread, after what was handed to it before (at
+        most one call waits there: the caller keeps at most two pieces of data alive). For
+        appending compressed chunks: the compressor (which releases the GIL) then runs on
+        another core while this thread prepares what follows. A call's failure is raised
+        here by the next call, by :meth:`settle`, or when the store is completed."""
+        self.settle()
+        if self._background is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="matclust-writer")
+        self._in_flight = self._background.submit(fn, *args)
+
+    def settle(self) -> None:
+        """Wait for the call handed to :meth:`in_background`; raise its failure."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def _stop_background_checked(self) -> None:
+        """Before completing: every call done, a failure raised."""
+        self.settle()
+        self._stop_background()
+
+    def _stop_background(self) -> None:
+        """No write goes on behind an abort (it would land after the temporary is gone)."""
+        try:
+            self.settle()
+        except BaseException:  # the failure being handled, or one the abort makes moot
+            pass
+        pool, self._background = self._background, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def create_array(self, name: str, shape, dtype, chunks=None):
         """An empty array to be filled slice by slice (for data that is streamed)."""
         return self._backend.create(name, shape, dtype, chunks)
@@ -590,6 +628,7 @@ class ResultWriter:
         (the report's own digits included: measured again until it no longer changes) and
         ``bytes_ratio`` = input_bytes / file_bytes. The first flush compresses what HDF5 still
         holds (work closing the file would do anyway); the others rewrite one attribute."""
+        self.settle()
         self._backend.flush()
         compact = report.get("encoding") == "compact"
         # A compact store keeps its per-cluster statistics as arrays (docs/format.md): as JSON,
@@ -609,6 +648,7 @@ class ResultWriter:
 
     # -- completion ------------------------------------------------------------------------
     def commit(self) -> None:
+        self._stop_background_checked()
         self._backend.set_attr("complete", True)
         self._check_room()
         self._backend.close()
@@ -623,6 +663,7 @@ class ResultWriter:
 
     def abort(self) -> None:
         logger.debug("aborted: removing the unfinished %s", self.temp)
+        self._stop_background()
         try:
             if hasattr(self, "_backend"):
                 self._backend.close()

@@ -270,13 +270,13 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
         bounds = {c: cl.bound for c, cl in enumerate(planned)}
         # A sharded run's encoding tasks start here; the evicted members are clustered again
         # in this process meanwhile (it sat idle: 10^6 planted, 2 workers, --shards 2).
-        parts = passes.encoded(labels, rounded, bounds, encoder, hold)
+        parts = passes.encoded(labels, rounded, bounds, encoder, out.code_dtype, hold)
         if again:
             sink.recluster(evicted, budget_bytes, blocks)
             blocks = None  # not held through the writing pass
-        for c, group, leftovers in parts:
-            if group is not None:
-                sink._add(group, cid[c])
+        for c, part, leftovers in parts:
+            if part is not None:
+                sink.add_codes(part, cid[c])
             sink.leftovers(leftovers)
 
 
@@ -313,11 +313,12 @@ class LocalPasses:
         return evicted_members(self.source, labels, rounded, encoder, self.progress,
                                keep_blocks=True, hold=hold, keep_bytes=self.keep_bytes)
 
-    def encoded(self, labels, rounded, bounds, encoder, hold=None):
-        """(cluster, stored group or None, leftovers) for each cluster's part in each batch
-        (or each ``hold`` bytes of batches, :func:`held_parts`), members labelled -1 skipped."""
-        return encoded_parts(self.source, labels, rounded, bounds, encoder, self.progress,
-                             hold=hold)
+    def encoded(self, labels, rounded, bounds, encoder, code_dtype, hold=None):
+        """(cluster, its codes as stored or None, leftovers) for each cluster's part in each
+        batch (or each ``hold`` bytes of batches, :func:`held_parts`), members labelled -1
+        skipped; codes in ``code_dtype`` (:class:`matclust.format2.PartCodes`)."""
+        return encoded_parts(self.source, labels, rounded, bounds, encoder, code_dtype,
+                             self.progress, hold=hold)
 
 
 def accumulate_bases(source, labels, group, rank, progress=None, phase="bases") -> dict:
@@ -329,16 +330,19 @@ def accumulate_bases(source, labels, group, rank, progress=None, phase="bases") 
     return accs
 
 
-def encoded_parts(source, labels, rounded, bounds, encoder, progress=None, first: int = 0,
-                  hold: int | None = None):
+def encoded_parts(source, labels, rounded, bounds, encoder, code_dtype, progress=None,
+                  first: int = 0, hold: int | None = None):
     """See :meth:`LocalPasses.encoded`; ``first`` is added to the indices of ``source`` (a
     shard's) to make them the collection's."""
+    from matclust.format2 import PartCodes
+
     for c, part in _held(cluster_parts(source, labels, progress, "writing"), hold):
         if c < 0:  # clustered again
             continue
         group, leftovers = encoder.encode_cluster(part.indices + first, part.data, part.offsets,
                                                   rounded.get(c), bounds[c], whole=False)
-        yield c, group, leftovers
+        codes = None if group is None else PartCodes.of(group, encoder.complex, code_dtype)
+        yield c, codes, leftovers
 
 
 def evicted_members(source, labels, rounded, encoder, progress=None, keep_blocks=False,
