@@ -759,18 +759,25 @@ def _store_alone(out, encoder, source, reader, leftover: np.ndarray, K0: int) ->
     as a run of them among themselves stores its singletons (the matrix guarantee: each at its
     own rank or by its DCT coefficients, checked on decoded values); the largest matrix
     error."""
+    from matclust.blas import CORES, on_all_cores
     from matclust.engine.linalg import relative_errors
     from matclust.sinks import ALONE_BATCH, unscaled_alone
 
     worst = 0.0
-    for lo in range(0, len(leftover), ALONE_BATCH):
-        chunk = leftover[lo: lo + ALONE_BATCH]
-        batch = reader.get(chunk)
-        alone = unscaled_alone(encoder.encode_many(list(zip(chunk.tolist(), batch.blocks()))),
-                               source.exponents[chunk])
-        worst = max(worst, float(relative_errors(alone.err2, alone.norm2).max(initial=0.0)))
-        alone.members = alone.members + K0
-        out.add_alone(alone)
+    # One batch per core encoded side by side, then stored in order (as an in-memory run
+    # encodes its pools, matclust.sinks.CompactSink): 29,534 MiniLM columns stored alone took
+    # 1.09 s of a 2.14 s append on one core.
+    chunks = [leftover[lo: lo + ALONE_BATCH] for lo in range(0, len(leftover), ALONE_BATCH)]
+    for first in range(0, len(chunks), CORES):
+        pools = []
+        for chunk in chunks[first: first + CORES]:
+            pools.append(list(zip(chunk.tolist(), reader.get(chunk).blocks())))
+        for chunk, encoded in zip(chunks[first: first + CORES],
+                                  on_all_cores(encoder.encode_many, pools)):
+            alone = unscaled_alone(encoded, source.exponents[chunk])
+            worst = max(worst, float(relative_errors(alone.err2, alone.norm2).max(initial=0.0)))
+            alone.members = alone.members + K0
+            out.add_alone(alone)
     return worst
 
 
