@@ -42,7 +42,7 @@ from matclust.blas import single_threaded
 from matclust.checkpoint import OutputGuard
 from matclust.compact import EVICT_SHARE, AloneBatch, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
-from matclust.engine.linalg import column_norms2, times_power2
+from matclust.engine.linalg import column_norms2, columns_of, times_power2
 from matclust.errors import InputError
 from matclust.format2 import CompactWriter
 from matclust.report import build_report
@@ -50,7 +50,7 @@ from matclust.locations import is_hdf5_url, is_url, refuse_read_only
 from matclust.safety import refuse_clashes, require_path, same_entry
 from matclust.sinks import cluster_among_themselves, unscaled
 from matclust.sources import open_source
-from matclust.sources.base import Batch, columns_of
+from matclust.sources.base import Batch
 from matclust.sources.cache import CachedReader
 from matclust.store import FORMAT, ResultStore, ResultWriter
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from matclust.engine import budget as qb
-from matclust.engine.linalg import column_norms2, compute_dtype, relative_errors
+from matclust.engine.linalg import (column_norms2, columns_of, compute_dtype, relative_errors,
+                                    times_power2)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class CompactEncoder:
             if len(kept) == len(members):  # all of them: no copies
                 sub_data, sub_coeffs, sub_offsets = data, coeffs, np.asarray(offsets, np.int64)
             else:
-                cols = _columns(offsets, kept)
+                cols = columns_of(offsets, kept)
                 sub_data, sub_coeffs = data[:, cols], coeffs[:, cols]
                 sub_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[kept])]).astype(np.int64)
             sub_trunc2 = trunc2[kept]
@@ -292,7 +293,7 @@ class CompactEncoder:
             stack = stack.astype(compute_dtype(stack.dtype), copy=False)
             peaks = np.abs(stack).reshape(len(positions), -1).max(axis=1)
             shape_shifts = np.where(peaks > 0, np.frexp(peaks)[1], 0).astype(np.int64)
-            scaled = qb.scaled_pow2(stack, -shape_shifts[:, None, None])
+            scaled = times_power2(stack, -shape_shifts[:, None, None])
             widths[positions] = shape[1]
             shifts[positions] = shape_shifts
             # One batched SVD and DCT for all matrices of this shape.
@@ -411,9 +412,3 @@ class CompactEncoder:
 def code_bits(q: qb.Quantised) -> float:
     """Estimated bits of a group's codes (:func:`matclust.engine.budget.estimated_bits`)."""
     return qb.estimated_bits(q.codes, 1.0)
-
-
-def _columns(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    from matclust.sources.base import columns_of
-
-    return columns_of(offsets, positions)

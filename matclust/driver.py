@@ -28,8 +28,9 @@ from matclust.blas import single_threaded
 from matclust.engine import ExactBasis
 from matclust.engine.exact import pending_limit
 from matclust.engine.estimators import Estimator
-from matclust.engine.linalg import as_compute, column_norms2, residual_columns2, sqnorm
-from matclust.sources.base import Batch, columns_of
+from matclust.engine.linalg import (as_compute, column_norms2, columns_of, residual_columns2,
+                                    sqnorm)
+from matclust.sources.base import Batch
 
 logger = logging.getLogger(__name__)
 

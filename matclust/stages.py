@@ -32,7 +32,8 @@ from matclust.blas import one_core
 from matclust.compact import formation_eps
 from matclust.driver import FormedCluster, GreedyDriver, by_magnitude_descending, worth_factoring
 from matclust.engine.estimators import make_estimator
-from matclust.sources.base import Batch, MatrixSource, column_ranges
+from matclust.engine.linalg import column_ranges
+from matclust.sources.base import Batch, MatrixSource
 from matclust.sources.summary import SummaryReader
 
 logger = logging.getLogger(__name__)

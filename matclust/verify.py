@@ -19,14 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from matclust import defaults
-from matclust.engine import budget as qb
-from matclust.engine.linalg import (ScaledSums, as_compute, column_norms2, peak,
+from matclust.engine.linalg import (ScaledSums, as_compute, column_norms2, column_ranges, peak,
                                     peak_exponents, relative_errors, sqnorm, sqnorm_scaled,
                                     times_power2)
 from matclust.errors import InputError
 from matclust import limits
 from matclust.limits import verify_plan
-from matclust.sources.base import column_ranges
 from matclust.store import ResultStore
 from matclust.streaming import cluster_parts
 
@@ -464,7 +462,7 @@ def scaled_error2(a: np.ndarray, decoded: np.ndarray) -> tuple[int, float, float
     if peak == 0.0:
         peak = float(np.max(np.abs(decoded))) if decoded.size else 0.0
     s = int(np.frexp(peak)[1]) if peak > 0 and np.isfinite(peak) else 0
-    a_s, d_s = qb.scaled_pow2(a, -s), qb.scaled_pow2(decoded, -s)
+    a_s, d_s = times_power2(a, -s), times_power2(decoded, -s)
     return s, sqnorm(a_s - d_s), sqnorm(a_s)
 
 

@@ -35,7 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from matclust.engine.linalg import column_norms2, compute_dtype, times_power2
+from matclust.engine.linalg import column_norms2, columns_of, compute_dtype
 
 #: Steps are 2^(e / STEP_GRID): a step is never more than 4.4 % below the one asked for.
 STEP_GRID = 16
@@ -62,11 +62,6 @@ def basis_dtype_for(eps: float, complex_data: bool) -> np.dtype:
     if eps >= 1e-5:
         return np.dtype(np.complex64 if complex_data else np.float32)
     return np.dtype(np.complex128 if complex_data else np.float64)
-
-
-def scaled_pow2(a: np.ndarray, e: int) -> np.ndarray:
-    """a * 2^e, exactly (:func:`matclust.engine.linalg.times_power2`)."""
-    return times_power2(a, e)
 
 
 def step_values(exponents: np.ndarray) -> np.ndarray:
@@ -321,9 +316,7 @@ class _GroupErrors:
     def part(self, matrices: np.ndarray) -> "_GroupErrors":
         """The same for some of the matrices (``columns``: theirs in the group)."""
         widths = self.widths[matrices]
-        ends = np.cumsum(widths)
-        columns = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
-            self.offsets[matrices] - (ends - widths), widths)
+        columns = columns_of(self.offsets, matrices)
         sub = _GroupErrors(self.u, self.data[:, columns], self.coeffs[:, columns],
                            self.trunc2[matrices],
                            np.concatenate([[0], np.cumsum(widths)]).astype(np.int64))

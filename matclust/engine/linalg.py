@@ -177,6 +177,20 @@ def column_norms2(a: np.ndarray) -> np.ndarray:
 
 
 # -- magnitudes: exact power-of-two scaling ------------------------------------------------------
+def column_ranges(firsts: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The ranges [firsts[k], firsts[k] + widths[k]) one after another, as one index array."""
+    widths = np.asarray(widths, dtype=np.int64)
+    starts = np.cumsum(widths) - widths
+    # Output column t of range k is firsts[k] + (t - starts[k]).
+    return np.repeat(np.asarray(firsts, dtype=np.int64) - starts, widths) + np.arange(int(widths.sum()))
+
+
+def columns_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The column indices, in order, of the matrices at ``positions`` of a side-by-side layout
+    with the given ``offsets``."""
+    return column_ranges(offsets[positions], np.diff(offsets)[positions])
+
+
 def times_power2(a: np.ndarray, exponent) -> np.ndarray:
     """``a * 2**exponent`` as a new array of a's dtype: exact unless the result leaves the
     dtype's normal range. ``exponent`` is an int or an int array broadcast against ``a`` (e.g.

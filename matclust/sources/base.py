@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from matclust.engine.linalg import as_compute, peak, peak_exponents, times_power2
+from matclust.engine.linalg import as_compute, columns_of, peak, peak_exponents, times_power2
 from matclust.errors import InputError
 
 #: Bytes of matrix data aimed at per batch read: large enough to amortise per-call overhead,
@@ -77,20 +77,6 @@ def is_supported_dtype(dtype: np.dtype) -> bool:
     except (ValueError, TypeError):
         return False
     return True
-
-
-def column_ranges(firsts: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """The ranges [firsts[k], firsts[k] + widths[k]) one after another, as one index array."""
-    widths = np.asarray(widths, dtype=np.int64)
-    starts = np.cumsum(widths) - widths
-    # Output column t of range k is firsts[k] + (t - starts[k]).
-    return np.repeat(np.asarray(firsts, dtype=np.int64) - starts, widths) + np.arange(int(widths.sum()))
-
-
-def columns_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The column indices, in order, of the matrices at ``positions`` of a side-by-side layout
-    with the given ``offsets``."""
-    return column_ranges(offsets[positions], np.diff(offsets)[positions])
 
 
 @dataclass
