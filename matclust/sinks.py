@@ -244,10 +244,14 @@ class CompactSink:
         store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
                               budget, progress, passes)
 
+    @staticmethod
+    def recluster_bytes(budget_bytes: int) -> int:
+        """What :meth:`recluster` may hold of the caches' budget: a quarter."""
+        return budget_bytes // 4
+
     def can_recluster(self, indices: np.ndarray, budget_bytes: int) -> bool:
-        """Whether :meth:`recluster` may hold the matrices of ``indices``: a quarter of the
-        budget at most."""
-        return self._recluster_bytes(indices) <= budget_bytes // 4
+        """Whether :meth:`recluster` may hold the matrices of ``indices``."""
+        return self._recluster_bytes(indices) <= self.recluster_bytes(budget_bytes)
 
     def _recluster_bytes(self, indices: np.ndarray) -> int:
         return int(self.source.widths[indices].sum()) * self.source.m * self.source.dtype.itemsize

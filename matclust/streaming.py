@@ -230,8 +230,9 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
     ``passes``: how the passes over the input run (:class:`LocalPasses`, sequential, by
     default; a sharded run's go over its shards in parallel, :mod:`matclust.stages`)."""
     # The checking pass keeps the evicted members' columns while they fit what the recluster
-    # may hold (sink.can_recluster), sparing it a pass of its own to pick them out.
-    passes = passes or LocalPasses(source, progress, keep_bytes=budget_bytes // 4)
+    # may hold (sink.recluster_bytes), sparing it a pass of its own to pick them out.
+    passes = passes or LocalPasses(source, progress,
+                                  keep_bytes=sink.recluster_bytes(budget_bytes))
     labels = _labels_of(planned, source.K)
     encoder, out = sink.encoder, sink.out
     hold = min(WRITE_HOLD_BYTES, budget_bytes // 8)  # see held_parts
