@@ -169,8 +169,8 @@ def _forget_basis(key: int) -> None:
 
 def _as_compute(basis: np.ndarray | None, dtype) -> np.ndarray | None:
     """The rounded basis in the data's compute dtype (the same array for every part)."""
-    if basis is None:
-        return None
+    if basis is None or basis.dtype == dtype:  # (kept, it would keep itself alive)
+        return basis
     dtype = np.dtype(dtype)
     return _of_basis(basis, ("as", dtype.str), lambda: np.asarray(basis, dtype=dtype))
 
