@@ -98,6 +98,37 @@ def test_steps_found_on_predicted_errors_are_checked_on_decoded_values(monkeypat
         assert sum(errs) <= eps ** 2 * sum(norms2)
 
 
+def test_what_a_basis_derives_is_reused_for_its_parts_and_forgotten_with_it():
+    """Out of core the parts of a cluster share its rounded basis, whose projector, Gram
+    matrix and norm are derived once: the parts encode as with a fresh copy of the basis each
+    (nothing stale), every decoded matrix within eps, and the derived arrays go with the
+    basis."""
+    import gc
+
+    from matclust.compact import CompactEncoder
+
+    rng = np.random.default_rng(5)
+    enc = CompactEncoder(0.1, "matrix", 4, 20, np.float32)
+    basis = enc.rounded(np.linalg.qr(rng.standard_normal((20, 4)))[0])
+    for part in range(3):
+        data = basis.astype(np.float64) @ rng.standard_normal((4, 30)) \
+            + 0.005 * rng.standard_normal((20, 30))
+        offsets = np.arange(0, 31, 3)
+        shared = qb.quantise(basis, data, offsets, 0.1)
+        fresh = qb.quantise(basis.copy(), data, offsets, 0.1)
+        np.testing.assert_array_equal(shared.codes, fresh.codes)
+        np.testing.assert_array_equal(shared.exponents, fresh.exponents)
+        steps = qb.step_values(shared.exponents)
+        for j, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+            decoded = qb.decode(basis, shared.codes[:, a:b], steps[j], False)
+            assert np.sum((data[:, a:b] - decoded) ** 2) <= 0.1 ** 2 * np.sum(data[:, a:b] ** 2)
+    key = id(basis)
+    assert key in qb._DERIVED
+    del basis, shared, fresh
+    gc.collect()
+    assert key not in qb._DERIVED
+
+
 def test_a_step_that_cannot_fail_exists():
     """The raw step 2 sqrt(budget / count) bounds every entry's rounding: no check needed."""
     rng = np.random.default_rng(0)

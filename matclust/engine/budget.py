@@ -30,6 +30,7 @@ Pure numpy, no I/O. The arguments are written out in docs/format.md and docs/alg
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -126,9 +127,61 @@ class Quantised:
 
 def least_squares_projector(basis: np.ndarray) -> np.ndarray:
     """P with P A = argmin_C ||A - U~ C||_F, for a rounded basis U~ of full column rank."""
-    u = np.asarray(basis, dtype=compute_dtype(basis.dtype))
-    gram = u.conj().T @ u
-    return np.linalg.solve(gram, u.conj().T)
+    def projector():
+        u = np.asarray(basis, dtype=compute_dtype(basis.dtype))
+        return np.linalg.solve(u.conj().T @ u, u.conj().T)
+
+    return _of_basis(basis, "projector", projector)
+
+
+#: What was derived from each rounded basis (see :func:`_of_basis`), by the basis's id, and
+#: the bytes of the arrays among it, which stay below DERIVED_BYTES.
+_DERIVED: dict[int, dict] = {}
+_DERIVED_HELD = [0]
+DERIVED_BYTES = 16 << 20
+
+
+def _of_basis(basis: np.ndarray, what, compute):
+    """``compute()``, once per basis array and ``what`` while they fit DERIVED_BYTES: out of
+    core a cluster's rounded basis is the same array for each of its parts, and its
+    projector, Gram matrix and norm were computed again for each (16,000 parts on 10^6
+    planted matrices, each part twice). The values are the same, so are the codes.
+    Forgotten when the array is."""
+    derived = _DERIVED.get(id(basis))
+    if derived is not None and what in derived:
+        return derived[what]
+    value = compute()
+    size = value.nbytes if isinstance(value, np.ndarray) else 0
+    if _DERIVED_HELD[0] + size > DERIVED_BYTES:
+        return value
+    if derived is None:
+        derived = _DERIVED[id(basis)] = {}
+        weakref.finalize(basis, _forget_basis, id(basis))
+    derived[what] = value
+    _DERIVED_HELD[0] += size
+    return value
+
+
+def _forget_basis(key: int) -> None:
+    derived = _DERIVED.pop(key, {})
+    _DERIVED_HELD[0] -= sum(v.nbytes for v in derived.values() if isinstance(v, np.ndarray))
+
+
+def _as_compute(basis: np.ndarray | None, dtype) -> np.ndarray | None:
+    """The rounded basis in the data's compute dtype (the same array for every part)."""
+    if basis is None or basis.dtype == dtype:  # (kept, it would keep itself alive)
+        return basis
+    dtype = np.dtype(dtype)
+    return _of_basis(basis, ("as", dtype.str), lambda: np.asarray(basis, dtype=dtype))
+
+
+def _norm2(u: np.ndarray) -> float:
+    """sigma_max(u), 1 for a basis of no columns."""
+    return _of_basis(u, "sigma_max", lambda: float(np.linalg.norm(u, 2)) if u.shape[1] else 1.0)
+
+
+def _gram(u: np.ndarray) -> np.ndarray:
+    return _of_basis(u, "gram", lambda: u.conj().T @ u)
 
 
 def per_matrix(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -154,7 +207,7 @@ def truncation(basis_rounded: np.ndarray | None, data: np.ndarray, offsets: np.n
     if basis_rounded is None:
         return data, np.zeros(len(offsets) - 1)
     coeffs = least_squares_projector(basis_rounded) @ data
-    resid = data - np.asarray(basis_rounded, dtype=data.dtype) @ coeffs
+    resid = data - _as_compute(basis_rounded, data.dtype) @ coeffs
     return coeffs, per_matrix(column_norms2(resid), offsets)
 
 
@@ -190,8 +243,8 @@ def quantise(basis_rounded: np.ndarray | None, data: np.ndarray, offsets: np.nda
         else:  # one budget, one step for the whole group: checked as one
             return _quantise_uniform(basis_rounded, data, offsets, coeffs, trunc2, norm2,
                                      eps * eps * total, spare, float(count.sum()))
-    u = None if basis_rounded is None else np.asarray(basis_rounded, dtype=data.dtype)
-    sigma_max = 1.0 if u is None else float(np.linalg.norm(u, 2)) if u.shape[1] else 1.0
+    u = _as_compute(basis_rounded, data.dtype)
+    sigma_max = 1.0 if u is None else _norm2(u)
     budget = allowed2 - trunc2
     if np.any(budget < 0):
         return None
@@ -281,7 +334,7 @@ class _GroupErrors:
         self.complex = np.iscomplexobj(coeffs)
         self.coeffs = coeffs
         self.real_coeffs = _real_view(coeffs)
-        self.gram = None if u is None else u.conj().T @ u
+        self.gram = None if u is None else _gram(u)
 
     def _rounded(self, exps):
         """Codes (float, integral) and the steps of every column."""
@@ -310,7 +363,9 @@ class _GroupErrors:
         codes, steps = self._rounded(exps)
         codes *= steps
         moved = _complex_from(self.real_coeffs - codes, self.complex)  # C_i - h_i Z_i
-        along = np.einsum("ij,ij->j", moved.conj(), self.gram @ moved).real
+        # (conj() of real values would only copy them: this runs ~6 times per part)
+        along = np.einsum("ij,ij->j", moved.conj() if self.complex else moved,
+                          self.gram @ moved).real
         return None, self.trunc2 + per_matrix(along, self.offsets)
 
     def part(self, matrices: np.ndarray) -> "_GroupErrors":
@@ -331,8 +386,8 @@ def _quantise_uniform(basis_rounded, data, offsets, coeffs, trunc2, norm2, allow
     then raise while it still passes), on one exponent, on predicted errors and then checked
     on the decoded values (which search again should the prediction be off)."""
     k = len(offsets) - 1
-    u = None if basis_rounded is None else np.asarray(basis_rounded, dtype=data.dtype)
-    sigma_max = 1.0 if u is None or not u.shape[1] else float(np.linalg.norm(u, 2))
+    u = _as_compute(basis_rounded, data.dtype)
+    sigma_max = 1.0 if u is None else _norm2(u)
     if spare <= 0 or count == 0:
         return None
     errors = _GroupErrors(u, data, coeffs, trunc2, offsets)
