@@ -162,8 +162,12 @@ def residual_columns2(q: np.ndarray, data: np.ndarray, norms2: np.ndarray | None
     cancellation = CANCELLATION * np.finfo(dtype).eps / np.finfo(np.float32).eps
     suspect = np.flatnonzero(out < cancellation * norms2)
     if len(suspect):
-        sub = data[:, suspect]
-        out[suspect] = column_norms2(sub - qh.conj().T @ (qh @ sub))
+        # (Matrices inside span(Q) have every column here: then no copy of them. The residual
+        # is formed in place of Q Q^* a: each fresh array of this size costs its pages' first
+        # touch, more than the arithmetic on this 2-core VM.)
+        sub = data if len(suspect) == data.shape[1] else np.take(data, suspect, axis=1)
+        residual = qh.conj().T @ (qh @ sub)
+        out[suspect] = column_norms2(np.subtract(sub, residual, out=residual))
     return out
 
 
