@@ -42,7 +42,7 @@ from matclust.blas import single_threaded
 from matclust.checkpoint import OutputGuard
 from matclust.compact import EVICT_SHARE, AloneBatch, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
-from matclust.engine.linalg import column_norms2, columns_of, times_power2
+from matclust.engine.linalg import column_norms2, columns_of, distinct, times_power2
 from matclust.errors import InputError
 from matclust.format2 import CompactWriter
 from matclust.report import build_report
@@ -170,7 +170,7 @@ class StoredBases:
         self.starts = np.concatenate([[0], np.cumsum(self.ranks)]).astype(np.int64)
         dtype = np.complex128 if complex_data else np.float64
         self.qh = np.empty((int(self.starts[-1]), reader.m), dtype=dtype)
-        for r in np.unique(self.ranks):
+        for r in distinct(self.ranks):
             which = np.flatnonzero(self.ranks == r)
             u = np.stack([reader.basis(int(self.ids[k])) for k in which]).astype(dtype)
             gram = np.swapaxes(u.conj(), 1, 2) @ u
@@ -270,7 +270,7 @@ def _leading(batch, k: int):
     out = np.empty((batch.data.shape[0], int(offsets[-1])),
                    dtype=np.complex64 if np.iscomplexobj(batch.data) else np.float32)
     held = np.zeros(len(batch))
-    for n in np.unique(widths):
+    for n in distinct(widths):
         which = np.flatnonzero(widths == n)
         stack = np.stack([batch.block(int(j)) for j in which]).astype(
             np.complex128 if np.iscomplexobj(batch.data) else np.float64)
@@ -442,7 +442,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         worst = float(old.report.get("max_matrix_error", 0.0))
         joined = 0
         leftover = [np.flatnonzero(choice < 0)]
-        for c in np.unique(choice[choice >= 0]):
+        for c in distinct(choice[choice >= 0]):
             members = np.flatnonzero(choice == c)
             batch = reader.get(members)
             group, rest = encoder.encode_cluster(members, batch.data, batch.offsets,
