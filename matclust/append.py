@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from matclust import defaults, limits
-from matclust.blas import single_threaded
+from matclust.blas import CORES, on_all_cores, single_threaded
 from matclust.checkpoint import OutputGuard
 from matclust.compact import EVICT_SHARE, AloneBatch, CompactEncoder, max_code_bound
 from matclust.engine import budget as qb
@@ -424,11 +424,16 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
     # ones are clustered with the others instead.
     choice = np.full(K1, -1, dtype=np.int64)
     progress.start("screening", K1)
+
+    def screened(part):
+        return stored.best(part, norms2[part.indices], encoder.eps ** 2 * norms2[part.indices])[0]
+
     for k in range(len(reader)):
         batch = reader.batch(k)
-        norm2 = norms2[batch.indices]
-        best, _ = stored.best(batch, norm2, encoder.eps ** 2 * norm2)
-        usable = ~source.apart[batch.indices] & (norm2 >= qb.TINY_NORM2)
+        # A piece per core (the products are most of the screening: 7,079 RGB patches against
+        # 6 stored bases took 23 ms on one core).
+        best = np.concatenate(on_all_cores(screened, _pieces(batch, CORES)))
+        usable = ~source.apart[batch.indices] & (norms2[batch.indices] >= qb.TINY_NORM2)
         choice[batch.indices] = np.where(usable, best, -1)
         progress.advance(len(batch))
 
@@ -442,11 +447,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         worst = float(old.report.get("max_matrix_error", 0.0))
         joined = 0
         leftover = [np.flatnonzero(choice < 0)]
-        for c in distinct(choice[choice >= 0]):
-            members = np.flatnonzero(choice == c)
-            batch = reader.get(members)
-            group, rest = encoder.encode_cluster(members, batch.data, batch.offsets,
-                                                 reader_old.basis(int(c)), 0.0, whole=False)
+        for c, (group, rest) in _joining(encoder, reader, reader_old, choice):
             leftover.append(np.array([i for i, _ in rest], dtype=np.int64))
             if group is None:
                 continue
@@ -496,6 +497,34 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
                               stored_dtype.itemsize, time.perf_counter() - started, worst)
         _commit(writer, old, report, params, source, joined, new_clusters, started)
     return report
+
+
+def _pieces(batch: Batch, count: int) -> list[Batch]:
+    """``batch`` cut into at most ``count`` runs of consecutive matrices (views of it)."""
+    if len(batch) < 2:
+        return [batch]
+    bounds = distinct(np.linspace(0, len(batch), count + 1).astype(np.int64))
+    return [Batch(batch.indices[a:b], batch.data[:, batch.offsets[a]:batch.offsets[b]],
+                  batch.offsets[a:b + 1] - batch.offsets[a])
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+def _joining(encoder: CompactEncoder, reader, reader_old, choice: np.ndarray):
+    """For every stored cluster some new matrices chose (``choice``, -1 for none), in id
+    order: its id, and ``encoder.encode_cluster``'s group of them against its stored basis
+    and the matrices it left out. Several clusters at a time, one per core (read here:
+    the reader is not shared between threads)."""
+    ids = distinct(choice[choice >= 0])
+
+    def encoded(item):
+        _, batch, basis = item
+        return encoder.encode_cluster(batch.indices, batch.data, batch.offsets, basis, 0.0,
+                                      whole=False)
+
+    for lo in range(0, len(ids), CORES):
+        items = [(int(c), reader.get(np.flatnonzero(choice == c)), reader_old.basis(int(c)))
+                 for c in ids[lo: lo + CORES]]
+        yield from zip([c for c, _, _ in items], on_all_cores(encoded, items))
 
 
 class _PlainClusters:
