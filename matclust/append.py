@@ -843,15 +843,8 @@ def _names(old_names, new_names, inputs: list[dict]):
 def _append_plan(source, store_path, held: int, memory_limit: int) -> limits.Plan:
     """The memory plan of appending ``source`` with ``held`` bytes kept beside it, or
     InputError naming the smallest limit that works."""
-    K1 = source.K
-
-    def fits(limit):
-        return limits.plan(limit, K1, limits.cluster_reserve(K1), held) is not None
-
-    if not fits(memory_limit):
-        raise limits.refuse(f"{source.where}: appending {K1} matrices to {store_path}",
-                            memory_limit, fits)
-    return limits.plan(memory_limit, K1, limits.cluster_reserve(K1), held)
+    return limits.plan_or_refuse(f"{source.where}: appending {source.K} matrices to {store_path}",
+                                 memory_limit, source.K, limits.cluster_reserve(source.K), held)
 
 
 def _commit(writer, old, report: dict, params: dict, source, joined: int, new_clusters: int,
