@@ -182,10 +182,12 @@ class StoredBases:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def best(self, batch, norm2: np.ndarray, allowed2: np.ndarray, share: float = EVICT_SHARE):
+    def best(self, batch, norm2: np.ndarray, allowed2: np.ndarray, share: float = EVICT_SHARE,
+             screen_bytes: int = SCREEN_BYTES):
         """For every matrix of ``batch``: the cluster (a store id, -1 for none) whose stored
         basis fits it within ``share`` of ``allowed2`` (its squared error budget) with
-        the fewest estimated code bits, and that fit's squared truncation error.
+        the fewest estimated code bits, and that fit's squared truncation error. At most
+        ``screen_bytes`` of products are held at once.
 
         Bits: r_c n_i coefficients of energy P at the step the rest of the budget allows,
         about r_c n_i / 2 log2(2 pi e P / (12 (allowed2 - T))) (a quantised Gaussian; see
@@ -214,7 +216,7 @@ class StoredBases:
             f0 = len(self)
         else:
             lead, lead_offsets, lead2 = _leading(batch, LEADING)
-            per_row = max(1, SCREEN_BYTES // (16 * lead.shape[1]))
+            per_row = max(1, screen_bytes // (16 * lead.shape[1]))
             qh_lead = self.qh.astype(lead.dtype)
             f0 = 0
         while f0 < len(self):
@@ -426,7 +428,8 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
     progress.start("screening", K1)
 
     def screened(part):
-        return stored.best(part, norms2[part.indices], encoder.eps ** 2 * norms2[part.indices])[0]
+        return stored.best(part, norms2[part.indices], encoder.eps ** 2 * norms2[part.indices],
+                           screen_bytes=SCREEN_BYTES // CORES)[0]
 
     for k in range(len(reader)):
         batch = reader.batch(k)
@@ -447,7 +450,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
         worst = float(old.report.get("max_matrix_error", 0.0))
         joined = 0
         leftover = [np.flatnonzero(choice < 0)]
-        for c, (group, rest) in _joining(encoder, reader, reader_old, choice):
+        for c, (group, rest) in _joining(encoder, reader, reader_old, choice, run_plan.batch):
             leftover.append(np.array([i for i, _ in rest], dtype=np.int64))
             if group is None:
                 continue
@@ -509,22 +512,34 @@ def _pieces(batch: Batch, count: int) -> list[Batch]:
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
-def _joining(encoder: CompactEncoder, reader, reader_old, choice: np.ndarray):
+def _joining(encoder: CompactEncoder, reader, reader_old, choice: np.ndarray, batch_bytes: int):
     """For every stored cluster some new matrices chose (``choice``, -1 for none), in id
     order: its id, and ``encoder.encode_cluster``'s group of them against its stored basis
-    and the matrices it left out. Several clusters at a time, one per core (read here:
-    the reader is not shared between threads)."""
+    and the matrices it left out. Clusters side by side, one per core, while their matrices
+    take at most ``batch_bytes`` together (the plan's working unit) or those of the largest
+    one (what one at a time holds at its peak); read here: the reader is not shared between
+    threads."""
     ids = distinct(choice[choice >= 0])
+    source = reader.source
+    sizes = np.bincount(choice[choice >= 0], weights=source.widths[choice >= 0],
+                        minlength=int(ids[-1]) + 1 if len(ids) else 0)[ids] * \
+        source.m * source.dtype.itemsize
+    limit = max(batch_bytes, float(sizes.max(initial=0)))
 
     def encoded(item):
         _, batch, basis = item
         return encoder.encode_cluster(batch.indices, batch.data, batch.offsets, basis, 0.0,
                                       whole=False)
 
-    for lo in range(0, len(ids), CORES):
+    lo = 0
+    while lo < len(ids):
+        hi = lo + 1
+        while hi < len(ids) and hi - lo < CORES and sizes[lo: hi + 1].sum() <= limit:
+            hi += 1
         items = [(int(c), reader.get(np.flatnonzero(choice == c)), reader_old.basis(int(c)))
-                 for c in ids[lo: lo + CORES]]
+                 for c in ids[lo: hi]]
         yield from zip([c for c, _, _ in items], on_all_cores(encoded, items))
+        lo = hi
 
 
 class _PlainClusters:
@@ -773,11 +788,18 @@ def _may_cluster(source, reader, norms2: np.ndarray, leftover: np.ndarray, param
     qh = np.concatenate(bases, axis=1).conj().T.astype(
         np.complex64 if source.dtype.kind == "c" else np.float32)
     # The reader's batches as they are (views of its cache), not gathered copies: on 29,534
-    # MiniLM columns the copies took 0.38 s, three times the products.
+    # MiniLM columns the copies took 0.38 s, three times the products. The products run a
+    # piece per core.
     position = np.full(len(widths), -1, dtype=np.int64)
     position[eligible] = np.arange(len(eligible))
     captured = np.zeros((len(bases), len(eligible)))
-    per_piece = max(1, PROBE_BYTES // (8 * max(qh.shape[0], m) * int(widths.max())))
+    per_piece = max(1, PROBE_BYTES // (CORES * 8 * max(qh.shape[0], m) * int(widths.max())))
+
+    def probed(part):
+        energy = np.abs(qh @ part.data.astype(qh.dtype, copy=False)) ** 2
+        energy = np.add.reduceat(energy, starts, axis=0)  # (seeds, columns)
+        return np.add.reduceat(energy, part.offsets[:-1], axis=1)
+
     for k in range(len(reader)):
         batch = reader.batch(k)
         keep = np.flatnonzero(position[batch.indices] >= 0)
@@ -785,13 +807,11 @@ def _may_cluster(source, reader, norms2: np.ndarray, leftover: np.ndarray, param
             if not len(keep):
                 continue
             batch = batch.take(keep)
-        for lo in range(0, len(batch), per_piece):
-            hi = min(lo + per_piece, len(batch))
-            a, b = batch.offsets[lo], batch.offsets[hi]
-            energy = np.abs(qh @ batch.data[:, a:b].astype(qh.dtype, copy=False)) ** 2
-            energy = np.add.reduceat(energy, starts, axis=0)  # (seeds, columns)
-            captured[:, position[batch.indices[lo:hi]]] = np.add.reduceat(
-                energy, batch.offsets[lo:hi] - a, axis=1)
+        pieces = _pieces(batch, max(CORES, -(-len(batch) // per_piece)))
+        for lo in range(0, len(pieces), CORES):
+            for part, got in zip(pieces[lo: lo + CORES],
+                                 on_all_cores(probed, pieces[lo: lo + CORES])):
+                captured[:, position[part.indices]] = got
     fits = norms2[eligible][None, :] - captured * (1 + 1e-5) <= limit2[None, :]
     return any(worth_factoring(rank, m, int(widths[eligible[row]].sum()), int(row.sum()))
                for row in fits)
