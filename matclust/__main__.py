@@ -1,4 +1,4 @@
-from matclust.cli import main
+from matclust.cli import run
 
 if __name__ == "__main__":  # not when a worker process of a distributed run imports it
-    main()
+    run()

@@ -535,16 +535,10 @@ def cluster_plan(source: MatrixSource, params: dict, out_of_core: bool) -> limit
     """How the memory limit is split for this run (see matclust.limits), or InputError naming
     the smallest limit that works."""
     need = summary_bytes(source, params) if out_of_core else 0
-    K = source.K
-
-    def fits(limit, clusters=limits.cluster_reserve(K)):
-        return limits.plan(limit, K, clusters, need) is not None
-
-    if not fits(params["memory_limit"]):
-        what = "summaries of " if out_of_core else ""
-        raise limits.refuse(f"{source.where}: clustering the {what}{K} matrices of {source.m} rows",
-                            params["memory_limit"], fits)
-    return limits.plan(params["memory_limit"], K, limits.cluster_reserve(K), need)
+    what = "summaries of " if out_of_core else ""
+    return limits.plan_or_refuse(
+        f"{source.where}: clustering the {what}{source.K} matrices of {source.m} rows",
+        params["memory_limit"], source.K, limits.cluster_reserve(source.K), need)
 
 
 def within_reserve(clusters, source: MatrixSource, params: dict, out_of_core: bool):

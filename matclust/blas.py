@@ -54,6 +54,15 @@ def one_core():
         _LOCAL.cores = before
 
 
+def release_cores() -> None:
+    """End the pool's threads (made again on the next :func:`on_all_cores`): a command that is
+    done leaves none behind (see :func:`matclust.cli.run`)."""
+    global _POOL
+    pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
 def on_all_cores(fn: Callable, items: Iterable) -> list:
     """``[fn(x) for x in items]``, the items spread over the cores, BLAS single-threaded.
     Not re-entrant: ``fn`` must not call it again (the pool's workers would wait on themselves)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -185,6 +184,8 @@ def _read_pid(fd: int) -> str:
 # The input's identity
 # ---------------------------------------------------------------------------------------------
 def _digest(array: np.ndarray) -> str:
+    import hashlib  # here: loading OpenSSL takes 2.5 ms, which only a checkpointed run needs
+
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
 
 

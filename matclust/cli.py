@@ -75,8 +75,33 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def json_text(document) -> str:
+    """``document`` as JSON indented by two spaces, but with every object of a list of objects
+    on one line of its own (a report's ``cluster_stats``): json indents in pure Python, which
+    took twice as long for the 59,068 cluster statistics of a MiniLM store. Never NaN."""
+    return _json_at(document, "")
+
+
+_FLAT = json.JSONEncoder(allow_nan=False)
+
+
+def _json_at(value, pad: str) -> str:
+    inner = pad + "  "
+    if isinstance(value, dict) and value:
+        return "{\n" + ",\n".join(f"{inner}{_json_key(key)}: {_json_at(item, inner)}"
+                                   for key, item in value.items()) + f"\n{pad}}}"
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return "[\n" + ",\n".join(inner + _FLAT.encode(item) for item in value) + f"\n{pad}]"
+    return json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n" + pad)
+
+
+def _json_key(key) -> str:
+    """A key as json writes it (a number, true, false or null becomes a string)."""
+    return _FLAT.encode(key) if isinstance(key, str) else json.dumps({key: 0})[1:-4]
+
+
 def _emit_json(document) -> None:
-    click.echo(json.dumps(document, indent=2, allow_nan=False))
+    click.echo(json_text(document))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +286,7 @@ def cluster(input, output, rank, eps, method, order, dataset, transpose, patienc
                           resume=resume, runner=runner)
     report = clusterer.report_
     if report_path:
-        write_text_atomically(report_path, json.dumps(report, indent=2, allow_nan=False),
+        write_text_atomically(report_path, json_text(report),
                               f"report (the result store {output} was written)")
     if as_json:
         _emit_json(report)
@@ -711,6 +736,38 @@ def main(argv=None) -> None:
         click.echo(_error_line(f"{what}; set {DEBUG_ENV}=1 for the traceback"), err=True)
         sys.exit(1)
     sys.exit(0)
+
+
+def run() -> None:
+    """The console command (``matclust``, ``python -m matclust``): :func:`main`, then the
+    process ends without the interpreter's teardown, which freed every module and object one
+    by one: 25-35 ms of each command, a tenth of a small append. What a normal exit does that
+    matters is done first: the atexit handlers run (logging, temporary directories, ...),
+    stdout and stderr flushed, and no thread left but this one (the pool's are ended). Should
+    another thread still run, or the output not flush, the exit is the normal one."""
+    import atexit
+    import threading
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            raise
+    from matclust.blas import release_cores
+
+    release_cores()
+    if any(thread is not threading.current_thread() and not thread.daemon
+           for thread in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code or 0)
 
 
 def _terminate_cleanly() -> None:

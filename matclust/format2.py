@@ -30,6 +30,7 @@ import numpy as np
 
 from matclust.compact import CODE_CHUNK, AloneBatch, StoredGroup
 from matclust.engine import budget as qb
+from matclust.engine.linalg import distinct
 from matclust.store import appendable_shuffle, copy_compressed_chunks
 
 #: Codes compressed both ways to choose the shuffle (the first ones written). 2^16 chose as
@@ -493,7 +494,7 @@ class CompactReader:
         if K and (self.labels.min() < 0 or self.labels.max() >= C):
             problems.append(f"labels outside 0..{C - 1}")
             return problems
-        if C and len(np.unique(self.labels)) != C:
+        if C and len(distinct(self.labels)) != C:
             problems.append("some cluster has no member")
         if np.any(self.widths < 1):
             problems.append("widths must be >= 1")

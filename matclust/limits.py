@@ -105,10 +105,15 @@ def refuse(what: str, limit: int, fits) -> InputError:
                       f"(given {limit / MiB:.0f}MiB)")
 
 
+def plan_or_refuse(what: str, limit: int, K: int, clusters: int, cache_needed: int = 0) -> Plan:
+    """:func:`plan`, or the refusal of ``what`` (the work, in words) naming the smallest limit
+    that works."""
+    got = plan(limit, K, clusters, cache_needed)
+    if got is None:
+        raise refuse(what, limit, lambda x: plan(x, K, clusters, cache_needed) is not None)
+    return got
+
+
 def verify_plan(limit: int, K: int, C: int) -> Plan:
     """Batches and stored-column cache of verify (and reconstruct), or the refusal."""
-    got = plan(limit, K, C)
-    if got is None:
-        raise refuse(f"checking {K} matrices in {C} clusters", limit,
-                     lambda x: plan(x, K, C) is not None)
-    return got
+    return plan_or_refuse(f"checking {K} matrices in {C} clusters", limit, K, C)

@@ -8,6 +8,8 @@ stored numbers and the largest error of any one matrix.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from matclust.blas import CORES, on_all_cores, single_threaded
@@ -66,6 +68,14 @@ class PlainSink:
         return self.labels, stats, numbers, worst
 
 
+def codes_of_one(source, rank: int) -> int:
+    """The most codes one matrix of ``source`` may have (its own budget bounds each one's
+    size: :func:`matclust.compact.max_code_bound`; one step for a group is used only where
+    its codes keep within that)."""
+    parts = 2 if source.dtype.kind == "c" else 1
+    return parts * max(source.m, int(rank)) * int(source.widths.max())
+
+
 def unscaled(group, exponents: np.ndarray):
     """``group``, encoded from its members multiplied by 2^exponents (one per member, in
     member order), brought back to the members' own magnitude: every step divided by its
@@ -111,20 +121,21 @@ class CompactSink:
     """The compact encoding (:mod:`matclust.compact`) into the matclust/2 arrays
     (:mod:`matclust.format2`)."""
 
-    def __init__(self, source, params, writer):
+    def __init__(self, source, params, writer, encoder=None, out=None, first: int = 0):
+        """``encoder`` and ``out`` (a :class:`CompactWriter`) are made here, unless the store
+        holds other matrices before the source's (an append, matclust.append: ``out`` seeded
+        with the store's ``first`` matrices; the source's matrix i is the store's first + i)."""
         self.source, self.params, self.writer = source, params, writer
-        complex_data = source.dtype.kind == "c"
-        self.encoder = CompactEncoder(params["eps"], params["guarantee"], params["rank"],
-                                      source.m, source.storage_dtype)
-        parts = 2 if complex_data else 1
-        widest = int(source.widths.max())
-        # Codes of one matrix at most, with its own budget: every encoding keeps within that
-        # bound (one step for a group is used only where its codes do).
-        most = parts * max(source.m, params["rank"]) * widest
-        code_dtype = qb.code_dtype(max_code_bound(params["eps"], most))
-        self.encoder.max_code = (int(np.iinfo(code_dtype).max) - 1) // 2
-        self.out = CompactWriter(writer, source.K, source.m, source.widths, complex_data,
-                                 code_dtype, self.encoder.basis_dtype)
+        self.first = int(first)
+        if out is None:
+            encoder = CompactEncoder(params["eps"], params["guarantee"], params["rank"],
+                                     source.m, source.storage_dtype)
+            code_dtype = qb.code_dtype(max_code_bound(params["eps"],
+                                                      codes_of_one(source, params["rank"])))
+            encoder.max_code = (int(np.iinfo(code_dtype).max) - 1) // 2
+            out = CompactWriter(writer, source.K, source.m, source.widths,
+                                source.dtype.kind == "c", code_dtype, encoder.basis_dtype)
+        self.encoder, self.out = encoder, out
         self.kept = []  # the stored groups, when there is no store to hold them
         self.worst = 0.0
         # Cluster guarantee: matrices that join no factored cluster wait here to be stored as
@@ -132,7 +143,7 @@ class CompactSink:
         self.pool: list[tuple[int, np.ndarray]] = []
         self.unread: list[int] = []  # members of unfactored clusters, read in batches
         # In memory (consume), full pools of matrices stored alone wait here until there is
-        # one for every core, then are encoded side by side (:meth:`_encode_ready`): most come
+        # one for every core, then are encoded side by side (:meth:`encode_ready`): most come
         # at the end of a run (patience singletons), when nothing else is left to do.
         self.side_by_side = False
         self.ready: list[list] = []
@@ -150,8 +161,10 @@ class CompactSink:
         return 0 if exps is None else -int(exps[members[0]])
 
     def _add(self, group, cid=None) -> None:
-        self._encode_ready()  # what came before it is stored before it (cluster ids in order)
+        self.encode_ready()  # what came before it is stored before it (cluster ids in order)
         group = self.unscale(group)
+        if self.first:
+            group.members = group.members + self.first
         if cid is None:
             self.out.add(group)
         else:
@@ -164,10 +177,12 @@ class CompactSink:
     def add_codes(self, part, cid: int) -> None:
         """A part of cluster ``cid`` as its codes are stored (out of core, where the writer
         holds the results: a :class:`matclust.format2.PartCodes`), in the working scale."""
-        self._encode_ready()  # as in _add: what came before it is stored before it
+        self.encode_ready()  # as in _add: what came before it is stored before it
         exps = getattr(self.source, "exponents", None)
         if exps is not None:
             part = part.unscaled(exps[part.members])
+        if self.first:
+            part = replace(part, members=part.members + self.first)
         self.out.add_codes(cid, part)
         if len(part.members):
             self.worst = max(self.worst, part.worst)
@@ -179,6 +194,8 @@ class CompactSink:
             batch = unscaled_alone(batch, exps[batch.members])
         worst = relative_errors(batch.err2, batch.norm2).max(initial=0.0)
         self.worst = max(self.worst, float(worst))
+        if self.first:
+            batch.members = batch.members + self.first
         self.out.add_alone(batch)
         if self.writer is None:
             self.kept.extend(batch.groups(self.source.m, self.out.complex))
@@ -221,15 +238,21 @@ class CompactSink:
             return
         self.pool.sort(key=lambda item: item[0])
         if self.params["guarantee"] == "matrix":
-            self.ready.append(self.pool)
-            if not self.side_by_side or len(self.ready) >= CORES:
-                self._encode_ready()
+            self.store_alone(self.pool)
         else:
             members = np.array([i for i, _ in self.pool], dtype=np.int64)
             self._add(self.encoder.encode_pool(members, [b for _, b in self.pool]))
         self.pool = []
 
-    def _encode_ready(self) -> None:
+    def store_alone(self, items) -> None:
+        """Matrices ``(index, block)``, ascending, each stored alone (the matrix guarantee),
+        encoded as one batch: at once, or with ``side_by_side`` beside those of other calls,
+        one batch per core (:meth:`encode_ready`)."""
+        self.ready.append(list(items))
+        if not self.side_by_side or len(self.ready) >= CORES:
+            self.encode_ready()
+
+    def encode_ready(self) -> None:
         """Encode the full pools that wait (each with :meth:`CompactEncoder.encode_many`), on
         all cores at once, and store them in the order they filled: the same arrays as one
         after the other."""
@@ -289,7 +312,7 @@ class CompactSink:
     def finish(self):
         with single_threaded():
             self.flush_pool()
-            self._encode_ready()
+            self.encode_ready()
         labels, stats = self.out.finish(self.source.names)
         return labels, stats, self.out.stored_numbers, self.worst
 

@@ -155,10 +155,8 @@ def bound_study(source, rank: int, sizes, trials: int, seed: int = defaults.SEED
                   for name, method, _ in ESTIMATORS}
     from matclust import limits
 
-    study_plan = limits.plan(memory_limit, source.K, 0)
-    if study_plan is None:
-        raise limits.refuse(f"{source.where}: the bound study of {source.K} matrices", memory_limit,
-                            lambda x: limits.plan(x, source.K, 0) is not None)
+    study_plan = limits.plan_or_refuse(f"{source.where}: the bound study of {source.K} matrices",
+                                       memory_limit, source.K, 0)
     reader = CachedReader(source, study_plan.cache)
     rng = np.random.default_rng(seed)
     rows = []

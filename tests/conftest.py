@@ -62,8 +62,9 @@ def run_matclust(*args, cwd=None, check: int | None = None, timeout: float = 120
 def run_inprocess(*args, check: int | None = None) -> CliResult:
     """``matclust.cli.main(ARGS)`` in this process, stdout/stderr captured.
 
-    ``main`` is the console script's entry point and produces the real exit codes; running it
-    in-process saves the interpreter start-up (and imports) of a subprocess. Tests of what
+    ``main`` is what the console command runs (``matclust.cli.run``) and produces the real
+    exit codes; running it in-process saves the interpreter start-up (and imports) of a
+    subprocess. Tests of what
     reaches the terminal (stdout purity, --version, error lines) use :func:`run_matclust`.
     """
     import contextlib

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 
 import numpy as np
@@ -201,6 +202,19 @@ def test_bad_appends_are_refused_and_leave_the_store(tmp_path):
     run_inprocess("cluster", one, "-o", baseline, "--rank", "3", "--eps", "0.05", "--method",
                   "random", "--clusters", "3", "--quiet", check=0)
     _refused(baseline, two, match="without error control")
+
+
+def test_a_memory_limit_too_small_is_refused_naming_one_that_works(tmp_path):
+    (one, two), mats, _, _ = write_halves(tmp_path, ".h5", K=60)
+    store = os.fspath(tmp_path / "store.h5")
+    run_inprocess("cluster", one, "-o", store, "--rank", "3", "--eps", "0.05", "--quiet", check=0)
+    res = _refused(store, two, "--memory-limit", "1MiB", match="appending 30 matrices")
+    named = re.search(r"needs --memory-limit (\d+)MiB at least \(given 1MiB\)", res.stderr)
+    assert named, res.stderr
+    limit = int(named.group(1))
+    _refused(store, two, "--memory-limit", f"{limit - 1}MiB", match="appending 30 matrices")
+    run_inprocess("append", store, two, "--memory-limit", f"{limit}MiB", "--quiet", check=0)
+    check_compact(store, mats, 0.05)
 
 
 def test_a_failed_append_leaves_the_old_store(tmp_path, monkeypatch):

@@ -751,3 +751,16 @@ def test_screen_bounds_the_cluster(cplx):
             tight = state.screen()
             assert not tight.admits(rest[0], float(np.linalg.norm(rest[0]) ** 2), 0.0, eps=-1.0)
             assert len(tight.fold()) == 1 and tight.bound == state.bound
+
+
+@given(st.lists(st.integers(-2**40, 2**40), max_size=60))
+@settings(max_examples=50, deadline=None)
+def test_distinct_is_numpys_unique(values):
+    from matclust.engine.linalg import distinct
+
+    for dtype in (np.int64, np.int32):
+        if dtype == np.int32:
+            values = [v % 2**31 for v in values]
+        a = np.array(values, dtype=dtype)
+        got = distinct(a)
+        assert got.dtype == a.dtype and np.array_equal(got, np.unique(a))

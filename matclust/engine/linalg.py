@@ -195,6 +195,14 @@ def columns_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return column_ranges(offsets[positions], np.diff(offsets)[positions])
 
 
+def distinct(values) -> np.ndarray:
+    """The sorted distinct values of a 1-D integer array: ``np.unique(values)`` without its
+    import of numpy.ma (numpy 2 imports it on the first call: 5-8 ms of every command)."""
+    ordered = np.sort(np.asarray(values).ravel())
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) \
+        else ordered
+
+
 def times_power2(a: np.ndarray, exponent) -> np.ndarray:
     """``a * 2**exponent`` as a new array of a's dtype: exact unless the result leaves the
     dtype's normal range. ``exponent`` is an int or an int array broadcast against ``a`` (e.g.

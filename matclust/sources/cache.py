@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from matclust.engine.linalg import column_norms2, residual_columns2
+from matclust.engine.linalg import column_norms2, distinct, residual_columns2
 from matclust.sources.base import Batch, MatrixSource
 
 #: A cached batch is compacted once this share of its matrices is discarded. Scans multiply
@@ -133,7 +133,7 @@ class CachedReader:
             return self.source.read(indices)
         which = np.searchsorted(self._starts, indices, side="right") - 1
         parts = []
-        for k in np.unique(which):
+        for k in distinct(which):
             sel = np.flatnonzero(which == k)
             batch = self.batch(int(k))
             # Batches hold ascending indices, all of their range unless compacted.
