@@ -744,7 +744,9 @@ def run() -> None:
     by one: 25-35 ms of each command, a tenth of a small append. What a normal exit does that
     matters is done first: the atexit handlers run (logging, temporary directories, ...),
     stdout and stderr flushed, and no thread left but this one (the pool's are ended). Should
-    another thread still run, or the output not flush, the exit is the normal one."""
+    another thread still run, the output not flush, or a profiler or tracer watch (cProfile,
+    coverage, a debugger: they write their results after the command returns), the exit is
+    the normal one."""
     import atexit
     import threading
 
@@ -758,8 +760,9 @@ def run() -> None:
     from matclust.blas import release_cores
 
     release_cores()
-    if any(thread is not threading.current_thread() and not thread.daemon
-           for thread in threading.enumerate()):
+    if sys.getprofile() is not None or sys.gettrace() is not None or any(
+            thread is not threading.current_thread() and not thread.daemon
+            for thread in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()
     try:

@@ -76,3 +76,16 @@ def test_a_thread_still_running_ends_before_the_process(tmp_path):
         """)
     assert proc.returncode == 0, proc.stderr
     assert done.read_text() == "done"  # the normal exit waited for it
+
+
+def test_a_profiled_command_leaves_its_profile(tmp_path):
+    # cProfile writes its file after the command returns: the fast exit must not skip that
+    # (docs/benchmarks.md profiles commands this way).
+    out = tmp_path / "command.prof"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "matclust",
+                           "--version"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    import pstats
+
+    assert pstats.Stats(str(out)).total_calls > 0
