@@ -241,6 +241,8 @@ class CompactSink:
     def store_planned(self, planned, form_eps, budget, progress, passes=None) -> None:
         from matclust.streaming import store_planned_compact
 
+        if passes is not None:  # a sharded run's tasks may write the codes themselves
+            passes.codes_to(self.out)
         store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
                               budget, progress, passes)
 
