@@ -165,8 +165,8 @@ class CompactWriter:
 
     def place_codes_elsewhere(self, placer) -> None:
         """From now on parts may come without their codes (``PartCodes.codes`` None: a sharded
-        run's tasks keep them, :class:`matclust.stages.ShardCodes`); ``placer`` writes every
-        matrix's codes when finishing (``placer.codes(lo, hi, offsets, fills)``: codes lo..hi-1
+        run's tasks keep them, :class:`matclust.stages.ShardCodes`); ``placer`` (None: there is
+        no store) writes every matrix's codes when finishing (``placer.codes(lo, hi, offsets, fills)``: codes lo..hi-1
         of the store; ``placer.write(array, offsets, fills)``), given each matrix's first code
         (``offsets``, known once every cluster's rank is) and the codes made here (``fills``:
         members ascending, their codes as stored, offsets). Everything else is kept as before,
@@ -209,7 +209,7 @@ class CompactWriter:
             info["rows2"] += rows2
         self.labels[part.members] = cid
         self.exponents[part.members] = part.exponents
-        if part.codes is None and self._placer is None:
+        if part.codes is None and self._placed is None:
             raise RuntimeError("a part without its codes, and nothing to place them")
         self._pend(part.members, part.codes, part.code_offsets, zigzagged=True)
         self._drain()
@@ -335,7 +335,7 @@ class CompactWriter:
 
     # -- codes, in index order --------------------------------------------------------------
     def _drain(self) -> None:
-        if self._placer is not None:
+        if self._placed is not None:
             self._advance()
             return
         while self._next in self._pending:
@@ -359,7 +359,7 @@ class CompactWriter:
             return
         if not zigzagged:
             flat = qb.zigzag(flat).astype(self.code_dtype)
-        if self._placer is not None:  # codes elsewhere: only which matrices are accounted for
+        if self._placed is not None:  # codes elsewhere: only which matrices are accounted for
             if flat is not None:
                 self._fills.append((members, flat, np.asarray(offsets, dtype=np.int64)))
             self._placed[members] = True
@@ -451,7 +451,7 @@ class CompactWriter:
         returns the final labels and the clusters' statistics (:meth:`stats`)."""
         if self._next != self.K:
             raise RuntimeError(f"matrix {self._next} was never encoded")
-        if self._placer is not None:
+        if self._placed is not None:
             self._place_codes()
         else:
             self._flush()

@@ -579,28 +579,41 @@ def _table_of(kept: KeptCodes) -> list:
     return kept.table
 
 
+class _ShardLayout:
+    """Where the codes of a shard's matrices lie in the store and where they are now: its
+    own in ``kept``, the others (matrices clustered again or stored alone by the client) in
+    ``fills`` (members, codes, offsets; only the shard's). ``offsets``: where each of the
+    shard's matrices' codes start in the store, and their end."""
+
+    def __init__(self, kept: KeptCodes, fills, offsets: np.ndarray, first: int):
+        source = np.full(len(offsets) - 1, -1, dtype=np.int64)  # where in `codes`
+        source[kept.members - first] = kept.code_offsets[:-1]
+        fill_members, fill_codes, fill_offsets = fills
+        source[fill_members - first] = len(kept.codes) + fill_offsets[:-1]
+        sizes = np.diff(offsets)
+        if np.any(source < 0) or not np.array_equal(np.diff(kept.code_offsets),
+                                                    sizes[kept.members - first]):
+            raise RuntimeError(f"the codes of the shard from matrix {first} do not match its "
+                               "labels")
+        self.source, self.offsets = source, offsets
+        self.codes = np.concatenate([kept.codes, fill_codes]) if len(fill_codes) else kept.codes
+
+    def gather(self, lo: int, hi: int) -> np.ndarray:
+        """Codes ``lo..hi-1`` of the store (within the shard's)."""
+        from matclust.format2 import segments
+
+        offsets = self.offsets
+        i0 = int(np.searchsorted(offsets, lo, "right")) - 1
+        i1 = int(np.searchsorted(offsets, hi, "left"))
+        index = segments(self.source[i0:i1], offsets[i0 : i1 + 1])
+        return self.codes[index[lo - offsets[i0] : hi - offsets[i0]]]
+
+
 def shard_codes(kept: KeptCodes, fills, offsets: np.ndarray, first: int, lo: int, hi: int
                 ) -> np.ndarray:
     """Codes ``lo..hi-1`` of the store, all within the shard whose matrices start at ``first``
-    (``offsets``: where each of its matrices' codes start in the store, and their end): its
-    own from ``kept``, the others (matrices clustered again or stored alone by the client)
-    from ``fills`` (members, codes, offsets; only the shard's)."""
-    count = len(offsets) - 1
-    source = np.full(count, -1, dtype=np.int64)  # where each matrix's codes start in `both`
-    source[kept.members - first] = kept.code_offsets[:-1]
-    fill_members, fill_codes, fill_offsets = fills
-    source[fill_members - first] = len(kept.codes) + fill_offsets[:-1]
-    sizes = np.diff(offsets)
-    if np.any(source < 0) or not np.array_equal(np.diff(kept.code_offsets),
-                                                sizes[kept.members - first]):
-        raise RuntimeError(f"the codes of the shard from matrix {first} do not match its labels")
-    i0 = int(np.searchsorted(offsets, lo, "right")) - 1
-    i1 = int(np.searchsorted(offsets, hi, "left"))
-    both = np.concatenate([kept.codes, fill_codes]) if len(fill_codes) else kept.codes
-    from matclust.format2 import segments
-
-    index = segments(source[i0:i1], offsets[i0 : i1 + 1])
-    return both[index[lo - offsets[i0] : hi - offsets[i0]]]
+    (see :class:`_ShardLayout`)."""
+    return _ShardLayout(kept, fills, offsets, first).gather(lo, hi)
 
 
 def write_shard_codes(kept: KeptCodes, fills, offsets: np.ndarray, first: int, total: int,
@@ -613,21 +626,24 @@ def write_shard_codes(kept: KeptCodes, fills, offsets: np.ndarray, first: int, t
     code when this worker does not see the store. Writing again writes the same bytes (Dask
     may run it again)."""
     lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return []
+    layout = _ShardLayout(kept, fills, offsets, first)
     whole_from = -(-lo // chunk) * chunk
     whole_to = hi if hi == total else hi // chunk * chunk
     array = _open_codes(where) if where is not None else None
     if array is None or whole_from >= whole_to:
-        return [(lo, shard_codes(kept, fills, offsets, first, lo, hi))] if hi > lo else []
+        return [(lo, layout.gather(lo, hi))]
     with one_core():
         step = per_write * chunk
         for a in range(whole_from, whole_to, step):
             b = min(a + step, whole_to)
-            array[a:b] = shard_codes(kept, fills, offsets, first, a, b)
+            array[a:b] = layout.gather(a, b)
     pieces = []
     if lo < whole_from:
-        pieces.append((lo, shard_codes(kept, fills, offsets, first, lo, whole_from)))
+        pieces.append((lo, layout.gather(lo, whole_from)))
     if whole_to < hi:
-        pieces.append((whole_to, shard_codes(kept, fills, offsets, first, whole_to, hi)))
+        pieces.append((whole_to, layout.gather(whole_to, hi)))
     return pieces
 
 

@@ -100,6 +100,110 @@ def test_same_shards_same_store_in_process_and_on_workers(collection, tmp_path, 
         check_compact(tmp_path / store, mats, EPS, "matrix")
 
 
+def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
+    """Where the runner keeps results on its workers, the encoding tasks write the store's
+    code chunks themselves and the client only the chunks two shards share
+    (matclust.stages.ShardCodes). With code chunks of 64 values (dozens shared by shards),
+    matrices stored alone by the client between the tasks' codes, and the pool of those
+    flushed early because codes wait behind it (sinks.PENDING_MATRICES), every array is the
+    one the client writes itself: with the tasks in this process, with workers that do not
+    see the store (every code comes back to the client), and on two worker processes."""
+    import zarr
+
+    import matclust.distributed
+    import matclust.format2
+    import matclust.sinks
+    import matclust.stages
+
+    path, mats, _ = write_planted(tmp_path / "noisy.h5", K=480, m=12, n=4, subspaces=5, rank=2,
+                                  noise=0.1, seed=3, dtype="float32")
+    monkeypatch.setattr(matclust.format2, "CODE_CHUNK", 64)
+    monkeypatch.setattr(matclust.sinks, "PENDING_MATRICES", 8)
+    early = []
+    flush_pool = matclust.sinks.CompactSink.flush_pool
+
+    def spied(sink):
+        early.append(len(sink.pool) < matclust.sinks.ALONE_BATCH and sink.out.waiting > 8)
+        return flush_pool(sink)
+
+    monkeypatch.setattr(matclust.sinks.CompactSink, "flush_pool", spied)
+    args = ("--rank", RANK, "--eps", EPS, "--shards", 4, "--quiet")
+    run_inprocess("cluster", path, "-o", tmp_path / "client.zarr", *args, check=0)
+    assert any(early)  # some matrices were stored alone while later codes waited
+    monkeypatch.setattr(matclust.distributed.InProcess, "keeps_results", True)
+    placed = []
+    write = matclust.stages.ShardCodes.write
+    monkeypatch.setattr(matclust.stages.ShardCodes, "write",
+                        lambda self, *a: placed.append(1) or write(self, *a))
+    run_inprocess("cluster", path, "-o", tmp_path / "tasks.zarr", *args, check=0)
+    open_codes = matclust.stages._open_codes
+    monkeypatch.setattr(matclust.stages, "_open_codes", lambda where: None)
+    run_inprocess("cluster", path, "-o", tmp_path / "unseen.zarr", *args, check=0)
+    monkeypatch.setattr(matclust.stages, "_open_codes", open_codes)
+    run_inprocess("cluster", path, "-o", tmp_path / "workers.zarr", *args, "--workers", 2,
+                  check=0)
+    assert len(placed) == 3
+    client = _arrays(tmp_path / "client.zarr")
+    assert len(client["codes"]) > 20 * 64
+    for other in ("tasks.zarr", "unseen.zarr", "workers.zarr"):
+        arrays = _arrays(tmp_path / other)
+        assert sorted(arrays) == sorted(client)
+        for name, values in client.items():
+            assert np.array_equal(arrays[name], values), f"{other}: {name} differs"
+        assert zarr.open_group(str(tmp_path / other), mode="r")["codes"].chunks == (64,)
+    check_compact(tmp_path / "workers.zarr", mats, EPS, "matrix")
+
+
+def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():
+    """The client's leftover pool is flushed early when codes wait behind it
+    (``CompactWriter.waiting``): a writer whose codes are placed elsewhere counts the waiting
+    matrices as one that holds the codes does, after every part, whatever order the parts come
+    in; the labels, exponents and statistics are the same too."""
+    from dataclasses import replace
+
+    from matclust.format2 import CompactWriter, PartCodes
+
+    rng = np.random.default_rng(7)
+    K, m, rank = 3000, 6, 2
+    widths = rng.integers(1, 4, K)
+    writers = [CompactWriter(None, K, m, widths, False, np.uint16, np.float32) for _ in range(2)]
+    writers[1].place_codes_elsewhere(placer=None)  # no store: finish() writes nothing
+    labels = rng.integers(0, 5, K)
+    for w in writers:
+        for c in range(5):
+            w.new_cluster(rng.standard_normal((m, rank)) if c else None)
+    # Parts of held windows (members of one cluster within a window), the windows in order,
+    # the clusters in a random order within each, some windows' matrices kept back to the end.
+    order, late = [], []
+    for lo in range(0, K, 250):
+        window = np.arange(lo, min(lo + 250, K))
+        back = window[rng.random(len(window)) < 0.02]
+        late.append(back)
+        window = np.setdiff1d(window, back)
+        order += [window[labels[window] == c] for c in rng.permutation(5)]
+    late = np.concatenate(late)
+    order += [late[labels[late] == c] for c in range(5)]
+    for members in order:
+        if not len(members):
+            continue
+        rows = np.where(labels[members] == 0, m, rank)
+        sizes = rows * widths[members]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        part = PartCodes(members, widths[members], rng.integers(-50, 50, len(members)).astype(
+            np.int16), 1.0, 0.01, 0.05, np.ones(rank), 0, 0.1,
+            rng.integers(0, 9, offsets[-1]).astype(np.uint16), offsets)
+        c = int(labels[members[0]])
+        writers[0].add_codes(c, part)
+        writers[1].add_codes(c, replace(part, codes=None, code_offsets=None))
+        assert writers[0].waiting == writers[1].waiting
+    assert writers[0].waiting == 0
+    held, placed = (w.finish() for w in writers)
+    assert np.array_equal(held[0], placed[0]) and held[1] == placed[1]
+    assert np.array_equal(writers[0].exponents, writers[1].exponents)
+    assert writers[0].code_count == writers[1].code_count == int(
+        (np.where(labels == 0, m, rank) * widths).sum())
+
+
 def test_without_workers_dask_is_not_imported(collection, tmp_path):
     path, _, _ = collection
     code = textwrap.dedent(f"""
