@@ -165,13 +165,14 @@ class CompactWriter:
 
     def place_codes_elsewhere(self, placer) -> None:
         """From now on parts may come without their codes (``PartCodes.codes`` None: a sharded
-        run's tasks keep them, :class:`matclust.stages.ShardCodes`); ``placer`` (None: there is
-        no store) writes every matrix's codes when finishing (``placer.codes(lo, hi, offsets, fills)``: codes lo..hi-1
-        of the store; ``placer.write(array, offsets, fills)``), given each matrix's first code
-        (``offsets``, known once every cluster's rank is) and the codes made here (``fills``:
-        members ascending, their codes as stored, offsets). Everything else is kept as before,
-        in the same order: the labels, statistics and the order in which matrices are
-        accounted for (:attr:`waiting`) do not depend on where the codes go."""
+        run's tasks keep them, :class:`matclust.stages.ShardCodes`). ``placer`` (None: there
+        is no store) writes every matrix's codes when finishing: ``placer.codes(lo, hi,
+        offsets, fills)`` returns codes lo..hi-1 of the store, ``placer.write(array, offsets,
+        fills)`` writes them all, given where each matrix's codes start (``offsets``, known
+        once every cluster's rank is) and the codes made here (``fills``: members ascending,
+        their codes as stored, offsets). Everything else is kept as before, in the same
+        order: the labels, statistics and the order in which matrices are accounted for
+        (:attr:`waiting`) do not depend on where the codes go."""
         if self._next or self._waiting or self._buffer:
             raise RuntimeError("place_codes_elsewhere() must come before any codes")
         self._placer = placer

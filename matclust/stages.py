@@ -586,7 +586,8 @@ class _ShardLayout:
     shard's matrices' codes start in the store, and their end."""
 
     def __init__(self, kept: KeptCodes, fills, offsets: np.ndarray, first: int):
-        source = np.full(len(offsets) - 1, -1, dtype=np.int64)  # where in `codes`
+        # Where each matrix's codes start: in its own codes, or (from len(own) on) in fills.
+        source = np.full(len(offsets) - 1, -1, dtype=np.int64)
         source[kept.members - first] = kept.code_offsets[:-1]
         fill_members, fill_codes, fill_offsets = fills
         source[fill_members - first] = len(kept.codes) + fill_offsets[:-1]
@@ -596,7 +597,7 @@ class _ShardLayout:
             raise RuntimeError(f"the codes of the shard from matrix {first} do not match its "
                                "labels")
         self.source, self.offsets = source, offsets
-        self.codes = np.concatenate([kept.codes, fill_codes]) if len(fill_codes) else kept.codes
+        self.own, self.fills = kept.codes, fill_codes
 
     def gather(self, lo: int, hi: int) -> np.ndarray:
         """Codes ``lo..hi-1`` of the store (within the shard's)."""
@@ -606,7 +607,14 @@ class _ShardLayout:
         i0 = int(np.searchsorted(offsets, lo, "right")) - 1
         i1 = int(np.searchsorted(offsets, hi, "left"))
         index = segments(self.source[i0:i1], offsets[i0 : i1 + 1])
-        return self.codes[index[lo - offsets[i0] : hi - offsets[i0]]]
+        index = index[lo - offsets[i0] : hi - offsets[i0]]
+        if not len(self.fills):
+            return self.own[index]
+        out = np.empty(len(index), dtype=self.own.dtype)
+        filled = index >= len(self.own)
+        out[~filled] = self.own[index[~filled]]
+        out[filled] = self.fills[index[filled] - len(self.own)]
+        return out
 
 
 def shard_codes(kept: KeptCodes, fills, offsets: np.ndarray, first: int, lo: int, hi: int
