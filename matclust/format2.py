@@ -117,6 +117,69 @@ class PartCodes:
                        shift=self.shift - int(shift[0]))
 
 
+@dataclass
+class PartTotals:
+    """Consecutive parts, each a :class:`PartCodes` without its codes, side by side in arrays
+    (what a sharded run's encoding task hands the client when it writes the codes itself):
+    part j is of cluster ``clusters[j]`` (the plan's numbering), its members
+    ``members[starts[j]:starts[j + 1]]`` with their step ``exponents``, its totals
+    ``norm2[j]`` ... ``worst[j]``, its energy along each basis column
+    ``basis_norms[basis_starts[j]:basis_starts[j + 1]]``. Shipped as a dozen arrays, not
+    thousands of objects."""
+
+    clusters: np.ndarray
+    starts: np.ndarray
+    members: np.ndarray
+    exponents: np.ndarray
+    norm2: np.ndarray
+    err2: np.ndarray
+    bound: np.ndarray
+    shift: np.ndarray
+    worst: np.ndarray
+    basis_starts: np.ndarray
+    basis_norms: np.ndarray
+
+    @classmethod
+    def of(cls, parts: list[tuple[int, PartCodes]]) -> "PartTotals":
+        def joined(name, dtype):
+            return np.concatenate([np.zeros(0, dtype)] + [getattr(p, name) for _, p in parts])
+
+        def starts(name):
+            return np.concatenate([[0], np.cumsum([len(getattr(p, name)) for _, p in parts],
+                                                  dtype=np.int64)]).astype(np.int64)
+
+        def scalars(name, dtype):
+            return np.array([getattr(p, name) for _, p in parts], dtype=dtype)
+
+        return cls(np.array([c for c, _ in parts], dtype=np.int64), starts("members"),
+                   joined("members", np.int64), joined("exponents", np.int16),
+                   scalars("norm2", np.float64), scalars("err2", np.float64),
+                   scalars("bound", np.float64), scalars("shift", np.int64),
+                   scalars("worst", np.float64), starts("basis_norms"),
+                   joined("basis_norms", np.float64))
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def slice(self, a: int, b: int) -> "PartTotals":
+        """Parts a..b-1."""
+        m0, m1 = self.starts[a], self.starts[b]
+        n0, n1 = self.basis_starts[a], self.basis_starts[b]
+        return PartTotals(self.clusters[a:b], self.starts[a : b + 1] - m0, self.members[m0:m1],
+                          self.exponents[m0:m1], self.norm2[a:b], self.err2[a:b],
+                          self.bound[a:b], self.shift[a:b], self.worst[a:b],
+                          self.basis_starts[a : b + 1] - n0, self.basis_norms[n0:n1])
+
+    def unscaled(self, exponents: np.ndarray) -> "PartTotals":
+        """What :meth:`PartCodes.unscaled` does to each part (``exponents``: per member)."""
+        if not np.any(exponents):
+            return self
+        shift = np.asarray(exponents, dtype=np.int64)
+        firsts = shift[self.starts[:-1]] if len(self.members) else np.zeros(0, np.int64)
+        return replace(self, exponents=qb.shifted_steps(self.exponents, -shift),
+                       shift=self.shift - firsts)
+
+
 def segments(starts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Indices that gather segments of lengths ``diff(offsets)`` from ``starts`` one after
     the other (segment j lands at ``offsets[j]``)."""
@@ -214,6 +277,35 @@ class CompactWriter:
             raise RuntimeError("a part without its codes, and nothing to place them")
         self._pend(part.members, part.codes, part.code_offsets, zigzagged=True)
         self._drain()
+
+    def add_parts(self, cids: np.ndarray, parts: PartTotals) -> None:
+        """:meth:`add_codes` for each of ``parts`` in turn (part j to cluster ``cids[j]``),
+        their codes placed elsewhere (:meth:`place_codes_elsewhere`): the same sums in the same
+        order, the per-matrix arrays at once."""
+        if self._placed is None:
+            raise RuntimeError("parts without their codes, and nothing to place them")
+        widths = self.widths[parts.members]
+        columns = np.add.reduceat(widths, parts.starts[:-1]) if len(widths) else widths
+        sizes = np.diff(parts.starts)
+        for j, (cid, size, norm2, err2, bound, shift) in enumerate(zip(
+                cids.tolist(), sizes.tolist(), parts.norm2.tolist(), parts.err2.tolist(),
+                parts.bound.tolist(), parts.shift.tolist())):
+            info = self.clusters[cid]
+            along = parts.basis_norms[parts.basis_starts[j]: parts.basis_starts[j + 1]]
+            norm2, err2, rows2 = self._in_cluster_scale(info, shift, norm2, err2, along)
+            info.pop("error", None)
+            info["norm2"] += norm2
+            info["err2"] += err2
+            info["size"] += size
+            info["columns"] += int(columns[j])
+            info["bound"] = max(info["bound"], bound)
+            if info["rows2"] is not None and len(along):
+                info["rows2"] += rows2
+        self.labels[parts.members] = np.repeat(cids, sizes)
+        self.exponents[parts.members] = parts.exponents
+        self._placed[parts.members] = True
+        self._waiting += len(parts.members)
+        self._advance()
 
     @staticmethod
     def _in_cluster_scale(info: dict, shift: int, norm2: float, err2: float, basis_norms):

@@ -544,14 +544,24 @@ def shard_encoded(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: di
 
 
 @dataclass
+class ShardParts:
+    """A shard's encoded parts as the client adds them when their codes stay with the task
+    (:meth:`matclust.sinks.CompactSink.add_encoded`): every part's totals side by side
+    (:class:`~matclust.format2.PartTotals`), and the members left over, as (parts before
+    them, whether they are the last of those parts' own, members with their columns)."""
+
+    totals: object
+    leftovers: list
+
+
+@dataclass
 class KeptCodes:
     """A shard's encoded parts as its encoding task keeps them on its worker: ``table``, what
-    the client adds to the store in order (per part: cluster, :class:`~matclust.format2.PartCodes`
-    without its codes, leftovers), and every part's codes side by side (``members``, in part
-    order, matrix j's codes ``codes[code_offsets[j]:code_offsets[j + 1]]``), for the tasks
-    that write them (:func:`write_shard_codes`)."""
+    the client needs (:class:`ShardParts`), and every part's codes side by side (``members``,
+    in part order, matrix j's codes ``codes[code_offsets[j]:code_offsets[j + 1]]``), for the
+    tasks that write them (:func:`write_shard_codes`)."""
 
-    table: list
+    table: ShardParts
     members: np.ndarray
     code_offsets: np.ndarray
     codes: np.ndarray
@@ -560,22 +570,25 @@ class KeptCodes:
 def shard_encoded_kept(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: dict, encoder,
                        code_dtype, hold=None) -> KeptCodes:
     """:func:`shard_encoded`, its codes kept apart from what the client needs."""
-    table, members, counts, codes = [], [], [], []
-    for c, part, leftovers in shard_encoded(spec, labels, rounded, bounds, encoder, code_dtype,
-                                            hold):
+    from matclust.format2 import PartTotals
+
+    parts, leftovers, counts, codes = [], [], [], []
+    for c, part, left in shard_encoded(spec, labels, rounded, bounds, encoder, code_dtype,
+                                       hold):
         if part is not None:
-            members.append(part.members)
             counts.append(np.diff(part.code_offsets))
             codes.append(part.codes)
-            part = replace(part, codes=None, code_offsets=None)
-        table.append((c, part, leftovers))
+            parts.append((c, part))
+        if left:
+            leftovers.append((len(parts), part is not None, left))
+    totals = PartTotals.of(parts)
     counts = np.concatenate([np.zeros(0, np.int64)] + counts)
-    return KeptCodes(table, np.concatenate([np.zeros(0, np.int64)] + members),
+    return KeptCodes(ShardParts(totals, leftovers), totals.members,
                      np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                      np.concatenate([np.zeros(0, code_dtype)] + codes))
 
 
-def _table_of(kept: KeptCodes) -> list:
+def _table_of(kept: KeptCodes) -> ShardParts:
     return kept.table
 
 
@@ -775,10 +788,15 @@ class ShardedPasses:
                           code_dtype, hold)
         self.out.place_codes_elsewhere(ShardCodes(self.runner, self.specs, kept, directory,
                                                   self.progress))
-        return self._in_order([self.runner.submit(_table_of, k) for k in kept])
+        return self._in_order([self.runner.submit(_table_of, k) for k in kept], whole=True)
 
-    def _in_order(self, futures):
-        for i in range(len(futures)):  # in shard order: the store's parts go in index order
+    def _in_order(self, futures, whole: bool = False):
+        """Each shard's parts (``whole``: its :class:`ShardParts` as one item), in shard
+        order: the store's parts go in index order."""
+        for i in range(len(futures)):
             parts = self.runner.gather([futures[i]], self.progress)[0]
             futures[i] = None  # added to the store: let the runner forget it
-            yield from parts
+            if whole:
+                yield parts
+            else:
+                yield from parts

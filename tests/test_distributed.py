@@ -157,17 +157,19 @@ def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
 def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():
     """The client's leftover pool is flushed early when codes wait behind it
     (``CompactWriter.waiting``): a writer whose codes are placed elsewhere counts the waiting
-    matrices as one that holds the codes does, after every part, whatever order the parts come
-    in; the labels, exponents and statistics are the same too."""
+    matrices as one that holds the codes does, after every part (or every run of parts added
+    at once), whatever order the parts come in; the labels, exponents and statistics (sums
+    in the same order) are the same too."""
     from dataclasses import replace
 
-    from matclust.format2 import CompactWriter, PartCodes
+    from matclust.format2 import CompactWriter, PartCodes, PartTotals
 
     rng = np.random.default_rng(7)
     K, m, rank = 3000, 6, 2
     widths = rng.integers(1, 4, K)
-    writers = [CompactWriter(None, K, m, widths, False, np.uint16, np.float32) for _ in range(2)]
-    writers[1].place_codes_elsewhere(placer=None)  # no store: finish() writes nothing
+    writers = [CompactWriter(None, K, m, widths, False, np.uint16, np.float32) for _ in range(3)]
+    for w in writers[1:]:
+        w.place_codes_elsewhere(placer=None)  # no store: finish() writes nothing
     labels = rng.integers(0, 5, K)
     for w in writers:
         for c in range(5):
@@ -183,25 +185,90 @@ def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():
         order += [window[labels[window] == c] for c in rng.permutation(5)]
     late = np.concatenate(late)
     order += [late[labels[late] == c] for c in range(5)]
-    for members in order:
-        if not len(members):
+    # The third writer takes the parts in runs of a few at once (PartTotals), the waiting
+    # matrices compared at the end of each run.
+    run: list = []
+    for members in order + [None]:
+        if members is None or (run and rng.random() < 0.3):
+            writers[2].add_parts(np.array([c for c, _ in run], dtype=np.int64),
+                                 PartTotals.of(run))
+            assert writers[2].waiting == writers[0].waiting
+            run = []
+        if members is None or not len(members):
             continue
         rows = np.where(labels[members] == 0, m, rank)
         sizes = rows * widths[members]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         part = PartCodes(members, widths[members], rng.integers(-50, 50, len(members)).astype(
-            np.int16), 1.0, 0.01, 0.05, np.ones(rank), 0, 0.1,
+            np.int16), float(rng.random() + 0.5), float(rng.random() * 0.01), 0.05,
+            rng.random(rank), 0, 0.1,
             rng.integers(0, 9, offsets[-1]).astype(np.uint16), offsets)
         c = int(labels[members[0]])
         writers[0].add_codes(c, part)
         writers[1].add_codes(c, replace(part, codes=None, code_offsets=None))
+        run.append((c, part))
         assert writers[0].waiting == writers[1].waiting
     assert writers[0].waiting == 0
-    held, placed = (w.finish() for w in writers)
-    assert np.array_equal(held[0], placed[0]) and held[1] == placed[1]
-    assert np.array_equal(writers[0].exponents, writers[1].exponents)
-    assert writers[0].code_count == writers[1].code_count == int(
-        (np.where(labels == 0, m, rank) * widths).sum())
+    held, *placed = (w.finish() for w in writers)
+    for w, (labels_out, stats) in zip(writers[1:], placed):
+        assert np.array_equal(held[0], labels_out) and held[1] == stats
+        assert np.array_equal(writers[0].exponents, w.exponents)
+        assert w.code_count == writers[0].code_count == int(
+            (np.where(labels == 0, m, rank) * widths).sum())
+
+
+def test_a_shards_parts_at_once_are_stored_as_one_by_one(monkeypatch):
+    """A shard's parts handed over at once (``CompactSink.add_encoded`` of a ``ShardParts``,
+    their codes placed elsewhere) are stored as the same parts one by one with their codes:
+    the members left over go to the pool at the same points and the pool is stored alone at
+    the same points (early, while later codes wait), so every matrix gets the same cluster."""
+    from matclust.format2 import PartCodes, PartTotals
+    from matclust.sinks import CompactSink
+    from matclust.sources import array_source
+    from matclust.stages import ShardParts
+
+    import matclust.sinks
+
+    monkeypatch.setattr(matclust.sinks, "PENDING_MATRICES", 40)
+    rng = np.random.default_rng(11)
+    K, m, n, rank = 400, 6, 3, 2
+    mats = rng.standard_normal((K, m, n)).astype(np.float32)
+    params = {"eps": EPS, "guarantee": "matrix", "rank": rank}
+    sinks = [CompactSink(array_source(mats), params, None) for _ in range(2)]
+    sinks[1].out.place_codes_elsewhere(placer=None)
+    bases = [rng.standard_normal((m, rank)) for _ in range(4)]
+    cid = {c: [s.out.new_cluster(bases[c]) for s in sinks][0] for c in range(4)}
+    labels, left = rng.integers(0, 4, K), rng.random(K) < 0.1
+    items = []  # (cluster, part or None, leftovers), windows of 50 in index order
+    for lo in range(0, K, 50):
+        for c in rng.permutation(4).tolist():
+            window = np.arange(lo, lo + 50)
+            members = window[(labels[window] == c) & ~left[window]]
+            gone = window[(labels[window] == c) & left[window]]
+            part = None
+            if len(members) and rng.random() < 0.9:
+                sizes = np.full(len(members), rank * n)
+                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                part = PartCodes(members, np.full(len(members), n), np.zeros(len(members),
+                                 np.int16), float(rng.random()), 0.0, 0.05, rng.random(rank),
+                                 0, 0.05, np.ones(offsets[-1], np.uint16), offsets)
+            else:
+                gone = np.concatenate([gone, members])
+            items.append((c, part, [(int(i), mats[i]) for i in rng.permutation(gone)]))
+    for c, part, leftovers in items:
+        if part is not None:
+            sinks[0].add_codes(part, cid[c])
+        sinks[0].leftovers(leftovers)
+    parts, events = [], []
+    for c, part, leftovers in items:
+        if part is not None:
+            parts.append((c, part))
+        if leftovers:
+            events.append((len(parts), part is not None, leftovers))
+    sinks[1].add_encoded([ShardParts(PartTotals.of(parts), events)], cid)
+    one_by_one, at_once = (s.finish() for s in sinks)
+    assert len(one_by_one[1]) > 10  # many clusters of one, stored in several flushes
+    assert np.array_equal(one_by_one[0], at_once[0]) and one_by_one[1] == at_once[1]
 
 
 def test_without_workers_dask_is_not_imported(collection, tmp_path):
