@@ -12,7 +12,10 @@
   tree: each merge takes the outputs of at most ``MERGE_FANIN`` earlier tasks.
 * **store**: the merged plan is stored as the out-of-core path stores its plan
   (:mod:`matclust.streaming`), its passes over the input one task per shard
-  (:class:`ShardedPasses`), their results added to the store by the client in index order.
+  (:class:`ShardedPasses`), their results added to the store by the client in index order;
+  on Dask, into a Zarr store on a file system, the encoding tasks keep their codes and write
+  the store's code chunks themselves once the client knows where each matrix's codes start
+  (:class:`ShardCodes`).
 
 Each stage function is a pure, deterministic function of its arguments, so the same code runs
 in this process one task after another (:class:`matclust.distributed.InProcess`) or as Dask
@@ -22,6 +25,7 @@ change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -718,7 +722,15 @@ class ShardCodes:
                                       offsets[spec.first : spec.stop + 1], spec.first, total,
                                       where, chunk, FLUSH_CHUNKS)
                    for spec, kept in zip(self.specs, self.kept)]
-        pieces = [p for part in self.runner.gather(handles, self.progress) for p in part]
+        try:
+            pieces = [p for part in self.runner.gather(handles, self.progress) for p in part]
+        except BaseException:
+            # The other tasks may still be writing: they end before the unfinished store is
+            # removed (a chunk written after that would bring its directory back).
+            if self.runner.keeps_results:
+                with contextlib.suppress(Exception):
+                    self.runner.wait(handles)
+            raise
         self.kept = None  # written: the workers may drop them
         # The chunks shards share, from the pieces on either side (consecutive: joined).
         pieces.sort(key=lambda p: p[0])

@@ -154,6 +154,35 @@ def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
     check_compact(tmp_path / "workers.zarr", mats, EPS, "matrix")
 
 
+def test_a_full_disk_while_the_tasks_write_codes_leaves_nothing(collection, tmp_path,
+                                                               monkeypatch):
+    """A code-writing task that finds no room fails the run with one error line (exit 1),
+    and no store, finished or not, is left behind."""
+    import errno
+
+    import matclust.distributed
+    import matclust.format2
+    import matclust.stages
+
+    path, _, _ = collection
+
+    class Full:
+        def __setitem__(self, key, value):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matclust.format2, "CODE_CHUNK", 64)  # the tasks write whole chunks
+    monkeypatch.setattr(matclust.distributed.InProcess, "keeps_results", True)
+    monkeypatch.setattr(matclust.stages, "_open_codes", lambda where: Full())
+    out = tmp_path / "out.zarr"
+    result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
+                           "--shards", 4, "--quiet")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
+    assert "no space" in lines[0].lower(), lines[0]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():
     """The client's leftover pool is flushed early when codes wait behind it
     (``CompactWriter.waiting``): a writer whose codes are placed elsewhere counts the waiting
