@@ -49,6 +49,10 @@ class InProcess:
     client consumes one by one (a shard's encoded parts) are then held one at a time."""
 
     workers = 1
+    #: Results stay where they were made until gathered: in this process, so handing the
+    #: client a shard's codes (and holding one shard at a time) is cheaper than keeping
+    #: every shard's until the end (see matclust.stages.ShardCodes).
+    keeps_results = False
 
     def submit(self, fn, *args):
         return _Deferred(fn, args)
@@ -75,6 +79,9 @@ class InProcess:
 class DaskRunner:
     """Tasks on a Dask cluster: a new local one of ``workers`` single-threaded processes, or
     the one whose scheduler listens at ``scheduler``."""
+
+    #: A task's result stays on its worker, where later tasks given its handle use it.
+    keeps_results = True
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None):
         try:

@@ -118,6 +118,77 @@ class PartCodes:
                        shift=self.shift - int(shift[0]))
 
 
+@dataclass
+class PartTotals:
+    """Consecutive parts, each a :class:`PartCodes` without its codes, side by side in arrays
+    (what a sharded run's encoding task hands the client when it writes the codes itself):
+    part j is of cluster ``clusters[j]`` (the plan's numbering), its members
+    ``members[starts[j]:starts[j + 1]]`` with their step ``exponents``, its totals
+    ``norm2[j]`` ... ``worst[j]``, its energy along each basis column
+    ``basis_norms[basis_starts[j]:basis_starts[j + 1]]``. Shipped as a dozen arrays, not
+    thousands of objects."""
+
+    clusters: np.ndarray
+    starts: np.ndarray
+    members: np.ndarray
+    exponents: np.ndarray
+    norm2: np.ndarray
+    err2: np.ndarray
+    bound: np.ndarray
+    shift: np.ndarray
+    worst: np.ndarray
+    basis_starts: np.ndarray
+    basis_norms: np.ndarray
+
+    @classmethod
+    def of(cls, parts: list[tuple[int, PartCodes]]) -> "PartTotals":
+        def joined(name, dtype):
+            return np.concatenate([np.zeros(0, dtype)] + [getattr(p, name) for _, p in parts])
+
+        def starts(name):
+            return np.concatenate([[0], np.cumsum([len(getattr(p, name)) for _, p in parts],
+                                                  dtype=np.int64)]).astype(np.int64)
+
+        def scalars(name, dtype):
+            return np.array([getattr(p, name) for _, p in parts], dtype=dtype)
+
+        return cls(np.array([c for c, _ in parts], dtype=np.int64), starts("members"),
+                   joined("members", np.int64), joined("exponents", np.int16),
+                   scalars("norm2", np.float64), scalars("err2", np.float64),
+                   scalars("bound", np.float64), scalars("shift", np.int64),
+                   scalars("worst", np.float64), starts("basis_norms"),
+                   joined("basis_norms", np.float64))
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def slice(self, a: int, b: int) -> "PartTotals":
+        """Parts a..b-1."""
+        m0, m1 = self.starts[a], self.starts[b]
+        n0, n1 = self.basis_starts[a], self.basis_starts[b]
+        return PartTotals(self.clusters[a:b], self.starts[a : b + 1] - m0, self.members[m0:m1],
+                          self.exponents[m0:m1], self.norm2[a:b], self.err2[a:b],
+                          self.bound[a:b], self.shift[a:b], self.worst[a:b],
+                          self.basis_starts[a : b + 1] - n0, self.basis_norms[n0:n1])
+
+    def unscaled(self, exponents: np.ndarray) -> "PartTotals":
+        """What :meth:`PartCodes.unscaled` does to each part (``exponents``: per member)."""
+        if not np.any(exponents):
+            return self
+        shift = np.asarray(exponents, dtype=np.int64)
+        firsts = shift[self.starts[:-1]] if len(self.members) else np.zeros(0, np.int64)
+        return replace(self, exponents=qb.shifted_steps(self.exponents, -shift),
+                       shift=self.shift - firsts)
+
+
+def segments(starts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Indices that gather segments of lengths ``diff(offsets)`` from ``starts`` one after
+    the other (segment j lands at ``offsets[j]``)."""
+    counts = np.diff(offsets)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], counts) + \
+        np.arange(offsets[0], offsets[-1], dtype=np.int64)
+
+
 class CompactWriter:
     """Collects stored groups and writes the compact arrays.
 
@@ -150,6 +221,26 @@ class CompactWriter:
         self.shuffle = None  # of the codes array: chosen on the first codes, or seed()'s
         self.clusters: list[dict] = []
         self.code_count = 0
+        # Codes made and written elsewhere (see place_codes_elsewhere): None, or what writes
+        # them, the matrices accounted for so far, and the codes made here meanwhile.
+        self._placer = None
+        self._placed: np.ndarray | None = None
+        self._fills: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def place_codes_elsewhere(self, placer) -> None:
+        """From now on parts may come without their codes (``PartCodes.codes`` None: a sharded
+        run's tasks keep them, :class:`matclust.stages.ShardCodes`). ``placer`` (None: there
+        is no store) writes every matrix's codes when finishing: ``placer.codes(lo, hi,
+        offsets, fills)`` returns codes lo..hi-1 of the store, ``placer.write(array, offsets,
+        fills)`` writes them all, given where each matrix's codes start (``offsets``, known
+        once every cluster's rank is) and the codes made here (``fills``: members ascending,
+        their codes as stored, offsets). Everything else is kept as before, in the same
+        order: the labels, statistics and the order in which matrices are accounted for
+        (:attr:`waiting`) do not depend on where the codes go."""
+        if self._next or self._waiting or self._buffer:
+            raise RuntimeError("place_codes_elsewhere() must come before any codes")
+        self._placer = placer
+        self._placed = np.zeros(self.K, dtype=bool)
 
     # -- clusters and their parts ---------------------------------------------------------
     def new_cluster(self, basis: np.ndarray | None, bound: float = 0.0, shift: int = 0) -> int:
@@ -183,8 +274,39 @@ class CompactWriter:
             info["rows2"] += rows2
         self.labels[part.members] = cid
         self.exponents[part.members] = part.exponents
+        if part.codes is None and self._placed is None:
+            raise RuntimeError("a part without its codes, and nothing to place them")
         self._pend(part.members, part.codes, part.code_offsets, zigzagged=True)
         self._drain()
+
+    def add_parts(self, cids: np.ndarray, parts: PartTotals) -> None:
+        """:meth:`add_codes` for each of ``parts`` in turn (part j to cluster ``cids[j]``),
+        their codes placed elsewhere (:meth:`place_codes_elsewhere`): the same sums in the same
+        order, the per-matrix arrays at once."""
+        if self._placed is None:
+            raise RuntimeError("parts without their codes, and nothing to place them")
+        widths = self.widths[parts.members]
+        columns = np.add.reduceat(widths, parts.starts[:-1]) if len(widths) else widths
+        sizes = np.diff(parts.starts)
+        for j, (cid, size, norm2, err2, bound, shift) in enumerate(zip(
+                cids.tolist(), sizes.tolist(), parts.norm2.tolist(), parts.err2.tolist(),
+                parts.bound.tolist(), parts.shift.tolist())):
+            info = self.clusters[cid]
+            along = parts.basis_norms[parts.basis_starts[j]: parts.basis_starts[j + 1]]
+            norm2, err2, rows2 = self._in_cluster_scale(info, shift, norm2, err2, along)
+            info.pop("error", None)
+            info["norm2"] += norm2
+            info["err2"] += err2
+            info["size"] += size
+            info["columns"] += int(columns[j])
+            info["bound"] = max(info["bound"], bound)
+            if info["rows2"] is not None and len(along):
+                info["rows2"] += rows2
+        self.labels[parts.members] = np.repeat(cids, sizes)
+        self.exponents[parts.members] = parts.exponents
+        self._placed[parts.members] = True
+        self._waiting += len(parts.members)
+        self._advance()
 
     @staticmethod
     def _in_cluster_scale(info: dict, shift: int, norm2: float, err2: float, basis_norms):
@@ -307,6 +429,9 @@ class CompactWriter:
 
     # -- codes, in index order --------------------------------------------------------------
     def _drain(self) -> None:
+        if self._placed is not None:
+            self._advance()
+            return
         while self._next in self._pending:
             codes, count = self._pending.pop(self._next)
             self._buffer.append(codes)
@@ -328,10 +453,50 @@ class CompactWriter:
             return
         if not zigzagged:
             flat = qb.zigzag(flat).astype(self.code_dtype)
+        if self._placed is not None:  # codes elsewhere: only which matrices are accounted for
+            if flat is not None:
+                self._fills.append((members, flat, np.asarray(offsets, dtype=np.int64)))
+            self._placed[members] = True
+            self._waiting += len(members)
+            return
         starts = np.concatenate([[0], np.flatnonzero(np.diff(members) != 1) + 1, [len(members)]])
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
             self._pending[int(members[a])] = (flat[offsets[a]: offsets[b]], b - a)
         self._waiting += len(members)
+
+    def _advance(self) -> None:
+        """:meth:`_drain` when the codes are placed elsewhere: past every matrix accounted
+        for, a window at a time (one part moves it little; a long-awaited one may move it far)."""
+        start = self._next
+        while self._next < self.K:
+            window = self._placed[self._next: self._next + 4096]
+            if window.all():
+                self._next += len(window)
+                continue
+            self._next += int(np.argmin(window))
+            break
+        self._waiting -= self._next - start
+
+    def _code_offsets(self) -> np.ndarray:
+        """Where each matrix's codes start in the store, and their end (as
+        :class:`CompactReader` finds them): from the labels, ranks and widths."""
+        rows = np.array([self.m if i["basis"] is None else i["basis"].shape[1]
+                         for i in self.clusters], dtype=np.int64)
+        counts = rows[self.labels] * self.widths * (2 if self.complex else 1)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _fill_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The codes made here (not by the tasks), members ascending: members, codes, offsets."""
+        if not self._fills:
+            return np.zeros(0, np.int64), np.zeros(0, self.code_dtype), np.zeros(1, np.int64)
+        members = np.concatenate([f[0] for f in self._fills])
+        codes = np.concatenate([f[1] for f in self._fills]).astype(self.code_dtype, copy=False)
+        starts = np.concatenate([f[2][:-1] + base for f, base in zip(
+            self._fills, np.cumsum([0] + [len(f[1]) for f in self._fills[:-1]]))])
+        counts = np.concatenate([np.diff(f[2]) for f in self._fills])
+        order = np.argsort(members, kind="stable")
+        offsets = np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)
+        return members[order], codes[segments(starts[order], offsets)], offsets
 
     def _codes_array(self, sample: np.ndarray):
         """The codes array, with the shuffle that suits the first codes: a bit shuffle for
@@ -360,12 +525,30 @@ class CompactWriter:
         self._buffer = [flat[keep:]] if keep < len(flat) else []
         self._buffered = len(flat) - keep
 
+    def _place_codes(self) -> None:
+        """Every code of the store, written by the placer (see :meth:`place_codes_elsewhere`)
+        into the codes array, created here at its full length with the shuffle that suits its
+        first codes, as the store would have chosen it."""
+        offsets, fills = self._code_offsets(), self._fill_codes()
+        self.code_count = int(offsets[-1])
+        if self.writer is None:
+            return
+        self.writer.settle()
+        if self.code_count:
+            sample = self._placer.codes(0, min(SHUFFLE_SAMPLE, self.code_count), offsets, fills)
+            array = self._codes_array(sample)
+            array.resize((self.code_count,))
+            self._placer.write(array, offsets, fills)
+
     def finish(self, names=None) -> tuple[np.ndarray, list[dict]]:
         """Write every array but ``codes`` (already written) once every matrix is encoded;
         returns the final labels and the clusters' statistics (:meth:`stats`)."""
         if self._next != self.K:
             raise RuntimeError(f"matrix {self._next} was never encoded")
-        self._flush()
+        if self._placed is not None:
+            self._place_codes()
+        else:
+            self._flush()
         if self.writer is not None:
             self.writer.settle()  # every code written
             self._codes_array(np.zeros(1, dtype=self.code_dtype))  # no codes at all: empty

@@ -187,6 +187,51 @@ class CompactSink:
         if len(part.members):
             self.worst = max(self.worst, part.worst)
 
+    def add_encoded(self, parts, cid: dict) -> None:
+        """What a writing pass hands over, in order (``cid``: the store's cluster id of each
+        planned cluster): (cluster, its part as :class:`matclust.format2.PartCodes` or None,
+        the members left over) for each part, or a whole shard's parts at once
+        (:class:`matclust.stages.ShardParts`, their codes kept by the task that made them)."""
+        for item in parts:
+            if isinstance(item, tuple):
+                c, part, leftovers = item
+                if part is not None:
+                    self.add_codes(part, cid[c])
+                self.leftovers(leftovers)
+            else:
+                self._add_shard_parts(item, cid)
+
+    def _add_shard_parts(self, shard, cid: dict) -> None:
+        """A shard's parts (their totals side by side, ``shard.totals``) and the members left
+        over (``shard.leftovers``) as :meth:`add_codes` and :meth:`leftovers` one part after
+        another add them. Only the leftover pool's flushes depend on that order, and only
+        while the pool holds matrices: until the next leftovers, parts are added at once
+        while it is empty."""
+        totals = shard.totals
+        exps = getattr(self.source, "exponents", None)
+        if exps is not None:
+            totals = totals.unscaled(exps[totals.members])
+        cids = np.array([cid[c] for c in totals.clusters.tolist()], dtype=np.int64)
+        if len(totals):
+            self.worst = max(self.worst, float(totals.worst.max()))
+        # (parts added before, whether they were the last part's own, the members left over)
+        events, e, done = shard.leftovers, 0, 0
+        while done < len(totals) or e < len(events):
+            after, own, leftovers = events[e] if e < len(events) else (len(totals), False, [])
+            if after == done and not own:  # an encoding that kept no member
+                self.leftovers(leftovers)
+                e += 1
+                continue
+            # One part while the pool waits (each may flush it), else all up to the leftovers.
+            upto = done + 1 if self.pool else after
+            self.out.add_parts(cids[done:upto], totals.slice(done, upto))
+            done = upto
+            if own and after == done:
+                self.leftovers(leftovers)
+                e += 1
+            elif self.pool:
+                self.leftovers(())
+
     def _add_alone(self, batch) -> None:
         """Matrices each stored alone (a :class:`matclust.compact.AloneBatch`; see :meth:`_add`)."""
         exps = getattr(self.source, "exponents", None)
@@ -264,6 +309,8 @@ class CompactSink:
     def store_planned(self, planned, form_eps, budget, progress, passes=None) -> None:
         from matclust.streaming import store_planned_compact
 
+        if passes is not None:  # a sharded run's tasks may write the codes themselves
+            passes.codes_to(self.out)
         store_planned_compact(self.source, planned, self.params["rank"], form_eps, self,
                               budget, progress, passes)
 

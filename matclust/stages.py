@@ -12,7 +12,10 @@
   tree: each merge takes the outputs of at most ``MERGE_FANIN`` earlier tasks.
 * **store**: the merged plan is stored as the out-of-core path stores its plan
   (:mod:`matclust.streaming`), its passes over the input one task per shard
-  (:class:`ShardedPasses`), their results added to the store by the client in index order.
+  (:class:`ShardedPasses`), their results added to the store by the client in index order;
+  on Dask, into a Zarr store on a file system, the encoding tasks keep their codes and write
+  the store's code chunks themselves once the client knows where each matrix's codes start
+  (:class:`ShardCodes`).
 
 Each stage function is a pure, deterministic function of its arguments, so the same code runs
 in this process one task after another (:class:`matclust.distributed.InProcess`) or as Dask
@@ -22,6 +25,7 @@ change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -543,6 +547,204 @@ def shard_encoded(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: di
         parent.close()
 
 
+@dataclass
+class ShardParts:
+    """A shard's encoded parts as the client adds them when their codes stay with the task
+    (:meth:`matclust.sinks.CompactSink.add_encoded`): every part's totals side by side
+    (:class:`~matclust.format2.PartTotals`), and the members left over, as (parts before
+    them, whether they are the last of those parts' own, members with their columns)."""
+
+    totals: object
+    leftovers: list
+
+
+@dataclass
+class KeptCodes:
+    """A shard's encoded parts as its encoding task keeps them on its worker: ``table``, what
+    the client needs (:class:`ShardParts`), and every part's codes side by side (``members``,
+    in part order, matrix j's codes ``codes[code_offsets[j]:code_offsets[j + 1]]``), for the
+    tasks that write them (:func:`write_shard_codes`)."""
+
+    table: ShardParts
+    members: np.ndarray
+    code_offsets: np.ndarray
+    codes: np.ndarray
+
+
+def shard_encoded_kept(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: dict, encoder,
+                       code_dtype, hold=None) -> KeptCodes:
+    """:func:`shard_encoded`, its codes kept apart from what the client needs."""
+    from matclust.format2 import PartTotals
+
+    parts, leftovers, counts, codes = [], [], [], []
+    for c, part, left in shard_encoded(spec, labels, rounded, bounds, encoder, code_dtype,
+                                       hold):
+        if part is not None:
+            counts.append(np.diff(part.code_offsets))
+            codes.append(part.codes)
+            parts.append((c, part))
+        if left:
+            leftovers.append((len(parts), part is not None, left))
+    totals = PartTotals.of(parts)
+    counts = np.concatenate([np.zeros(0, np.int64)] + counts)
+    return KeptCodes(ShardParts(totals, leftovers), totals.members,
+                     np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                     np.concatenate([np.zeros(0, code_dtype)] + codes))
+
+
+def _table_of(kept: KeptCodes) -> ShardParts:
+    return kept.table
+
+
+class _ShardLayout:
+    """Where the codes of a shard's matrices lie in the store and where they are now: its
+    own in ``kept``, the others (matrices clustered again or stored alone by the client) in
+    ``fills`` (members, codes, offsets; only the shard's). ``offsets``: where each of the
+    shard's matrices' codes start in the store, and their end."""
+
+    def __init__(self, kept: KeptCodes, fills, offsets: np.ndarray, first: int):
+        # Where each matrix's codes start: in its own codes, or (from len(own) on) in fills.
+        source = np.full(len(offsets) - 1, -1, dtype=np.int64)
+        source[kept.members - first] = kept.code_offsets[:-1]
+        fill_members, fill_codes, fill_offsets = fills
+        source[fill_members - first] = len(kept.codes) + fill_offsets[:-1]
+        sizes = np.diff(offsets)
+        if np.any(source < 0) or not np.array_equal(np.diff(kept.code_offsets),
+                                                    sizes[kept.members - first]):
+            raise RuntimeError(f"the codes of the shard from matrix {first} do not match its "
+                               "labels")
+        self.source, self.offsets = source, offsets
+        self.own, self.fills = kept.codes, fill_codes
+
+    def gather(self, lo: int, hi: int) -> np.ndarray:
+        """Codes ``lo..hi-1`` of the store (within the shard's)."""
+        from matclust.format2 import segments
+
+        offsets = self.offsets
+        i0 = int(np.searchsorted(offsets, lo, "right")) - 1
+        i1 = int(np.searchsorted(offsets, hi, "left"))
+        index = segments(self.source[i0:i1], offsets[i0 : i1 + 1])
+        index = index[lo - offsets[i0] : hi - offsets[i0]]
+        if not len(self.fills):
+            return self.own[index]
+        out = np.empty(len(index), dtype=self.own.dtype)
+        filled = index >= len(self.own)
+        out[~filled] = self.own[index[~filled]]
+        out[filled] = self.fills[index[filled] - len(self.own)]
+        return out
+
+
+def shard_codes(kept: KeptCodes, fills, offsets: np.ndarray, first: int, lo: int, hi: int
+                ) -> np.ndarray:
+    """Codes ``lo..hi-1`` of the store, all within the shard whose matrices start at ``first``
+    (see :class:`_ShardLayout`)."""
+    return _ShardLayout(kept, fills, offsets, first).gather(lo, hi)
+
+
+def write_shard_codes(kept: KeptCodes, fills, offsets: np.ndarray, first: int, total: int,
+                      where: tuple[str, str] | None, chunk: int, per_write: int) -> list:
+    """Write the shard's codes into the store's codes array (``where``: the store's
+    directory and the array's name, as the client created it at its full length ``total``,
+    chunks of ``chunk`` codes): every chunk wholly inside the shard's codes, ``per_write``
+    chunks at a time (compressed here, on the worker). Returns what it did not write, as
+    (first code, codes): the pieces of chunks the shard shares with its neighbours, or every
+    code when this worker does not see the store. Writing again writes the same bytes (Dask
+    may run it again)."""
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return []
+    layout = _ShardLayout(kept, fills, offsets, first)
+    whole_from = -(-lo // chunk) * chunk
+    whole_to = hi if hi == total else hi // chunk * chunk
+    array = _open_codes(where) if where is not None else None
+    if array is None or whole_from >= whole_to:
+        return [(lo, layout.gather(lo, hi))]
+    with one_core():
+        step = per_write * chunk
+        for a in range(whole_from, whole_to, step):
+            b = min(a + step, whole_to)
+            array[a:b] = layout.gather(a, b)
+    pieces = []
+    if lo < whole_from:
+        pieces.append((lo, layout.gather(lo, whole_from)))
+    if whole_to < hi:
+        pieces.append((whole_to, layout.gather(whole_to, hi)))
+    return pieces
+
+
+def _open_codes(where: tuple[str, str]):
+    """The codes array in the store at ``where``, or None when it is not there (a worker
+    on another machine)."""
+    import os
+
+    import zarr
+
+    directory, name = where
+    if not os.path.isfile(os.path.join(directory, name, "zarr.json")):
+        return None
+    return zarr.open_array(store=directory, path=name, mode="r+")
+
+
+class ShardCodes:
+    """Codes kept by the shards' encoding tasks (:class:`KeptCodes`, one future per shard),
+    written into the store's codes array by one task per shard once the client knows where
+    each matrix's codes go (see :meth:`matclust.format2.CompactWriter.place_codes_elsewhere`).
+    The client writes only the chunks that two shards share."""
+
+    def __init__(self, runner, specs: list[ShardSpec], kept: list, directory: str, progress):
+        self.runner, self.specs, self.kept = runner, specs, kept
+        self.directory, self.progress = directory, progress
+
+    def _fills_of(self, spec: ShardSpec, fills):
+        members, codes, offsets = fills
+        a, b = np.searchsorted(members, [spec.first, spec.stop])
+        return members[a:b], codes[offsets[a]: offsets[b]], offsets[a : b + 1] - offsets[a]
+
+    def codes(self, lo: int, hi: int, offsets: np.ndarray, fills) -> np.ndarray:
+        """Codes lo..hi-1 of the store (for choosing its shuffle), from the shards that hold
+        them."""
+        handles = []
+        for spec, kept in zip(self.specs, self.kept):
+            a, b = max(lo, int(offsets[spec.first])), min(hi, int(offsets[spec.stop]))
+            if a < b:
+                handles.append(self.runner.submit(
+                    shard_codes, kept, self._fills_of(spec, fills),
+                    offsets[spec.first : spec.stop + 1], spec.first, a, b))
+        return np.concatenate(self.runner.gather(handles))
+
+    def write(self, array, offsets: np.ndarray, fills) -> None:
+        from matclust.format2 import FLUSH_CHUNKS
+
+        chunk, total = int(array.chunks[0]), int(array.shape[0])
+        where = (self.directory, array.path)
+        self.progress.start("writing codes", len(self.specs))
+        handles = [self.runner.submit(write_shard_codes, kept, self._fills_of(spec, fills),
+                                      offsets[spec.first : spec.stop + 1], spec.first, total,
+                                      where, chunk, FLUSH_CHUNKS)
+                   for spec, kept in zip(self.specs, self.kept)]
+        try:
+            pieces = [p for part in self.runner.gather(handles, self.progress) for p in part]
+        except BaseException:
+            # The other tasks may still be writing: they end before the unfinished store is
+            # removed (a chunk written after that would bring its directory back).
+            if self.runner.keeps_results:
+                with contextlib.suppress(Exception):
+                    self.runner.wait(handles)
+            raise
+        self.kept = None  # written: the workers may drop them
+        # The chunks shards share, from the pieces on either side (consecutive: joined).
+        pieces.sort(key=lambda p: p[0])
+        run_start, run = None, []
+        for start, codes in pieces + [(None, None)]:
+            if run and (start is None or start != run_start + sum(len(c) for c in run)):
+                array[run_start: run_start + sum(len(c) for c in run)] = np.concatenate(run)
+                run = []
+            if start is not None:
+                if not run:
+                    run_start = start
+                run.append(codes)
+
+
 class ShardedPasses:
     """The storing passes of :mod:`matclust.streaming` as one task per shard on ``runner``,
     their results combined by the client in shard order (which is index order): bases from
@@ -556,6 +758,13 @@ class ShardedPasses:
         self.specs = [ShardSpec(s.opened, s.first, s.stop, top, peaks[s.first:s.stop])
                       for s in specs]
         self.source, self.runner, self.progress = source, runner, progress
+        self.out = None
+
+    def codes_to(self, out) -> None:
+        """The compact writer the encoded parts go to: where the runner keeps results on its
+        workers and the store is a Zarr directory they can write in, the tasks keep their
+        codes and write them there themselves (:class:`ShardCodes`)."""
+        self.out = out
 
     def _each(self, phase, fn, labels, *args):
         self.progress.start(phase, len(self.specs))
@@ -580,12 +789,26 @@ class ShardedPasses:
 
     def encoded(self, labels, rounded, bounds, encoder, code_dtype, hold=None):
         """The tasks start now; their parts come from the generator returned."""
-        futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder,
-                             code_dtype, hold)
-        return self._in_order(futures)
+        directory = self.out.writer.chunk_directory() if (
+            self.out is not None and self.out.writer is not None
+            and self.runner.keeps_results) else None
+        if directory is None:
+            futures = self._each("writing", shard_encoded, labels, rounded, bounds, encoder,
+                                 code_dtype, hold)
+            return self._in_order(futures)
+        kept = self._each("encoding", shard_encoded_kept, labels, rounded, bounds, encoder,
+                          code_dtype, hold)
+        self.out.place_codes_elsewhere(ShardCodes(self.runner, self.specs, kept, directory,
+                                                  self.progress))
+        return self._in_order([self.runner.submit(_table_of, k) for k in kept], whole=True)
 
-    def _in_order(self, futures):
-        for i in range(len(futures)):  # in shard order: the store's parts go in index order
+    def _in_order(self, futures, whole: bool = False):
+        """Each shard's parts (``whole``: its :class:`ShardParts` as one item), in shard
+        order: the store's parts go in index order."""
+        for i in range(len(futures)):
             parts = self.runner.gather([futures[i]], self.progress)[0]
             futures[i] = None  # added to the store: let the runner forget it
-            yield from parts
+            if whole:
+                yield parts
+            else:
+                yield from parts

@@ -615,6 +615,14 @@ class ResultWriter:
         if pool is not None:
             pool.shutdown(wait=True)
 
+    def chunk_directory(self) -> str | None:
+        """The directory the store is written in, when it is a Zarr store on a file system
+        (other processes, a sharded run's workers, may then write chunks of its arrays
+        themselves); None for HDF5 (one writer per file) and object stores."""
+        if isinstance(self._backend, _ZarrBackend) and not is_url(self.temp):
+            return self.temp
+        return None
+
     def create_array(self, name: str, shape, dtype, chunks=None):
         """An empty array to be filled slice by slice (for data that is streamed)."""
         return self._backend.create(name, shape, dtype, chunks)

@@ -284,10 +284,7 @@ def store_planned_compact(source: MatrixSource, planned: list[FormedCluster], ra
         if again:
             sink.recluster(evicted, budget_bytes, blocks)
             blocks = None  # not held through the writing pass
-        for c, part, leftovers in parts:
-            if part is not None:
-                sink.add_codes(part, cid[c])
-            sink.leftovers(leftovers)
+        sink.add_encoded(parts, cid)
 
 
 def _dissolved(planned, labels, rounded, evicted, rank: int, source) -> np.ndarray:

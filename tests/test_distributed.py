@@ -100,6 +100,206 @@ def test_same_shards_same_store_in_process_and_on_workers(collection, tmp_path, 
         check_compact(tmp_path / store, mats, EPS, "matrix")
 
 
+def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
+    """Where the runner keeps results on its workers, the encoding tasks write the store's
+    code chunks themselves and the client only the chunks two shards share
+    (matclust.stages.ShardCodes). With code chunks of 64 values (dozens shared by shards),
+    matrices stored alone by the client between the tasks' codes, and the pool of those
+    flushed early because codes wait behind it (sinks.PENDING_MATRICES), every array is the
+    one the client writes itself: with the tasks in this process, with workers that do not
+    see the store (every code comes back to the client), and on two worker processes."""
+    import zarr
+
+    import matclust.distributed
+    import matclust.format2
+    import matclust.sinks
+    import matclust.stages
+
+    path, mats, _ = write_planted(tmp_path / "noisy.h5", K=480, m=12, n=4, subspaces=5, rank=2,
+                                  noise=0.1, seed=3, dtype="float32")
+    monkeypatch.setattr(matclust.format2, "CODE_CHUNK", 64)
+    monkeypatch.setattr(matclust.sinks, "PENDING_MATRICES", 8)
+    early = []
+    flush_pool = matclust.sinks.CompactSink.flush_pool
+
+    def spied(sink):
+        early.append(len(sink.pool) < matclust.sinks.ALONE_BATCH and sink.out.waiting > 8)
+        return flush_pool(sink)
+
+    monkeypatch.setattr(matclust.sinks.CompactSink, "flush_pool", spied)
+    args = ("--rank", RANK, "--eps", EPS, "--shards", 4, "--quiet")
+    run_inprocess("cluster", path, "-o", tmp_path / "client.zarr", *args, check=0)
+    assert any(early)  # some matrices were stored alone while later codes waited
+    monkeypatch.setattr(matclust.distributed.InProcess, "keeps_results", True)
+    placed = []
+    write = matclust.stages.ShardCodes.write
+    monkeypatch.setattr(matclust.stages.ShardCodes, "write",
+                        lambda self, *a: placed.append(1) or write(self, *a))
+    run_inprocess("cluster", path, "-o", tmp_path / "tasks.zarr", *args, check=0)
+    open_codes = matclust.stages._open_codes
+    monkeypatch.setattr(matclust.stages, "_open_codes", lambda where: None)
+    run_inprocess("cluster", path, "-o", tmp_path / "unseen.zarr", *args, check=0)
+    monkeypatch.setattr(matclust.stages, "_open_codes", open_codes)
+    run_inprocess("cluster", path, "-o", tmp_path / "workers.zarr", *args, "--workers", 2,
+                  check=0)
+    assert len(placed) == 3
+    client = _arrays(tmp_path / "client.zarr")
+    assert len(client["codes"]) > 20 * 64
+    for other in ("tasks.zarr", "unseen.zarr", "workers.zarr"):
+        arrays = _arrays(tmp_path / other)
+        assert sorted(arrays) == sorted(client)
+        for name, values in client.items():
+            assert np.array_equal(arrays[name], values), f"{other}: {name} differs"
+        assert zarr.open_group(str(tmp_path / other), mode="r")["codes"].chunks == (64,)
+    check_compact(tmp_path / "workers.zarr", mats, EPS, "matrix")
+
+
+def test_a_full_disk_while_the_tasks_write_codes_leaves_nothing(collection, tmp_path,
+                                                               monkeypatch):
+    """A code-writing task that finds no room fails the run with one error line (exit 1),
+    and no store, finished or not, is left behind."""
+    import errno
+
+    import matclust.distributed
+    import matclust.format2
+    import matclust.stages
+
+    path, _, _ = collection
+
+    class Full:
+        def __setitem__(self, key, value):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matclust.format2, "CODE_CHUNK", 64)  # the tasks write whole chunks
+    monkeypatch.setattr(matclust.distributed.InProcess, "keeps_results", True)
+    monkeypatch.setattr(matclust.stages, "_open_codes", lambda where: Full())
+    out = tmp_path / "out.zarr"
+    result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
+                           "--shards", 4, "--quiet")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
+    assert "no space" in lines[0].lower(), lines[0]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():
+    """The client's leftover pool is flushed early when codes wait behind it
+    (``CompactWriter.waiting``): a writer whose codes are placed elsewhere counts the waiting
+    matrices as one that holds the codes does, after every part (or every run of parts added
+    at once), whatever order the parts come in; the labels, exponents and statistics (sums
+    in the same order) are the same too."""
+    from dataclasses import replace
+
+    from matclust.format2 import CompactWriter, PartCodes, PartTotals
+
+    rng = np.random.default_rng(7)
+    K, m, rank = 3000, 6, 2
+    widths = rng.integers(1, 4, K)
+    writers = [CompactWriter(None, K, m, widths, False, np.uint16, np.float32) for _ in range(3)]
+    for w in writers[1:]:
+        w.place_codes_elsewhere(placer=None)  # no store: finish() writes nothing
+    labels = rng.integers(0, 5, K)
+    for w in writers:
+        for c in range(5):
+            w.new_cluster(rng.standard_normal((m, rank)) if c else None)
+    # Parts of held windows (members of one cluster within a window), the windows in order,
+    # the clusters in a random order within each, some windows' matrices kept back to the end.
+    order, late = [], []
+    for lo in range(0, K, 250):
+        window = np.arange(lo, min(lo + 250, K))
+        back = window[rng.random(len(window)) < 0.02]
+        late.append(back)
+        window = np.setdiff1d(window, back)
+        order += [window[labels[window] == c] for c in rng.permutation(5)]
+    late = np.concatenate(late)
+    order += [late[labels[late] == c] for c in range(5)]
+    # The third writer takes the parts in runs of a few at once (PartTotals), the waiting
+    # matrices compared at the end of each run.
+    run: list = []
+    for members in order + [None]:
+        if members is None or (run and rng.random() < 0.3):
+            writers[2].add_parts(np.array([c for c, _ in run], dtype=np.int64),
+                                 PartTotals.of(run))
+            assert writers[2].waiting == writers[0].waiting
+            run = []
+        if members is None or not len(members):
+            continue
+        rows = np.where(labels[members] == 0, m, rank)
+        sizes = rows * widths[members]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        part = PartCodes(members, widths[members], rng.integers(-50, 50, len(members)).astype(
+            np.int16), float(rng.random() + 0.5), float(rng.random() * 0.01), 0.05,
+            rng.random(rank), 0, 0.1,
+            rng.integers(0, 9, offsets[-1]).astype(np.uint16), offsets)
+        c = int(labels[members[0]])
+        writers[0].add_codes(c, part)
+        writers[1].add_codes(c, replace(part, codes=None, code_offsets=None))
+        run.append((c, part))
+        assert writers[0].waiting == writers[1].waiting
+    assert writers[0].waiting == 0
+    held, *placed = (w.finish() for w in writers)
+    for w, (labels_out, stats) in zip(writers[1:], placed):
+        assert np.array_equal(held[0], labels_out) and held[1] == stats
+        assert np.array_equal(writers[0].exponents, w.exponents)
+        assert w.code_count == writers[0].code_count == int(
+            (np.where(labels == 0, m, rank) * widths).sum())
+
+
+def test_a_shards_parts_at_once_are_stored_as_one_by_one(monkeypatch):
+    """A shard's parts handed over at once (``CompactSink.add_encoded`` of a ``ShardParts``,
+    their codes placed elsewhere) are stored as the same parts one by one with their codes:
+    the members left over go to the pool at the same points and the pool is stored alone at
+    the same points (early, while later codes wait), so every matrix gets the same cluster."""
+    from matclust.format2 import PartCodes, PartTotals
+    from matclust.sinks import CompactSink
+    from matclust.sources import array_source
+    from matclust.stages import ShardParts
+
+    import matclust.sinks
+
+    monkeypatch.setattr(matclust.sinks, "PENDING_MATRICES", 40)
+    rng = np.random.default_rng(11)
+    K, m, n, rank = 400, 6, 3, 2
+    mats = rng.standard_normal((K, m, n)).astype(np.float32)
+    params = {"eps": EPS, "guarantee": "matrix", "rank": rank}
+    sinks = [CompactSink(array_source(mats), params, None) for _ in range(2)]
+    sinks[1].out.place_codes_elsewhere(placer=None)
+    bases = [rng.standard_normal((m, rank)) for _ in range(4)]
+    cid = {c: [s.out.new_cluster(bases[c]) for s in sinks][0] for c in range(4)}
+    labels, left = rng.integers(0, 4, K), rng.random(K) < 0.1
+    items = []  # (cluster, part or None, leftovers), windows of 50 in index order
+    for lo in range(0, K, 50):
+        for c in rng.permutation(4).tolist():
+            window = np.arange(lo, lo + 50)
+            members = window[(labels[window] == c) & ~left[window]]
+            gone = window[(labels[window] == c) & left[window]]
+            part = None
+            if len(members) and rng.random() < 0.9:
+                sizes = np.full(len(members), rank * n)
+                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                part = PartCodes(members, np.full(len(members), n), np.zeros(len(members),
+                                 np.int16), float(rng.random()), 0.0, 0.05, rng.random(rank),
+                                 0, 0.05, np.ones(offsets[-1], np.uint16), offsets)
+            else:
+                gone = np.concatenate([gone, members])
+            items.append((c, part, [(int(i), mats[i]) for i in rng.permutation(gone)]))
+    for c, part, leftovers in items:
+        if part is not None:
+            sinks[0].add_codes(part, cid[c])
+        sinks[0].leftovers(leftovers)
+    parts, events = [], []
+    for c, part, leftovers in items:
+        if part is not None:
+            parts.append((c, part))
+        if leftovers:
+            events.append((len(parts), part is not None, leftovers))
+    sinks[1].add_encoded([ShardParts(PartTotals.of(parts), events)], cid)
+    one_by_one, at_once = (s.finish() for s in sinks)
+    assert len(one_by_one[1]) > 10  # many clusters of one, stored in several flushes
+    assert np.array_equal(one_by_one[0], at_once[0]) and one_by_one[1] == at_once[1]
+
+
 def test_without_workers_dask_is_not_imported(collection, tmp_path):
     path, _, _ = collection
     code = textwrap.dedent(f"""
