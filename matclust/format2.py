@@ -111,11 +111,8 @@ class PartCodes:
     def unscaled(self, exponents: np.ndarray) -> "PartCodes":
         """The part encoded from its members multiplied by 2^exponents (one per member), in
         their own magnitude (what :func:`matclust.sinks.unscaled` does to a group)."""
-        if not np.any(exponents):
-            return self
-        shift = np.asarray(exponents, dtype=np.int64)
-        return replace(self, exponents=qb.shifted_steps(self.exponents, -shift),
-                       shift=self.shift - int(shift[0]))
+        moved = qb.to_own_scale(self.exponents, self.shift, exponents, 0)
+        return self if moved is None else replace(self, exponents=moved[0], shift=int(moved[1]))
 
 
 @dataclass
@@ -173,12 +170,8 @@ class PartTotals:
 
     def unscaled(self, exponents: np.ndarray) -> "PartTotals":
         """What :meth:`PartCodes.unscaled` does to each part (``exponents``: per member)."""
-        if not np.any(exponents):
-            return self
-        shift = np.asarray(exponents, dtype=np.int64)
-        firsts = shift[self.starts[:-1]] if len(self.members) else np.zeros(0, np.int64)
-        return replace(self, exponents=qb.shifted_steps(self.exponents, -shift),
-                       shift=self.shift - firsts)
+        moved = qb.to_own_scale(self.exponents, self.shift, exponents, self.starts[:-1])
+        return self if moved is None else replace(self, exponents=moved[0], shift=moved[1])
 
 
 def segments(starts: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -81,21 +81,18 @@ def unscaled(group, exponents: np.ndarray):
     member order), brought back to the members' own magnitude: every step divided by its
     member's power of two, and the group's norms' unit (``shift``) by the first one's (one
     power of two for a whole cluster; matrices apart from the collection's scale are alone)."""
-    if not np.any(exponents):
-        return group
-    shift = np.asarray(exponents, dtype=np.int64)
-    group.quantised.exponents = qb.shifted_steps(group.quantised.exponents, -shift)
-    group.shift -= int(shift[0])
+    moved = qb.to_own_scale(group.quantised.exponents, group.shift, exponents, 0)
+    if moved is not None:
+        group.quantised.exponents, group.shift = moved[0], int(moved[1])
     return group
 
 
 def unscaled_alone(batch, exponents: np.ndarray):
     """What :func:`unscaled` does to a group, for an :class:`~matclust.compact.AloneBatch` of
     matrices encoded multiplied by 2^exponents (one per matrix, in batch order) at once."""
-    if np.any(exponents):
-        shift = np.asarray(exponents, dtype=np.int64)
-        batch.exponents = qb.shifted_steps(batch.exponents, -shift)
-        batch.shifts = batch.shifts - shift
+    moved = qb.to_own_scale(batch.exponents, batch.shifts, exponents, slice(None))
+    if moved is not None:
+        batch.exponents, batch.shifts = moved
     return batch
 
 

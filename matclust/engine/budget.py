@@ -91,6 +91,19 @@ def shifted_steps(exponents, shift) -> np.ndarray:
     return np.where(e == ZERO_STEP, e, moved).astype(np.int16)
 
 
+def to_own_scale(step_exponents, shift, exponents, firsts):
+    """Step exponents and norms' unit ``shift`` of groups encoded from their members
+    multiplied by 2^exponents (one per member, in order), brought back to the members' own
+    magnitude: each member's steps by its own power of two, each group's unit by its first
+    member's (``firsts``: where each group's first member is; a cluster is scaled by one
+    power of two, matrices apart from the collection's scale are alone). None when every
+    exponent is 0 (nothing moves)."""
+    if not np.any(exponents):
+        return None
+    e = np.asarray(exponents, dtype=np.int64)
+    return shifted_steps(step_exponents, -e), shift - e[firsts]
+
+
 def zigzag(codes: np.ndarray) -> np.ndarray:
     c = np.asarray(codes, dtype=np.int64)
     return ((c << 1) ^ (c >> 63)).astype(np.uint64)
