@@ -30,7 +30,7 @@ import numpy as np
 
 from matclust.compact import CODE_CHUNK, AloneBatch, StoredGroup
 from matclust.engine import budget as qb
-from matclust.engine.linalg import distinct
+from matclust.engine.linalg import column_ranges, distinct
 from matclust.store import appendable_shuffle, copy_compressed_chunks
 
 #: Codes compressed both ways to choose the shuffle (the first ones written). 2^16 chose as
@@ -172,14 +172,6 @@ class PartTotals:
         """What :meth:`PartCodes.unscaled` does to each part (``exponents``: per member)."""
         moved = qb.to_own_scale(self.exponents, self.shift, exponents, self.starts[:-1])
         return self if moved is None else replace(self, exponents=moved[0], shift=moved[1])
-
-
-def segments(starts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Indices that gather segments of lengths ``diff(offsets)`` from ``starts`` one after
-    the other (segment j lands at ``offsets[j]``)."""
-    counts = np.diff(offsets)
-    return np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], counts) + \
-        np.arange(offsets[0], offsets[-1], dtype=np.int64)
 
 
 class CompactWriter:
@@ -489,7 +481,7 @@ class CompactWriter:
         counts = np.concatenate([np.diff(f[2]) for f in self._fills])
         order = np.argsort(members, kind="stable")
         offsets = np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)
-        return members[order], codes[segments(starts[order], offsets)], offsets
+        return members[order], codes[column_ranges(starts[order], counts[order])], offsets
 
     def _codes_array(self, sample: np.ndarray):
         """The codes array, with the shuffle that suits the first codes: a bit shuffle for

@@ -618,12 +618,10 @@ class _ShardLayout:
 
     def gather(self, lo: int, hi: int) -> np.ndarray:
         """Codes ``lo..hi-1`` of the store (within the shard's)."""
-        from matclust.format2 import segments
-
         offsets = self.offsets
         i0 = int(np.searchsorted(offsets, lo, "right")) - 1
         i1 = int(np.searchsorted(offsets, hi, "left"))
-        index = segments(self.source[i0:i1], offsets[i0 : i1 + 1])
+        index = column_ranges(self.source[i0:i1], np.diff(offsets[i0 : i1 + 1]))
         index = index[lo - offsets[i0] : hi - offsets[i0]]
         if not len(self.fills):
             return self.own[index]
