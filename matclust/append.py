@@ -507,9 +507,7 @@ def _pieces(batch: Batch, count: int) -> list[Batch]:
     if len(batch) < 2:
         return [batch]
     bounds = distinct(np.linspace(0, len(batch), count + 1).astype(np.int64))
-    return [Batch(batch.indices[a:b], batch.data[:, batch.offsets[a]:batch.offsets[b]],
-                  batch.offsets[a:b + 1] - batch.offsets[a])
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return [batch.span(a, b) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
 def _joining(encoder: CompactEncoder, reader, reader_old, choice: np.ndarray, batch_bytes: int):

@@ -56,22 +56,13 @@ def split_by_cluster(labels: np.ndarray, batch):
     The batch is reordered by cluster once; the sub-batches are views of that copy."""
     lab = labels[batch.indices]
     order = np.argsort(lab, kind="stable")
-    widths = np.diff(batch.offsets)
-    if len(widths) and np.all(widths == widths[0]):
-        # Matrices of one width move as whole blocks: a quarter faster than column by column,
-        # and this copy is most of what the storing passes do besides encoding.
-        m, n = batch.data.shape[0], int(widths[0])
-        data = np.take(batch.data.reshape(m, len(widths), n), order, axis=1)
-        grouped = Batch(batch.indices[order], data.reshape(m, -1),
-                        np.arange(len(widths) + 1, dtype=np.int64) * n)
-    else:
-        grouped = batch.take(order)
+    # (Matrices of one width move as whole blocks, Batch.take: this copy is most of what the
+    # storing passes do besides encoding.)
+    grouped = batch.take(order)
     sorted_lab = lab[order]
     edges = np.concatenate([[0], np.flatnonzero(np.diff(sorted_lab)) + 1, [len(order)]])
-    for a, b in zip(edges[:-1], edges[1:]):
-        first, last = grouped.offsets[a], grouped.offsets[b]
-        yield int(sorted_lab[a]), Batch(grouped.indices[a:b], grouped.data[:, first:last],
-                                        grouped.offsets[a : b + 1] - first)
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        yield int(sorted_lab[a]), grouped.span(a, b)
 
 
 def cluster_parts(source: MatrixSource, labels: np.ndarray, progress=None, phase: str = "reading",

@@ -119,6 +119,12 @@ class Batch:
         :meth:`MatrixSource.calibrate` works from; never overflows."""
         return np.maximum.reduceat(peak(self.data, axis=0), self.offsets[:-1])
 
+    def span(self, a: int, b: int) -> "Batch":
+        """Matrices a..b-1 of this batch, a view of its data."""
+        first = self.offsets[a]
+        return Batch(self.indices[a:b], self.data[:, first : self.offsets[b]],
+                     self.offsets[a : b + 1] - first)
+
     def take(self, positions: Sequence[int]) -> "Batch":
         """A batch of the matrices at the given positions of this batch, in that order."""
         positions = np.asarray(positions, dtype=np.int64)
