@@ -174,6 +174,14 @@ class PartTotals:
         return self if moved is None else replace(self, exponents=moved[0], shift=moved[1])
 
 
+def code_offsets(rows: np.ndarray, widths: np.ndarray, complex_data: bool) -> np.ndarray:
+    """Where each matrix's codes start in the codes array, and their end: matrix i has
+    rows_i x n_i codes (rows_i its cluster's rank, or m for raw entries), twice that for
+    complex data (docs/format.md)."""
+    counts = np.asarray(rows, dtype=np.int64) * widths * (2 if complex_data else 1)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
 class CompactWriter:
     """Collects stored groups and writes the compact arrays.
 
@@ -246,17 +254,8 @@ class CompactWriter:
     def add_codes(self, cid: int, part: "PartCodes") -> None:
         """A part of cluster ``cid`` whose codes are already as stored (:class:`PartCodes`:
         what :meth:`add_part` makes of a group; a sharded run's tasks make it themselves)."""
-        info = self.clusters[cid]
-        norm2, err2, rows2 = self._in_cluster_scale(info, part.shift, part.norm2, part.err2,
-                                                     part.basis_norms)
-        info.pop("error", None)  # a seeded cluster's stored error no longer holds
-        info["norm2"] += norm2
-        info["err2"] += err2
-        info["size"] += len(part.members)
-        info["columns"] += int(part.widths.sum())
-        info["bound"] = max(info["bound"], part.bound)
-        if info["rows2"] is not None and len(part.basis_norms):
-            info["rows2"] += rows2
+        self._account(cid, part.shift, part.norm2, part.err2, part.basis_norms,
+                      len(part.members), int(part.widths.sum()), part.bound)
         self.labels[part.members] = cid
         self.exponents[part.members] = part.exponents
         if part.codes is None and self._placed is None:
@@ -276,22 +275,27 @@ class CompactWriter:
         for j, (cid, size, norm2, err2, bound, shift) in enumerate(zip(
                 cids.tolist(), sizes.tolist(), parts.norm2.tolist(), parts.err2.tolist(),
                 parts.bound.tolist(), parts.shift.tolist())):
-            info = self.clusters[cid]
             along = parts.basis_norms[parts.basis_starts[j]: parts.basis_starts[j + 1]]
-            norm2, err2, rows2 = self._in_cluster_scale(info, shift, norm2, err2, along)
-            info.pop("error", None)
-            info["norm2"] += norm2
-            info["err2"] += err2
-            info["size"] += size
-            info["columns"] += int(columns[j])
-            info["bound"] = max(info["bound"], bound)
-            if info["rows2"] is not None and len(along):
-                info["rows2"] += rows2
+            self._account(cid, shift, norm2, err2, along, size, int(columns[j]), bound)
         self.labels[parts.members] = np.repeat(cids, sizes)
         self.exponents[parts.members] = parts.exponents
         self._placed[parts.members] = True
         self._waiting += len(parts.members)
         self._advance()
+
+    def _account(self, cid: int, shift: int, norm2: float, err2: float, basis_norms,
+                 size: int, columns: int, bound: float) -> None:
+        """A part's totals (in units of 2^shift) added to cluster ``cid``'s statistics."""
+        info = self.clusters[cid]
+        norm2, err2, rows2 = self._in_cluster_scale(info, shift, norm2, err2, basis_norms)
+        info.pop("error", None)  # a seeded cluster's stored error no longer holds
+        info["norm2"] += norm2
+        info["err2"] += err2
+        info["size"] += size
+        info["columns"] += columns
+        info["bound"] = max(info["bound"], bound)
+        if info["rows2"] is not None and len(basis_norms):
+            info["rows2"] += rows2
 
     @staticmethod
     def _in_cluster_scale(info: dict, shift: int, norm2: float, err2: float, basis_norms):
@@ -464,11 +468,10 @@ class CompactWriter:
 
     def _code_offsets(self) -> np.ndarray:
         """Where each matrix's codes start in the store, and their end (as
-        :class:`CompactReader` finds them): from the labels, ranks and widths."""
+        :class:`CompactReader` finds them)."""
         rows = np.array([self.m if i["basis"] is None else i["basis"].shape[1]
                          for i in self.clusters], dtype=np.int64)
-        counts = rows[self.labels] * self.widths * (2 if self.complex else 1)
-        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return code_offsets(rows[self.labels], self.widths, self.complex)
 
     def _fill_codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The codes made here (not by the tasks), members ascending: members, codes, offsets."""
@@ -600,8 +603,7 @@ class CompactReader:
         self._bases = None
         self.basis_offsets = np.concatenate([[0], np.cumsum(self.ranks)]).astype(np.int64)
         rows = np.where(self.ranks[self.labels] > 0, self.ranks[self.labels], self.m)
-        self.code_offsets = np.concatenate(
-            [[0], np.cumsum(rows * self.widths * (2 if self.complex else 1))]).astype(np.int64)
+        self.code_offsets = code_offsets(rows, self.widths, self.complex)
         self.rows = rows
 
     @property
