@@ -295,15 +295,20 @@ def _leading(batch, k: int):
 # ---------------------------------------------------------------------------------------------
 def append_to_store(store_path, input_path, dataset=None, transpose=None,
                     memory_limit: int = defaults.MEMORY_LIMIT,
-                    progress=None, fill_missing: bool = False) -> dict:
+                    progress=None, fill_missing: bool = False, resume: bool = False) -> dict:
     """Add the matrices of ``input_path`` to the result store ``store_path``; returns the
-    grown store's report (with an ``append`` entry: what this append did)."""
+    grown store's report (with an ``append`` entry: what this append did).
+
+    The new matrices clustered among themselves are checkpointed beside the store as
+    ``cluster`` checkpoints its clusters; ``resume`` continues an interrupted append of the
+    same input to the same store from there (the rest is recomputed: the screening and the
+    joins are cheap and deterministic)."""
     started = time.perf_counter()
     store_path = require_path(store_path, "STORE")
     input_path = require_path(input_path, "INPUT")
     _require_store(store_path)
     refuse_clashes(("store", store_path), [("input", input_path)])
-    with OutputGuard(store_path):
+    with OutputGuard(store_path, resume=resume) as guard:
         with ResultStore(store_path) as old:
             params = dict(old.params)
             _refuse_unappendable(old, store_path)
@@ -334,7 +339,7 @@ def append_to_store(store_path, input_path, dataset=None, transpose=None,
                 # encoded in 0.22 s of CPU on two threads, 0.07 s on one).
                 with single_threaded():
                     return run(old, source, params, store_path, memory_limit, progress,
-                               started)
+                               started, guard)
 
 
 def _require_store(path: str) -> None:
@@ -396,7 +401,7 @@ def _check_compatible(old: ResultStore, source, params: dict, path: str) -> None
 
 
 def _append_compact(old: ResultStore, source, params: dict, store_path: str, memory_limit: int,
-                    progress, started: float) -> dict:
+                    progress, started: float, guard) -> dict:
     from matclust.api import NullProgress, scan_norms
 
     progress = progress or NullProgress()
@@ -478,7 +483,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
             new_clusters = len(leftover)
         elif len(leftover):
             groups, sub_worst = _cluster_anew(source, reader, leftover, params,
-                                              run_plan.cache)
+                                              run_plan.cache, guard, store_path)
             worst = max(worst, sub_worst)
             for group in groups:
                 group.members = leftover[group.members] + K0
@@ -555,7 +560,7 @@ class _PlainClusters:
 
 
 def _append_plain(old: ResultStore, source, params: dict, store_path: str, memory_limit: int,
-                  progress, started: float) -> dict:
+                  progress, started: float, guard) -> dict:
     """The plain layout: every cluster group is copied, those new matrices joined extended by
     their coefficients against the stored basis (at the stored precision, the error computed
     on exactly what is stored), the new clusters written as a first run writes them."""
@@ -615,7 +620,7 @@ def _append_plain(old: ResultStore, source, params: dict, store_path: str, memor
     new_clusters = 0
     if len(leftover):
         groups, sub_worst = _cluster_anew(source, reader, leftover, params, run_plan.cache,
-                                          encoding="plain")
+                                          guard, store_path, encoding="plain")
         worst = max(worst, sub_worst)
         for enc in groups:
             enc.members = leftover[enc.members] + K0
@@ -708,12 +713,13 @@ def _union_error(enc, stat: dict, part: dict) -> float:
 
 
 def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_bytes: int,
-                  encoding: str = "compact"):
+                  guard, store_path: str, encoding: str = "compact"):
     """The stored groups (and their largest matrix error) of the matrices ``indices``
     clustered among themselves with the store's parameters, in the input's own magnitude (the
     run calibrates them itself, so matrices apart from the others' scale are kept apart as a
     first run would). The run may use what the plan left for caches (``budget_bytes``); its
-    own model counts the interpreter once more, which errs on the safe side."""
+    own model counts the interpreter once more, which errs on the safe side. It keeps its
+    checkpoint through ``guard``, the lock held on ``store_path``."""
     batch = reader.get(indices)
     exps = source.exponents[indices]
     blocks = [times_power2(np.array(block), -int(e)) for block, e in zip(batch.blocks(), exps)]
@@ -728,7 +734,12 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     if encoding == "compact":
         overrides["eps"] = float(params["eps"]) - 4 * float(np.finfo(stored_dtype).eps)
     need = sum(block.nbytes for block in blocks)
-    sub = cluster_among_themselves(blocks, params, budget_bytes, need, encoding, **overrides)
+    # The run's checkpoint names the store and every input (the new one last): a resumed
+    # append must grow the same store by the same input; the matrices themselves are checked
+    # through their norms, as for any run.
+    identity = {"store": store_path, "inputs": params["inputs"]}
+    sub = cluster_among_themselves(blocks, params, budget_bytes, need, encoding, guard,
+                                   identity, **overrides)
     return sub.clusters_, float(sub.report_["max_matrix_error"])
 
 

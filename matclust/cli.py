@@ -653,9 +653,11 @@ def compare(input, dataset, transpose, rank, eps, methods, n_clusters, seed, pat
 @memory_limit_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the grown store's JSON report and nothing else.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no table.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted append of INPUT to STORE from its checkpoint.")
 @fill_missing_option
 @storage_options_option
-def append(store, input, dataset, transpose, memory_limit, as_json, quiet, fill_missing):
+def append(store, input, dataset, transpose, memory_limit, as_json, quiet, resume, fill_missing):
     """Add the matrices of INPUT to the result store STORE without clustering it again.
 
     A new matrix joins a stored cluster when that cluster's stored basis keeps the store's
@@ -668,7 +670,7 @@ def append(store, input, dataset, transpose, memory_limit, as_json, quiet, fill_
 
     with RichProgress(enabled=None if not quiet else False) as progress:
         report = append_to_store(store, input, dataset, transpose, memory_limit, progress,
-                                 fill_missing)
+                                 fill_missing, resume)
     if as_json:
         _emit_json(report)
     elif not quiet:

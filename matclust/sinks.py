@@ -366,15 +366,23 @@ CLUSTERING_KEYS = ("rank", "eps", "method", "order", "patience", "oversampling",
 
 
 def cluster_among_themselves(blocks, params: dict, budget_bytes: int, need: int,
-                             encoding: str = "compact", **overrides):
+                             encoding: str = "compact", guard=None, identity=None, **overrides):
     """``blocks`` (``need`` bytes) clustered in memory with ``params``' clustering parameters
     (``overrides`` replace some), fitted. The run may use what the caches were given, not the
     whole limit (on 10^6 matrices the whole limit again took the process to 2.2 GiB at 1 GiB);
-    its model counts the interpreter once more, which only errs on the safe side."""
+    its model counts the interpreter once more, which only errs on the safe side.
+
+    With ``guard`` (the :class:`~matclust.checkpoint.OutputGuard` of the store an append grows)
+    the run keeps its checkpoint there, as ``cluster`` keeps one beside its output, headed by
+    ``identity`` (what the blocks were taken from), and continues an interrupted run's when the
+    guard resumes."""
     from matclust import limits
     from matclust.api import MatrixClusterer
 
     chosen = {**{k: params[k] for k in CLUSTERING_KEYS}, **overrides}
-    return MatrixClusterer(**chosen, encoding=encoding, mode="in-memory",
-                           memory_limit=max(budget_bytes, 2 * need) + limits.BASELINE_BYTES
-                           ).fit(blocks)
+    model = MatrixClusterer(**chosen, encoding=encoding, mode="in-memory",
+                            memory_limit=max(budget_bytes, 2 * need) + limits.BASELINE_BYTES)
+    if guard is None:
+        return model.fit(blocks)
+    # fit() guards an output of its own; this run writes none, its caller's guard serves.
+    return model._fit(blocks, None, False, None, {"appending": identity}, guard)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -382,6 +384,87 @@ def test_resume_refuses_other_parameters_or_a_changed_input(big, tmp_path):
     run_matclust(*cluster_args(inp, out), cwd=tmp_path, check=0)
     np.testing.assert_array_equal(labels_of(out), big["labels"])
     assert hidden(tmp_path) == []
+
+
+#: An append whose new matrices come from subspaces the store has not seen, so that they are
+#: clustered among themselves for a couple of seconds: long enough to be killed midway.
+APPEND_FIRST = dict(K=600, m=24, n=6, subspaces=60, rank=3, noise=0.01, dtype="float32", seed=11)
+APPEND_SECOND = {**BIG, "seed": 12}
+
+
+@pytest.fixture(scope="module")
+def appended(tmp_path_factory):
+    """A store of APPEND_FIRST, the second input, and the store grown by an uninterrupted
+    append (the reference)."""
+    folder = tmp_path_factory.mktemp("appended")
+    first, second = str(folder / "first.h5"), str(folder / "second.h5")
+    write_planted(first, **APPEND_FIRST)
+    write_planted(second, **APPEND_SECOND)
+    store = str(folder / "store.h5")
+    run_matclust("cluster", first, "-o", store, "--rank", RANK, "--eps", EPS, "--quiet",
+                 cwd=folder, check=0)
+    grown = str(folder / "grown.h5")
+    shutil.copyfile(store, grown)
+    run_matclust("append", grown, second, "--quiet", cwd=folder, check=0)
+    return {"store": store, "second": second, "grown": grown}
+
+
+def kill_append_after_clusters(store, second, n, cwd):
+    """Start an append, kill -9 it once its checkpoint holds at least n clusters."""
+    proc = spawn("append", store, second, "--quiet", cwd=cwd)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(ckpt_entries(store, APPEND_SECOND["K"])) >= n:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the append finished before it could be killed"
+    return len(ckpt_entries(store, APPEND_SECOND["K"]))
+
+
+def test_append_resumes_after_kill(appended, tmp_path):
+    """kill -9 while the new matrices are clustered among themselves: the store is untouched,
+    the checkpoint holds the clusters formed so far, and `append --resume` continues from them
+    to exactly the store an uninterrupted append grows (every label and decoded matrix)."""
+    from conftest import decode_compact
+
+    store = str(tmp_path / "store.h5")
+    shutil.copyfile(appended["store"], store)
+    before = tree_digest(store)
+    done = kill_append_after_clusters(store, appended["second"], 20, tmp_path)
+    assert done >= 20
+    assert tree_digest(store) == before, "a killed append changed the store"
+    res = run_matclust("-v", "append", store, appended["second"], "--resume", "--quiet",
+                       cwd=tmp_path, check=0)
+    resumed = re.search(r"resuming from \S+: (\d+) clusters formed before", res.stderr)
+    assert resumed and int(resumed.group(1)) >= done, res.stderr
+    _, labels, decoded = decode_compact(store)
+    _, ref_labels, ref_decoded = decode_compact(appended["grown"])
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert len(decoded) == len(ref_decoded)
+    for a, b in zip(decoded, ref_decoded):
+        np.testing.assert_array_equal(a, b)
+    assert verified(store)
+    assert hidden(tmp_path) == [], "checkpoint, lock or temporaries left after resuming"
+
+
+def test_append_resume_refuses_another_input(appended, tmp_path):
+    """A checkpoint left by an append of one input is not continued by an append of another
+    (exit 2, the checkpoint kept, the store untouched); a plain append starts over."""
+    store = str(tmp_path / "store.h5")
+    shutil.copyfile(appended["store"], store)
+    before = tree_digest(store)
+    kill_append_after_clusters(store, appended["second"], 5, tmp_path)
+    other = str(tmp_path / "other.h5")
+    write_planted(other, **{**APPEND_SECOND, "K": 3000, "seed": 13})
+    res = run_matclust("append", store, other, "--resume", "--quiet", cwd=tmp_path, check=2)
+    assert "cannot resume from the checkpoint" in res.stderr
+    assert tree_digest(store) == before
+    assert ".store.h5.matclust-ckpt" in hidden(tmp_path)
+    run_matclust("append", store, appended["second"], "--quiet", cwd=tmp_path, check=0)
+    assert hidden(tmp_path) == []
+    np.testing.assert_array_equal(labels_of(store), labels_of(appended["grown"]))
 
 
 def test_resume_without_checkpoint_runs_normally(small, tmp_path):
