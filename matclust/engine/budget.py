@@ -30,6 +30,7 @@ Pure numpy, no I/O. The arguments are written out in docs/format.md and docs/alg
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -148,9 +149,13 @@ def least_squares_projector(basis: np.ndarray) -> np.ndarray:
 
 
 #: What was derived from each rounded basis (see :func:`_of_basis`), by the basis's id, and
-#: the bytes of the arrays among it, which stay below DERIVED_BYTES.
+#: the bytes of the arrays among it, which stay below DERIVED_BYTES. Parts are encoded on
+#: several threads at once (one per core, or a Dask worker's threads): the lock keeps the
+#: byte count true. Reentrant: a basis collected while the lock is held is forgotten by the
+#: same thread (weakref.finalize runs where the last reference goes).
 _DERIVED: dict[int, dict] = {}
 _DERIVED_HELD = [0]
+_DERIVED_LOCK = threading.RLock()
 DERIVED_BYTES = 16 << 20
 
 
@@ -163,21 +168,25 @@ def _of_basis(basis: np.ndarray, what, compute):
     derived = _DERIVED.get(id(basis))
     if derived is not None and what in derived:
         return derived[what]
-    value = compute()
+    value = compute()  # outside the lock: two threads may both compute it, to the same value
     size = value.nbytes if isinstance(value, np.ndarray) else 0
-    if _DERIVED_HELD[0] + size > DERIVED_BYTES:
-        return value
-    if derived is None:
-        derived = _DERIVED[id(basis)] = {}
-        weakref.finalize(basis, _forget_basis, id(basis))
-    derived[what] = value
-    _DERIVED_HELD[0] += size
-    return value
+    with _DERIVED_LOCK:
+        if _DERIVED_HELD[0] + size > DERIVED_BYTES:
+            return value
+        derived = _DERIVED.get(id(basis))
+        if derived is None:
+            derived = _DERIVED[id(basis)] = {}
+            weakref.finalize(basis, _forget_basis, id(basis))
+        if what not in derived:
+            derived[what] = value
+            _DERIVED_HELD[0] += size
+        return derived[what]
 
 
 def _forget_basis(key: int) -> None:
-    derived = _DERIVED.pop(key, {})
-    _DERIVED_HELD[0] -= sum(v.nbytes for v in derived.values() if isinstance(v, np.ndarray))
+    with _DERIVED_LOCK:
+        derived = _DERIVED.pop(key, {})
+        _DERIVED_HELD[0] -= sum(v.nbytes for v in derived.values() if isinstance(v, np.ndarray))
 
 
 def _as_compute(basis: np.ndarray | None, dtype) -> np.ndarray | None:
