@@ -387,7 +387,22 @@ def test_real_cluster_gives_the_labels_of_a_local_one(collection, tmp_path, dask
     check_compact(tmp_path / "real.zarr", mats, EPS, "matrix")
 
 
-def test_a_worker_killed_mid_run_changes_nothing(tmp_path, dask_cluster):
+def _worker_to_kill(client, workers, moment: str):
+    """A worker of ``workers`` that is planning a shard ("planning"), or that holds a shard's
+    encoded codes for the tasks that write them ("holding codes"); None while there is none."""
+    seen = client.processing() if moment == "planning" else client.has_what()
+    name = "plan_shard" if moment == "planning" else "shard_encoded_kept"
+    for addr, keys in seen.items():
+        if addr in workers and any(name in str(k) for k in keys):
+            return addr
+    return None
+
+
+@pytest.mark.parametrize("moment", ["planning", "holding codes"])
+def test_a_worker_killed_mid_run_changes_nothing(tmp_path, dask_cluster, moment):
+    """SIGKILL a worker while it plans a shard, or once it holds a shard's codes (encoded,
+    not yet written: they are lost with it, and Dask makes them again on the other worker):
+    the run completes with the store a local run writes, array for array."""
     from dask.distributed import Client
 
     address, workers = dask_cluster
@@ -403,22 +418,22 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, dask_cluster):
         with Client(address, timeout="30s") as client:
             deadline = time.time() + 60
             while killed is None and time.time() < deadline and run.poll() is None:
-                # The first worker seen busy with a shard's plan is killed (SIGKILL).
-                for addr, keys in client.processing().items():
-                    if any("plan_shard" in str(k) for k in keys) and addr in workers:
-                        workers[addr].send_signal(signal.SIGKILL)
-                        killed = addr
-                        break
+                killed = _worker_to_kill(client, workers, moment)
+                if killed is not None:
+                    workers[killed].send_signal(signal.SIGKILL)
                 time.sleep(0.02)
         out, err = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
-    assert killed is not None, "no worker was seen planning a shard"
+    assert killed is not None, f"no worker was seen {moment}"
     assert workers[killed].wait(timeout=30) == -signal.SIGKILL
     assert run.returncode == 0, err[-3000:]
-    assert np.array_equal(_labels(tmp_path / "survived.zarr"), _labels(tmp_path / "local.zarr"))
+    survived, local = _arrays(tmp_path / "survived.zarr"), _arrays(tmp_path / "local.zarr")
+    assert survived.keys() == local.keys()
+    for name in local:
+        np.testing.assert_array_equal(survived[name], local[name], err_msg=name)
     check_compact(tmp_path / "survived.zarr", mats, EPS, "matrix")
 
 
