@@ -46,6 +46,11 @@ CLOSE_TO_LIMIT = 1e-9
 #: of its energy lies inside it as far as both modes can tell: single-precision scans and
 #: summaries resolve ~1e-7 of a matrix's energy (see GreedyDriver._by_residual).
 ORDER_TIE = 1e-6
+#: With a reader whose scans share a pass (out of core: the summaries), each residual scan
+#: also measures the remaining matrices against the bases of this many seeds that would come
+#: next should the cluster being formed take none of them; a later cluster whose seed is one
+#: of those uses that scan instead of its own (see GreedyDriver._scan_ahead).
+SEEDS_AHEAD = 1
 
 
 @dataclass
@@ -185,14 +190,20 @@ class BlockReader(Protocol):
     ``source`` has ``m``, ``dtype``, ``apart`` and ``exponents`` (see ``MatrixSource``);
     ``loss2`` is None for real blocks, else every stand-in's squared rounding distance, which
     the estimators account for; ``discard`` tells the reader which blocks are done with.
+    ``residuals2_many`` is ``residuals2`` for several bases; ``shared_scans`` says whether
+    that costs much less than scanning them one by one (then the driver scans ahead for the
+    next seeds, see ``SEEDS_AHEAD``).
     """
 
     source: object
     loss2: np.ndarray | None
+    shared_scans: bool
 
     def get(self, indices) -> Batch: ...
 
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
+
+    def residuals2_many(self, qs: list[np.ndarray], candidates: np.ndarray) -> list[np.ndarray]: ...
 
     def discard(self, indices) -> None: ...
 
@@ -242,6 +253,10 @@ class GreedyDriver:
     evict_above: float | None = None
     alive: np.ndarray = field(init=False)
     seed_only_streak: int = field(init=False, default=0)
+    #: Scans made ahead: seed (as a tuple) -> (its order basis, residuals of the matrices
+    #: remaining when the scan ran, by index).
+    _ahead: dict = field(init=False, default_factory=dict)
+    _cursor: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.rank = self.estimator.rank
@@ -285,6 +300,7 @@ class GreedyDriver:
                 yield from self._singletons(self._by_norm[cursor:])
                 return
             seed = self._seed(cursor)
+            self._cursor = cursor
             members, bound, kept = self._grow(seed)
             if self._loss2 is not None and int(self.widths[members].sum()) <= self.rank:
                 # Stand-in blocks carry their rounding loss into the bound (Mirsky), but a
@@ -444,7 +460,8 @@ class GreedyDriver:
             ascending = self._by_norm[::-1]
             pieces = [ascending[remaining_mask[ascending]]]
         else:
-            pieces = self._by_residual(seed_state.order_basis(), seed_blocks, remaining_mask)
+            pieces = self._by_residual(seed_state.order_basis(), seed_blocks, remaining_mask,
+                                       seed)
         # Read in slices of doubling size, up to 64 candidates: most clusters end within the
         # first few, and gathering columns costs in proportion to how many. The first slice is
         # twice what the last cluster admitted, within 4..16 (PDE 128 x 48 blocks, clusters of
@@ -457,7 +474,8 @@ class GreedyDriver:
                 start += step
                 step = min(2 * step, 64)
 
-    def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray) -> Iterator[np.ndarray]:
+    def _by_residual(self, q, seed_blocks, remaining_mask: np.ndarray,
+                     seed: np.ndarray) -> Iterator[np.ndarray]:
         """Remaining indices by ascending ||(I - Q Q^*) A_i||_F, Q the seed's estimator state's
         ``order_basis`` when it has one, else the seed's top-r basis (an SVD of the seed).
 
@@ -466,8 +484,9 @@ class GreedyDriver:
         if q is None:
             q = seed_basis(seed_blocks, self.rank)
         candidates = np.flatnonzero(remaining_mask)
-        residual2 = np.full(len(remaining_mask), np.inf)
-        residual2[candidates] = self.reader.residuals2(q, candidates)
+        residual2 = self._scanned_ahead(seed, q)
+        if residual2 is None:
+            residual2 = self._scan_ahead(q, seed, candidates)
         if q.shape[1] > self.rank:
             # Inside span(Q) the residuals are rounding: the matrices' own in memory, their
             # summaries' out of core, so each mode would order these candidates differently
@@ -481,6 +500,56 @@ class GreedyDriver:
                     residual2[inside] = -1.0 / np.maximum(
                         self.reader.residuals2(q[:, : self.rank], inside), 0.0)
         return ascending_pieces(candidates, residual2, first=max(256, 2 * self._last_size))
+
+    def _scanned_ahead(self, seed: np.ndarray, q: np.ndarray) -> np.ndarray | None:
+        """The residuals scanned ahead for this seed, if it was foreseen: by index, of every
+        matrix that remained then (those remaining now among them: matrices only leave)."""
+        found = self._ahead.pop(tuple(seed.tolist()), None)
+        if found is None or not np.array_equal(found[0], q):
+            return None
+        return found[1]
+
+    def _scan_ahead(self, q: np.ndarray, seed: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Residuals (by index; inf where not scanned) of the candidates against Q; with a
+        reader whose scans share a pass, those against the next SEEDS_AHEAD seeds' order bases
+        too, kept for when those seeds come (the seeds that would follow should the cluster
+        being formed take none of them: the largest matrices that remain, packed as
+        :meth:`_seed` packs them). A seed taken by a cluster on the way is not asked for; its
+        scan is dropped with the next one. Out of core the scan is a pass over every stored
+        summary, bound by memory traffic (two plans side by side on two cores each ran ~17 %
+        slower), so a second basis in the same pass costs its products only."""
+        ahead = self._seeds_ahead(seed) if self.reader.shared_scans else []
+        scans = self.reader.residuals2_many([q] + [basis for _, basis in ahead], candidates)
+        by_index = []
+        for values in scans:
+            full = np.full(len(self.alive), np.inf)
+            full[candidates] = values
+            by_index.append(full)
+        self._ahead = {tuple(s.tolist()): (basis, full)
+                       for (s, basis), full in zip(ahead, by_index[1:])}
+        return by_index[0]
+
+    def _seeds_ahead(self, seed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The next SEEDS_AHEAD seeds (and their order bases) as if the cluster of ``seed``
+        took no other matrix; seeds whose bound already exceeds eps (no scan) are skipped."""
+        alive = self.alive.copy()
+        alive[seed] = False
+        cursor, ahead = self._cursor, []
+        while len(ahead) < SEEDS_AHEAD:
+            while cursor < self._eligible_end and not alive[self._by_norm[cursor]]:
+                cursor += 1
+            if cursor >= self._eligible_end:
+                break
+            nxt = pack_seed(self._by_norm[cursor: self._eligible_end], self.widths, self.rank,
+                            alive)
+            alive[nxt] = False
+            batch = self.reader.get(nxt)
+            state = self._prefixes(self.estimator.empty(), batch, 0, len(nxt)).state(len(nxt))
+            if state.bound > self.eps:
+                continue
+            basis = state.order_basis()
+            ahead.append((nxt, basis if basis is not None else seed_basis(batch.blocks(), self.rank)))
+        return ahead
 
     # -- the exact check ----------------------------------------------------------------
     def _finalize(self, members: np.ndarray, bound: float, kept=None) -> FormedCluster:

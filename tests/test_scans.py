@@ -118,6 +118,62 @@ def test_summary_reader_after_discards(cplx):
                                atol=1e-9 * reader.norms2.max())
 
 
+@pytest.mark.parametrize("cplx", [False, True])
+def test_several_bases_scanned_at_once_give_each_its_own_scan(cplx):
+    """One pass for several bases gives every basis exactly (bit for bit) what a pass of its
+    own gives, before and after discards, for compacted-away candidates too: so scanning
+    ahead (the driver's SEEDS_AHEAD) cannot change an order."""
+    rng = np.random.default_rng(7 + cplx)
+    K, m, rank = 500, 12, 3
+    mats = collection(rng, K, m, rng.integers(1, 6, K), cplx)
+    reader = SummaryReader(array_source(mats), rank, 1 << 30, eps=0.1)
+    qs = [basis(rng, m, k, cplx) for k in (rank, rank + 2, 1)]
+    alive = np.ones(K, bool)
+    for _ in range(4):
+        candidates = np.flatnonzero(alive)
+        together = reader.residuals2_many(qs, candidates)
+        for q, got in zip(qs, together):
+            np.testing.assert_array_equal(got, reader.residuals2(q, candidates))
+        gone = rng.choice(candidates, size=len(candidates) // 2, replace=False)
+        alive[gone] = False
+        reader.discard(gone)
+    assert reader.live < K / 2  # compacted: some candidates below are served from the source
+    dead = np.flatnonzero(~alive)[:7]
+    for q, got in zip(qs, reader.residuals2_many(qs, dead)):
+        np.testing.assert_array_equal(got, reader.residuals2(q, dead))
+
+
+def test_scanning_ahead_forms_the_same_clusters_in_fewer_passes(monkeypatch):
+    """Out of core (the driver on summaries), scans made ahead for the next seeds give the
+    clusters, bounds and order of scanning each seed on its own, with fewer passes over the
+    summaries."""
+    import matclust.driver as driver_module
+    from matclust.sample import planted_collection
+
+    mats, _ = planted_collection(3000, 16, 6, 40, 3, 0.01, "float64", None, 4, 10.0)
+    rank, eps = 4, 0.1
+
+    def run(ahead):
+        monkeypatch.setattr(driver_module, "SEEDS_AHEAD", ahead)
+        source = array_source(mats)
+        reader = SummaryReader(source, rank, 1 << 30, eps=eps)
+        passes = []
+        real = reader.residuals2_many
+        monkeypatch.setattr(reader, "residuals2_many",
+                            lambda qs, c: passes.append(len(qs)) or real(qs, c))
+        driver = GreedyDriver(reader, reader.norms2, source.widths,
+                              make_estimator("incremental", rank, source.m, False,
+                                             defaults.OVERSAMPLING),
+                              eps, exact_check=False)
+        return [(c.members.tolist(), c.bound) for c in driver.clusters()], passes
+
+    alone, passes_alone = run(0)
+    ahead, passes_ahead = run(2)
+    assert ahead == alone
+    assert len(alone) > 20 and set(passes_alone) == {1}
+    assert len(passes_ahead) < 0.6 * len(passes_alone)  # most seeds were scanned ahead
+
+
 def test_ascending_pieces_is_the_full_stable_order():
     rng = np.random.default_rng(3)
     for trial in range(200):

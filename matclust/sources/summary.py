@@ -257,27 +257,41 @@ class SummaryReader:
         self.live = len(keep)
         self.row[self.owner[: self.live]] = np.arange(self.live)
 
+    #: Scanning several bases at once costs little more than one: one pass over the stored
+    #: summaries, each piece widened to single precision once (see the driver's seeds ahead).
+    shared_scans = True
+
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Estimated ||(I - Q Q^*) A_i||^2 for the candidates: what Q misses of the summary,
-        plus the energy outside the summary (which Q may or may not capture).
+        plus the energy outside the summary (which Q may or may not capture)."""
+        return self.residuals2_many([q], candidates)[0]
+
+    def residuals2_many(self, qs: list[np.ndarray], candidates: np.ndarray) -> list[np.ndarray]:
+        """:meth:`residuals2` for each basis of ``qs``, in one pass over the summaries.
 
         Every stored row is scanned (contiguous, no gathering), in cache-sized pieces split
-        over the cores; candidates whose row was compacted away are scanned on their own."""
-        qh = q.conj().T.astype(np.complex64 if np.iscomplexobj(q) else np.float32)
-        captured = np.empty(self.live, dtype=np.float64)  # of the stored (unscaled) rows
-        on_all_cores(lambda piece: self._captured(qh, self.F[piece[0] : piece[1]],
-                                                  captured[piece[0] : piece[1]]),
+        over the cores; candidates whose row was compacted away are scanned on their own.
+        Each basis gets the products it would get alone (the same shapes), so its values do
+        not depend on which bases were scanned with it."""
+        dtype = np.complex64 if np.iscomplexobj(qs[0]) else np.float32
+        qhs = [q.conj().T.astype(dtype) for q in qs]
+        captured = np.empty((len(qs), self.live), dtype=np.float64)  # of the stored (unscaled) rows
+        on_all_cores(lambda piece: self._captured(qhs, self.F[piece[0] : piece[1]],
+                                                  captured[:, piece[0] : piece[1]]),
                      self._pieces(self.live))
         candidates = np.asarray(candidates, dtype=np.int64)
         rows = self.row[candidates]
-        got = np.empty(len(candidates), dtype=np.float64)
         inside = rows >= 0
-        got[inside] = captured[rows[inside]] * self.scale[candidates[inside]] ** 2
-        if not inside.all():  # compacted away after discard(), yet asked for
-            outside = np.flatnonzero(~inside)
-            proj = q.conj().T @ self.blocks_of(candidates[outside])
-            got[outside] = np.sum(np.abs(proj) ** 2, axis=(1, 2))
-        return np.maximum(self.kept2[candidates] - got + self.tail2[candidates], 0.0)
+        outside = np.flatnonzero(~inside)
+        blocks = self.blocks_of(candidates[outside]) if len(outside) else None
+        out = []
+        for q, mine in zip(qs, captured):
+            got = np.empty(len(candidates), dtype=np.float64)
+            got[inside] = mine[rows[inside]] * self.scale[candidates[inside]] ** 2
+            if blocks is not None:  # compacted away after discard(), yet asked for
+                got[outside] = np.sum(np.abs(q.conj().T @ blocks) ** 2, axis=(1, 2))
+            out.append(np.maximum(self.kept2[candidates] - got + self.tail2[candidates], 0.0))
+        return out
 
     def _pieces(self, rows: int) -> list[tuple[int, int]]:
         """Row ranges [lo, hi) of at most SCAN_PIECE_NUMBERS stored numbers each."""
@@ -285,13 +299,17 @@ class SummaryReader:
         return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
     @staticmethod
-    def _captured(qh: np.ndarray, f: np.ndarray, out: np.ndarray) -> None:
-        """||Q^* F_j||_F^2 for stored summaries f (b, s, m), into out (b,). The summaries are
-        scaled to O(1) entries, so single-precision squares neither under- nor overflow; they
-        are summed per matrix in double precision."""
+    def _captured(qhs: list[np.ndarray], f: np.ndarray, out: np.ndarray) -> None:
+        """||Q^* F_j||_F^2 for stored summaries f (b, s, m), for each Q^* of ``qhs``, into the
+        rows of out (len(qhs), b). The summaries are scaled to O(1) entries, so
+        single-precision squares neither under- nor overflow; they are summed per matrix in
+        double precision. The piece is widened once for all the bases: the pass over the
+        summaries, not the products, is what several bases share."""
         b, s, m = f.shape
-        proj = f.reshape(b * s, m).astype(qh.dtype, copy=False) @ qh.T
-        sq = np.square(proj.real)
-        if np.iscomplexobj(proj):
-            sq += np.square(proj.imag)
-        out[:] = sq.reshape(b, -1).sum(axis=1, dtype=np.float64)
+        wide = f.reshape(b * s, m).astype(qhs[0].dtype, copy=False)
+        for qh, row in zip(qhs, out):
+            proj = wide @ qh.T
+            sq = np.square(proj.real)
+            if np.iscomplexobj(proj):
+                sq += np.square(proj.imag)
+            row[:] = sq.reshape(b, -1).sum(axis=1, dtype=np.float64)
