@@ -276,9 +276,7 @@ class SummaryReader:
         dtype = np.complex64 if np.iscomplexobj(qs[0]) else np.float32
         qhs = [q.conj().T.astype(dtype) for q in qs]
         captured = np.empty((len(qs), self.live), dtype=np.float64)  # of the stored (unscaled) rows
-        on_all_cores(lambda piece: self._captured(qhs, self.F[piece[0] : piece[1]],
-                                                  captured[:, piece[0] : piece[1]]),
-                     self._pieces(self.live))
+        on_all_cores(lambda share: self._captured(qhs, *share, captured), self._shares(self.live))
         candidates = np.asarray(candidates, dtype=np.int64)
         rows = self.row[candidates]
         inside = rows >= 0
@@ -293,28 +291,56 @@ class SummaryReader:
             out.append(np.maximum(self.kept2[candidates] - got + self.tail2[candidates], 0.0))
         return out
 
+    def _piece_rows(self) -> int:
+        """Stored rows per piece: SCAN_PIECE_NUMBERS numbers."""
+        return max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
+
     def _pieces(self, rows: int) -> list[tuple[int, int]]:
         """Row ranges [lo, hi) of at most SCAN_PIECE_NUMBERS stored numbers each."""
-        step = max(1, SCAN_PIECE_NUMBERS // (self.F.shape[1] * self.F.shape[2]))
+        step = self._piece_rows()
         return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
-    @staticmethod
-    def _captured(qhs: list[np.ndarray], f: np.ndarray, out: np.ndarray) -> None:
-        """||Q^* F_j||_F^2 for stored summaries f (b, s, m), for each Q^* of ``qhs``, into the
-        rows of out (len(qhs), b). The summaries are scaled to O(1) entries, so the
-        single-precision products neither under- nor overflow. Their squares are taken in
-        double precision (exactly) and each matrix's s x r of them summed by one
-        matrix-vector product: per 1,024 summaries of 8 x 32 at r = 8, 22 us against 48 us
-        for single-precision squares summed by ``sum(dtype=float64)`` (a third of the whole
-        scan). (Summed in single precision, 8 us, the sums move by ~1e-7, enough to reorder
-        near ties: RGB patches out of core then stored 0.4 % larger; these moved by ~2e-8 and
-        gave the same stores.) The piece is widened once for all the bases: the pass over the
-        summaries, not the products, is what several bases share."""
-        b, s, m = f.shape
-        wide = f.reshape(b * s, m).astype(qhs[0].dtype, copy=False)
-        for qh, row in zip(qhs, out):
-            proj = wide @ qh.T
-            sq = np.square(proj.real, dtype=np.float64)
-            if np.iscomplexobj(proj):
-                sq += np.square(proj.imag, dtype=np.float64)
-            row[:] = sq.reshape(b, -1) @ np.ones(sq.size // max(b, 1))
+    def _shares(self, rows: int) -> list[tuple[int, int]]:
+        """Rows [0, rows) cut into one range per core, at piece boundaries."""
+        pieces = -(-rows // self._piece_rows())
+        cuts = np.linspace(0, pieces, CORES + 1).astype(np.int64) * self._piece_rows()
+        return [(int(lo), int(min(hi, rows))) for lo, hi in zip(cuts[:-1], cuts[1:]) if lo < hi]
+
+    def _captured(self, qhs: list[np.ndarray], lo: int, hi: int, out: np.ndarray) -> None:
+        """||Q^* F_j||_F^2 of the stored summaries in rows [lo, hi), for each Q^* of ``qhs``,
+        into out[:, lo:hi], a piece at a time.
+
+        The summaries are scaled to O(1) entries, so the single-precision products neither
+        under- nor overflow. Their squares are taken in double precision (exactly) and each
+        matrix's s x r of them summed by one matrix-vector product: per 1,024 summaries of
+        8 x 32 at r = 8, 22 us against 48 us for single-precision squares summed by
+        ``sum(dtype=float64)`` (a third of the whole scan). (Summed in single precision, 8 us,
+        the sums move by ~1e-7, enough to reorder near ties: RGB patches out of core then
+        stored 0.4 % larger; these move by ~2e-8 and gave the same clusters and codes.) A piece is
+        widened once for all the bases: the pass over the summaries, not the products, is
+        what several bases share. The working arrays are made once for the range: made anew
+        for every piece, those of a few hundred KB went back to the system and were faulted
+        in again each time (r = 32 on 200,000 summaries of 8 x 32: 100,000 page faults a
+        scan, three times its time)."""
+        _, s, m = self.F.shape
+        step = self._piece_rows()
+        dtype = qhs[0].dtype
+        # A complex product is summed as its real and imaginary parts side by side.
+        parts = 2 if dtype.kind == "c" else 1
+        widest = max(qh.shape[0] for qh in qhs)
+        wide_buf = np.empty(step * s * m, dtype)
+        proj_buf = np.empty(step * s * widest, dtype)
+        sq_buf = np.empty(step * s * widest * parts, np.float64)
+        ones = np.ones(s * widest * parts)
+        for a in range(lo, hi, step):
+            b = min(step, hi - a)
+            wide = wide_buf[: b * s * m].reshape(b * s, m)
+            np.copyto(wide, self.F[a: a + b].reshape(b * s, m), casting="same_kind")
+            for qh, row in zip(qhs, out):
+                r = qh.shape[0]
+                proj = proj_buf[: b * s * r].reshape(b * s, r)
+                np.matmul(wide, qh.T, out=proj)
+                flat = proj.view(np.float32) if parts == 2 else proj
+                sq = sq_buf[: b * s * r * parts].reshape(b, s * r * parts)
+                np.square(flat.reshape(b, s * r * parts), out=sq, dtype=np.float64)
+                np.matmul(sq, ones[: s * r * parts], out=row[a: a + b])
