@@ -49,8 +49,10 @@ ORDER_TIE = 1e-6
 #: With a reader whose scans share a pass (out of core: the summaries), each residual scan
 #: also measures the remaining matrices against the bases of this many seeds that would come
 #: next should the cluster being formed take none of them; a later cluster whose seed is one
-#: of those uses that scan instead of its own (see GreedyDriver._scan_ahead).
-SEEDS_AHEAD = 1
+#: of those uses that scan instead of its own (see GreedyDriver._scan_ahead). Measured on
+#: 500,000 summaries of 8 x 32 at r = 8: a pass for 1, 2 and 3 bases took 59, 95 and 135 ms;
+#: on planted 10^5 out of core, 2 ahead left 170 passes for 500 clusters (1 ahead: 253).
+SEEDS_AHEAD = 2
 
 
 @dataclass
