@@ -314,19 +314,26 @@ def test_sigterm_unwinds_cleanly_and_keeps_the_checkpoint(big, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 2. --resume
 # ---------------------------------------------------------------------------------------------
-def kill_after_clusters(inp, out, n, cwd, *extra):
-    """Start a run, kill -9 it once its checkpoint holds at least n clusters."""
-    proc = spawn(*cluster_args(inp, out, *extra), cwd=cwd)
+def kill_once_checkpointed(args, out, K, n, cwd) -> tuple[int, int]:
+    """Start ``matclust ARGS`` writing ``out`` (K matrices), kill -9 it once its checkpoint
+    holds at least n clusters: its exit code and the clusters in the checkpoint then."""
+    proc = spawn(*args, cwd=cwd)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(ckpt_entries(out, BIG["K"])) >= n:
+        if len(ckpt_entries(out, K)) >= n:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    if proc.returncode == 0:
+    return proc.returncode, len(ckpt_entries(out, K))
+
+
+def kill_after_clusters(inp, out, n, cwd, *extra):
+    """Start a run, kill -9 it once its checkpoint holds at least n clusters."""
+    code, done = kill_once_checkpointed(cluster_args(inp, out, *extra), out, BIG["K"], n, cwd)
+    if code == 0:
         pytest.skip("the run finished before it could be killed")
-    return len(ckpt_entries(out, BIG["K"]))
+    return done
 
 
 @pytest.mark.parametrize("ext", [".h5", ".zarr"])
@@ -411,16 +418,10 @@ def appended(tmp_path_factory):
 
 def kill_append_after_clusters(store, second, n, cwd):
     """Start an append, kill -9 it once its checkpoint holds at least n clusters."""
-    proc = spawn("append", store, second, "--quiet", cwd=cwd)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(ckpt_entries(store, APPEND_SECOND["K"])) >= n:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the append finished before it could be killed"
-    return len(ckpt_entries(store, APPEND_SECOND["K"]))
+    code, done = kill_once_checkpointed(["append", store, second, "--quiet"], store,
+                                        APPEND_SECOND["K"], n, cwd)
+    assert code == -signal.SIGKILL, "the append finished before it could be killed"
+    return done
 
 
 def test_append_resumes_after_kill(appended, tmp_path):
