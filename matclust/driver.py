@@ -518,14 +518,15 @@ class GreedyDriver:
         being formed take none of them: the largest matrices that remain, packed as
         :meth:`_seed` packs them). A seed taken by a cluster on the way is not asked for; its
         scan is dropped with the next one. Out of core the scan is a pass over every stored
-        summary, bound by memory traffic (two plans side by side on two cores each ran ~17 %
-        slower), so a second basis in the same pass costs its products only."""
+        summary, each piece read from memory and widened to single precision once for all the
+        bases; what a further basis adds is its products."""
+        self._ahead = {}  # not asked for: their seeds were taken, or the scan was not theirs
         ahead = self._seeds_ahead(seed) if self.reader.shared_scans else []
         scans = self.reader.residuals2_many([q] + [basis for _, basis in ahead], candidates)
         by_index = []
-        for values in scans:
+        while scans:  # (each scan's values let go once placed: K numbers per basis at a time)
             full = np.full(len(self.alive), np.inf)
-            full[candidates] = values
+            full[candidates] = scans.pop(0)
             by_index.append(full)
         self._ahead = {tuple(s.tolist()): (basis, full)
                        for (s, basis), full in zip(ahead, by_index[1:])}

@@ -35,9 +35,11 @@ MiB = 2**20
 #: a 162 MiB limit: 161 MiB plain, 172 MiB compact). Rounded up.
 BASELINE_BYTES = 128 * MiB
 #: Per input matrix, held for the whole run. Clustering: norms, widths, labels, order, flags,
-#: and the summaries' scale, norm, loss and tail (about 120 bytes); verify: labels, widths,
-#: offsets, seen counts (about 40 bytes). Rounded up, for the allocator's slack.
-PER_MATRIX_BYTES = 160
+#: and the summaries' scale, norm, loss and tail (about 120 bytes), the residuals scanned
+#: ahead for the next two seeds (16) and the scan's arrays for three bases beyond one's (16);
+#: verify: labels, widths, offsets, seen counts (about 40 bytes). Rounded up, for the
+#: allocator's slack.
+PER_MATRIX_BYTES = 192
 #: Per cluster kept until the end: the formed and encoded cluster records, the statistics dict,
 #: its part of the report's JSON (written and parsed back), the writer's column sink. Measured:
 #: 250,000 singletons took 2.6 KiB each before the writer stopped keeping every HDF5 group open,
