@@ -519,7 +519,8 @@ def shard_roots(spec: ShardSpec, labels: np.ndarray, group: np.ndarray, rank: in
 
 
 def shard_evicted(spec: ShardSpec, labels: np.ndarray, rounded: dict, encoder, hold=None):
-    """The shard's members that leave their factored cluster, and their columns."""
+    """The shard's members that leave their factored cluster, and their columns (packed, see
+    :func:`packed_blocks`)."""
     from matclust.streaming import evicted_members
 
     parent, shard = spec.open()
@@ -527,9 +528,27 @@ def shard_evicted(spec: ShardSpec, labels: np.ndarray, rounded: dict, encoder, h
         with one_core():
             indices, blocks = evicted_members(shard, labels, rounded, encoder, keep_blocks=True,
                                              hold=hold)
-            return indices + spec.first, blocks
+            return indices + spec.first, packed_blocks(blocks)
     finally:
         parent.close()
+
+
+def packed_blocks(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices as one flat array (each one's entries in row-major order, one after another)
+    and their shapes: what a task hands back instead of a list of arrays, which Dask moves as
+    one frame per array (10^6 planted matrices, 2 shards: 17,000 evicted members took the
+    client ~0.7 s of CPU and left the workers idle ~0.9 s between two passes)."""
+    shapes = np.array([b.shape for b in blocks], dtype=np.int64).reshape(len(blocks), 2)
+    dtype = blocks[0].dtype if blocks else np.float64
+    flat = np.concatenate([np.zeros(0, dtype)] + [np.asarray(b).ravel() for b in blocks])
+    return flat, shapes
+
+
+def unpacked_blocks(flat: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
+    """The matrices of :func:`packed_blocks`, each a C-contiguous view of ``flat``."""
+    ends = np.cumsum(shapes[:, 0] * shapes[:, 1])
+    return [flat[end - r * c : end].reshape(r, c)
+            for (r, c), end in zip(shapes.tolist(), ends.tolist())]
 
 
 def shard_encoded(spec: ShardSpec, labels: np.ndarray, rounded: dict, bounds: dict, encoder,
@@ -783,7 +802,7 @@ class ShardedPasses:
         futures = self._each("checking", shard_evicted, labels, rounded, encoder, hold)
         parts = self.runner.gather(futures, self.progress)
         indices = np.concatenate([p[0] for p in parts]).astype(np.int64)
-        return indices, [b for p in parts for b in p[1]]
+        return indices, [b for p in parts for b in unpacked_blocks(*p[1])]
 
     def encoded(self, labels, rounded, bounds, encoder, code_dtype, hold=None):
         """The tasks start now; their parts come from the generator returned."""

@@ -300,6 +300,27 @@ def test_a_shards_parts_at_once_are_stored_as_one_by_one(monkeypatch):
     assert np.array_equal(one_by_one[0], at_once[0]) and one_by_one[1] == at_once[1]
 
 
+def test_packed_blocks_come_back_as_the_same_matrices():
+    """What a checking task hands back (one flat array and the shapes) unpacks to the evicted
+    members' matrices as they were: same shapes, dtype, values and row-major layout (the
+    recluster sees what a list of the arrays would have given it), none at all included."""
+    from matclust.stages import packed_blocks, unpacked_blocks
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.complex64):
+        blocks = [(rng.standard_normal((6, n)) + (1j if dtype is np.complex64 else 0)
+                   * rng.standard_normal((6, n))).astype(dtype) for n in (3, 1, 4, 3)]
+        flat, shapes = packed_blocks(blocks)
+        assert flat.ndim == 1 and flat.dtype == dtype
+        back = unpacked_blocks(flat, shapes)
+        assert len(back) == len(blocks)
+        for a, b in zip(blocks, back):
+            assert b.shape == a.shape and b.dtype == a.dtype and b.flags.c_contiguous
+            assert np.array_equal(a, b)
+    flat, shapes = packed_blocks([])
+    assert unpacked_blocks(flat, shapes) == []
+
+
 def test_without_workers_dask_is_not_imported(collection, tmp_path):
     path, _, _ = collection
     code = textwrap.dedent(f"""
