@@ -705,8 +705,9 @@ def _open_codes(where: tuple[str, str]):
 class ShardCodes:
     """Codes kept by the shards' encoding tasks (:class:`KeptCodes`, one future per shard),
     written into the store's codes array by one task per shard once the client knows where
-    each matrix's codes go (see :meth:`matclust.format2.CompactWriter.place_codes_elsewhere`).
-    The client writes only the chunks that two shards share."""
+    each matrix's codes go (see :meth:`matclust.format2.CompactWriter.place_codes_elsewhere`),
+    while the client writes the store's other arrays. The client writes only the code chunks
+    that two shards share."""
 
     def __init__(self, runner, specs: list[ShardSpec], kept: list, directory: str, progress):
         self.runner, self.specs, self.kept = runner, specs, kept
@@ -729,26 +730,36 @@ class ShardCodes:
                     offsets[spec.first : spec.stop + 1], spec.first, a, b))
         return np.concatenate(self.runner.gather(handles))
 
-    def write(self, array, offsets: np.ndarray, fills) -> None:
+    def start(self, array, offsets: np.ndarray, fills) -> None:
+        """The tasks that write the codes into ``array`` start (see :meth:`finish`)."""
         from matclust.format2 import FLUSH_CHUNKS
 
         chunk, total = int(array.chunks[0]), int(array.shape[0])
         where = (self.directory, array.path)
         self.progress.start("writing codes", len(self.specs))
-        handles = [self.runner.submit(write_shard_codes, kept, self._fills_of(spec, fills),
-                                      offsets[spec.first : spec.stop + 1], spec.first, total,
-                                      where, chunk, FLUSH_CHUNKS)
-                   for spec, kept in zip(self.specs, self.kept)]
+        self.array = array
+        self.handles = [self.runner.submit(write_shard_codes, kept, self._fills_of(spec, fills),
+                                           offsets[spec.first : spec.stop + 1], spec.first,
+                                           total, where, chunk, FLUSH_CHUNKS)
+                        for spec, kept in zip(self.specs, self.kept)]
+
+    def abandon(self) -> None:
+        """Wait until no task writes any more (their failures aside): the store is about to be
+        removed unfinished, and a chunk written after that would bring its directory back."""
+        handles, self.handles = self.handles, []
+        if self.runner.keeps_results:
+            with contextlib.suppress(Exception):
+                self.runner.wait(handles)
+
+    def finish(self) -> None:
+        """Wait for the tasks; write the chunks that shards share."""
         try:
-            pieces = [p for part in self.runner.gather(handles, self.progress) for p in part]
+            pieces = [p for part in self.runner.gather(self.handles, self.progress) for p in part]
         except BaseException:
-            # The other tasks may still be writing: they end before the unfinished store is
-            # removed (a chunk written after that would bring its directory back).
-            if self.runner.keeps_results:
-                with contextlib.suppress(Exception):
-                    self.runner.wait(handles)
+            self.abandon()  # the other tasks may still be writing
             raise
-        self.kept = None  # written: the workers may drop them
+        self.kept = self.handles = None  # written: the workers may drop them
+        array = self.array
         # The chunks shards share, from the pieces on either side (consecutive: joined).
         pieces.sort(key=lambda p: p[0])
         run_start, run = None, []
