@@ -21,16 +21,19 @@ from matclust.errors import InputError
 TRIM_SETTING = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
 #: Dask's own bookkeeping in a local cluster, turned down: every worker samples its task's
-#: stack every 10 ms (the dashboard's profile, which no one sees here) and every process polls
-#: psutil (CPU, memory, disk and network counters) twice a second. With two workers on two
-#: cores that CPU comes out of the tasks, where one worker leaves it a free core: at 10^6
-#: planted matrices each worker's event loop took 1.8 s of CPU during the plan stage (5 % of
-#: its task's) and 0.8 s during the store stage; about half of that without these. The monitor
-#: still runs (heartbeats carry its numbers).
+#: stack every 10 ms (the dashboard's profile, which no one sees here), every process polls
+#: psutil (CPU, memory, disk and network counters) twice a second and wakes its event loop
+#: every 20 ms to time it (its warning threshold is 3 s). With two workers on two cores that
+#: CPU comes out of the tasks, where one worker leaves it a free core: at 10^6 planted
+#: matrices each worker's event loop took 1.8 s of CPU during the plan stage (5 % of its
+#: task's) and 0.8 s during the store stage, about half of that without the first two; the
+#: client process (scheduler and nannies) 1.7 % of a core while it waits, 0.7 % with a 1 s
+#: tick. The monitor still runs (heartbeats carry its numbers).
 QUIET_LOCAL_CLUSTER = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.admin.system-monitor.disk": False,
+    "distributed.admin.tick.interval": "1s",
 }
 
 
