@@ -224,12 +224,14 @@ class CompactWriter:
         """From now on parts may come without their codes (``PartCodes.codes`` None: a sharded
         run's tasks keep them, :class:`matclust.stages.ShardCodes`). ``placer`` (None: there
         is no store) writes every matrix's codes when finishing: ``placer.codes(lo, hi,
-        offsets, fills)`` returns codes lo..hi-1 of the store, ``placer.write(array, offsets,
-        fills)`` writes them all, given where each matrix's codes start (``offsets``, known
-        once every cluster's rank is) and the codes made here (``fills``: members ascending,
-        their codes as stored, offsets). Everything else is kept as before, in the same
-        order: the labels, statistics and the order in which matrices are accounted for
-        (:attr:`waiting`) do not depend on where the codes go."""
+        offsets, fills)`` returns codes lo..hi-1 of the store, ``placer.start(array, offsets,
+        fills)`` starts writing them all, given where each matrix's codes start (``offsets``,
+        known once every cluster's rank is) and the codes made here (``fills``: members
+        ascending, their codes as stored, offsets), ``placer.finish()`` waits until they are
+        written and ``placer.abandon()`` until nothing writes any more (the store is not to be
+        finished). The other arrays are written meanwhile. Everything else is kept as before,
+        in the same order: the labels, statistics and the order in which matrices are
+        accounted for (:attr:`waiting`) do not depend on where the codes go."""
         if self._next or self._waiting or self._buffer:
             raise RuntimeError("place_codes_elsewhere() must come before any codes")
         self._placer = placer
@@ -513,33 +515,49 @@ class CompactWriter:
         self._buffer = [flat[keep:]] if keep < len(flat) else []
         self._buffered = len(flat) - keep
 
-    def _place_codes(self) -> None:
+    def _place_codes(self) -> bool:
         """Every code of the store, written by the placer (see :meth:`place_codes_elsewhere`)
         into the codes array, created here at its full length with the shuffle that suits its
-        first codes, as the store would have chosen it."""
+        first codes, as the store would have chosen it. Returns whether the placer is writing
+        (to be waited for with ``finish()``)."""
         offsets, fills = self._code_offsets(), self._fill_codes()
         self.code_count = int(offsets[-1])
-        if self.writer is None:
-            return
+        if self.writer is None or not self.code_count:
+            return False
         self.writer.settle()
-        if self.code_count:
-            sample = self._placer.codes(0, min(SHUFFLE_SAMPLE, self.code_count), offsets, fills)
-            array = self._codes_array(sample)
-            array.resize((self.code_count,))
-            self._placer.write(array, offsets, fills)
+        sample = self._placer.codes(0, min(SHUFFLE_SAMPLE, self.code_count), offsets, fills)
+        array = self._codes_array(sample)
+        array.resize((self.code_count,))
+        self._placer.start(array, offsets, fills)
+        return True
 
     def finish(self, names=None) -> tuple[np.ndarray, list[dict]]:
         """Write every array but ``codes`` (already written) once every matrix is encoded;
         returns the final labels and the clusters' statistics (:meth:`stats`)."""
         if self._next != self.K:
             raise RuntimeError(f"matrix {self._next} was never encoded")
+        placing = False
         if self._placed is not None:
-            self._place_codes()
+            placing = self._place_codes()
         else:
             self._flush()
-        if self.writer is not None:
-            self.writer.settle()  # every code written
-            self._codes_array(np.zeros(1, dtype=self.code_dtype))  # no codes at all: empty
+        # Codes placed elsewhere are written by a sharded run's tasks while this thread
+        # writes the other arrays (at 10^6 planted matrices, 0.6 s that followed them).
+        try:
+            if self.writer is not None:
+                self.writer.settle()  # every code written here
+                self._codes_array(np.zeros(1, dtype=self.code_dtype))  # no codes at all: empty
+            labels, stats = self._write_arrays(names)
+        except BaseException:
+            if placing:  # nothing may write once the unfinished store is removed
+                self._placer.abandon()
+            raise
+        if placing:
+            self._placer.finish()
+        return labels, stats
+
+    def _write_arrays(self, names) -> tuple[np.ndarray, list[dict]]:
+        """Every array but ``codes``; the final labels and the clusters' statistics."""
         used = [c for c, info in enumerate(self.clusters) if info["size"]]
         renumber = np.full(len(self.clusters), -1, dtype=np.int64)
         renumber[used] = np.arange(len(used))

@@ -132,9 +132,9 @@ def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
     assert any(early)  # some matrices were stored alone while later codes waited
     monkeypatch.setattr(matclust.distributed.InProcess, "keeps_results", True)
     placed = []
-    write = matclust.stages.ShardCodes.write
-    monkeypatch.setattr(matclust.stages.ShardCodes, "write",
-                        lambda self, *a: placed.append(1) or write(self, *a))
+    start = matclust.stages.ShardCodes.start
+    monkeypatch.setattr(matclust.stages.ShardCodes, "start",
+                        lambda self, *a: placed.append(1) or start(self, *a))
     run_inprocess("cluster", path, "-o", tmp_path / "tasks.zarr", *args, check=0)
     open_codes = matclust.stages._open_codes
     monkeypatch.setattr(matclust.stages, "_open_codes", lambda where: None)
@@ -176,6 +176,95 @@ def test_a_full_disk_while_the_tasks_write_codes_leaves_nothing(collection, tmp_
     out = tmp_path / "out.zarr"
     result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
                            "--shards", 4, "--quiet")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
+    assert "no space" in lines[0].lower(), lines[0]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+class _ThreadRunner:
+    """Tasks in threads of this process, running while the client goes on (as on workers),
+    their results kept until gathered: a stand-in for a Dask cluster whose tasks a test can
+    slow down."""
+
+    keeps_results, workers = True, 2
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(16)  # tasks wait for earlier ones: no deadlock
+
+    @staticmethod
+    def _resolved(arg):
+        from concurrent.futures import Future
+
+        if isinstance(arg, Future):
+            return arg.result()
+        return [_ThreadRunner._resolved(a) for a in arg] if isinstance(arg, list) else arg
+
+    def submit(self, fn, *args):
+        return self.pool.submit(lambda: fn(*(self._resolved(a) for a in args)))
+
+    def wait(self, handles) -> None:
+        from concurrent.futures import wait
+
+        wait(list(handles))
+
+    def gather(self, handles, progress=None) -> list:
+        out = []
+        for handle in handles:
+            out.append(handle.result())
+            if progress is not None:
+                progress.advance(1)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def describe(self) -> str:
+        return "threads"
+
+
+def test_a_full_disk_while_the_client_writes_beside_the_tasks_leaves_nothing(
+        collection, tmp_path, monkeypatch):
+    """The client writes the store's other arrays while the tasks write the codes: when that
+    finds no room, the run fails with one error line (exit 1), and no store, finished or
+    not, is left behind: the client waits for the tasks before removing the unfinished store
+    (a chunk written after that would bring its directory back)."""
+    import errno
+
+    import matclust.distributed
+    import matclust.format2
+    import matclust.stages
+
+    path, _, _ = collection
+    started = []
+    write_arrays, open_codes = matclust.format2.CompactWriter._write_arrays, \
+        matclust.stages._open_codes
+
+    def full(writer, names):
+        if writer.writer is None:  # a recluster's, in memory
+            return write_arrays(writer, names)
+        started.append(writer._placer is not None)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class Slow:  # the tasks' codes array, written late
+        def __init__(self, array):
+            self.array = array
+
+        def __setitem__(self, key, value):
+            time.sleep(0.3)
+            self.array[key] = value
+
+    monkeypatch.setattr(matclust.format2, "CODE_CHUNK", 64)  # the tasks write whole chunks
+    monkeypatch.setattr(matclust.format2.CompactWriter, "_write_arrays", full)
+    monkeypatch.setattr(matclust.stages, "_open_codes", lambda where: Slow(open_codes(where)))
+    monkeypatch.setattr(matclust.distributed, "make_runner", lambda *a: _ThreadRunner())
+    out = tmp_path / "out.zarr"
+    result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
+                           "--shards", 4, "--workers", 2, "--quiet")
+    assert started == [True]  # the tasks were writing codes
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
@@ -298,6 +387,27 @@ def test_a_shards_parts_at_once_are_stored_as_one_by_one(monkeypatch):
     one_by_one, at_once = (s.finish() for s in sinks)
     assert len(one_by_one[1]) > 10  # many clusters of one, stored in several flushes
     assert np.array_equal(one_by_one[0], at_once[0]) and one_by_one[1] == at_once[1]
+
+
+def test_packed_blocks_come_back_as_the_same_matrices():
+    """What a checking task hands back (one flat array and the shapes) unpacks to the evicted
+    members' matrices as they were: same shapes, dtype, values and row-major layout (the
+    recluster sees what a list of the arrays would have given it), none at all included."""
+    from matclust.stages import packed_blocks, unpacked_blocks
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.complex64):
+        blocks = [(rng.standard_normal((6, n)) + (1j if dtype is np.complex64 else 0)
+                   * rng.standard_normal((6, n))).astype(dtype) for n in (3, 1, 4, 3)]
+        flat, shapes = packed_blocks(blocks)
+        assert flat.ndim == 1 and flat.dtype == dtype
+        back = unpacked_blocks(flat, shapes)
+        assert len(back) == len(blocks)
+        for a, b in zip(blocks, back):
+            assert b.shape == a.shape and b.dtype == a.dtype and b.flags.c_contiguous
+            assert np.array_equal(a, b)
+    flat, shapes = packed_blocks([])
+    assert unpacked_blocks(flat, shapes) == []
 
 
 def test_without_workers_dask_is_not_imported(collection, tmp_path):
