@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import json
 import re
+import threading
 from urllib.parse import unquote, urlsplit
 
 from matclust.errors import InputError, MissingExtraError, WriteFailure
@@ -169,11 +171,67 @@ FILE_BLOCKS_KEPT = 4
 
 def open_file(url: str, options: dict | None = None):
     """A read-only file object at ``url`` (for h5py, which reads file-like objects), read in
-    blocks of FILE_BLOCK_BYTES, the last FILE_BLOCKS_KEPT kept."""
+    blocks of FILE_BLOCK_BYTES, the last FILE_BLOCKS_KEPT kept, with the cyclic garbage
+    collector paused while a read waits (:class:`CollectorPausedReads`)."""
     fs, path = filesystem(url, options)
     with remote_errors(url, "open"):
-        return fs.open(path, "rb", block_size=FILE_BLOCK_BYTES, cache_type="blockcache",
-                       cache_options={"maxblocks": FILE_BLOCKS_KEPT})
+        return CollectorPausedReads(fs.open(path, "rb", block_size=FILE_BLOCK_BYTES,
+                                            cache_type="blockcache",
+                                            cache_options={"maxblocks": FILE_BLOCKS_KEPT}))
+
+
+class CollectorPausedReads:
+    """A file object whose reads run with Python's cyclic garbage collector paused.
+
+    h5py calls a file object's methods while it holds its global lock, and the asynchronous
+    filesystems (s3fs, gcsfs, adlfs, HTTP) serve a read on fsspec's event-loop thread. Should
+    a collection start on that thread and free an h5py object (one left in a reference cycle),
+    it would wait for the lock the reading thread holds, and the reading thread for it: a
+    `cluster` from an s3:// HDF5 input hung so in the test suite (h5py's documentation
+    describes the same for any file object served by another thread). Paused while a read
+    waits, collections happen between reads instead, on a thread that holds the lock or none.
+    Everything else is the wrapped file's."""
+
+    _lock = threading.Lock()
+    _pauses = 0  # reads under way (h5py serialises them; counted all the same)
+    _was_enabled = False
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    @classmethod
+    @contextlib.contextmanager
+    def paused(cls):
+        with cls._lock:
+            if cls._pauses == 0:
+                cls._was_enabled = gc.isenabled()
+                gc.disable()
+            cls._pauses += 1
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls._pauses -= 1
+                if cls._pauses == 0 and cls._was_enabled:
+                    gc.enable()
+
+    def read(self, size: int = -1) -> bytes:
+        with self.paused():
+            return self._fh.read(size)
+
+    def readinto(self, buffer) -> int:
+        with self.paused():
+            return self._fh.readinto(buffer)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+        return False
 
 
 def refuse_read_only(url: str, what: str = "output") -> None:
