@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import PAPER, check_compact, read_store, run_inprocess, write_planted
+from matclust.distributed import InProcess
 from test_out_of_core import check_out_of_core_store
 
 pytest.importorskip("dask.distributed")
@@ -183,10 +184,10 @@ def test_a_full_disk_while_the_tasks_write_codes_leaves_nothing(collection, tmp_
     assert sorted(os.listdir(tmp_path)) == []
 
 
-class _ThreadRunner:
+class _ThreadRunner(InProcess):
     """Tasks in threads of this process, running while the client goes on (as on workers),
-    their results kept until gathered: a stand-in for a Dask cluster whose tasks a test can
-    slow down."""
+    their results kept until gathered (as InProcess gathers): a stand-in for a Dask cluster
+    whose tasks a test can slow down."""
 
     keeps_results, workers = True, 2
 
@@ -210,14 +211,6 @@ class _ThreadRunner:
         from concurrent.futures import wait
 
         wait(list(handles))
-
-    def gather(self, handles, progress=None) -> list:
-        out = []
-        for handle in handles:
-            out.append(handle.result())
-            if progress is not None:
-                progress.advance(1)
-        return out
 
     def close(self) -> None:
         self.pool.shutdown()
