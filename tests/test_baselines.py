@@ -210,9 +210,15 @@ def test_compare_runs_within_the_memory_limit_and_leaves_nothing(tmp_path, monke
     src = array_source(list(mats))
     from matclust import limits
 
-    # The least limit holding single-precision summaries: its cache is far below the 22 MiB
-    # of matrices.
-    limit = limits.smallest_limit(lambda x: limits.plan(x, 6000, 6000, 6000 * 40 * 4 * 4) is not None)
+    from matclust import defaults
+    from matclust.api import summary_bytes
+
+    # The least limit holding the summaries the run plans on (as matclust.api.cluster_plan
+    # asks for them): its cache is far below the 22 MiB of matrices.
+    need = summary_bytes(src, {"method": "incremental", "order": "residual", "rank": 4,
+                               "eps": 0.1, "oversampling": defaults.OVERSAMPLING})
+    limit = limits.smallest_limit(
+        lambda x: limits.plan(x, 6000, limits.cluster_reserve(6000), need) is not None)
     result = compare(src, 4, 0.1, ["incremental/residual", "random"], n_clusters=7,
                      memory_limit=limit)
     bounded, random_row = result.rows
