@@ -483,7 +483,7 @@ def _append_compact(old: ResultStore, source, params: dict, store_path: str, mem
             new_clusters = len(leftover)
         elif len(leftover):
             groups, sub_worst = _cluster_anew(source, reader, leftover, params,
-                                              run_plan.cache, guard, store_path)
+                                              run_plan.cache, guard)
             worst = max(worst, sub_worst)
             for group in groups:
                 group.members = leftover[group.members] + K0
@@ -620,7 +620,7 @@ def _append_plain(old: ResultStore, source, params: dict, store_path: str, memor
     new_clusters = 0
     if len(leftover):
         groups, sub_worst = _cluster_anew(source, reader, leftover, params, run_plan.cache,
-                                          guard, store_path, encoding="plain")
+                                          guard, encoding="plain")
         worst = max(worst, sub_worst)
         for enc in groups:
             enc.members = leftover[enc.members] + K0
@@ -713,13 +713,13 @@ def _union_error(enc, stat: dict, part: dict) -> float:
 
 
 def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_bytes: int,
-                  guard, store_path: str, encoding: str = "compact"):
+                  guard, encoding: str = "compact"):
     """The stored groups (and their largest matrix error) of the matrices ``indices``
     clustered among themselves with the store's parameters, in the input's own magnitude (the
     run calibrates them itself, so matrices apart from the others' scale are kept apart as a
     first run would). The run may use what the plan left for caches (``budget_bytes``); its
     own model counts the interpreter once more, which errs on the safe side. It keeps its
-    checkpoint through ``guard``, the lock held on ``store_path``."""
+    checkpoint through ``guard``, the lock held on the store being grown."""
     batch = reader.get(indices)
     exps = source.exponents[indices]
     blocks = [times_power2(np.array(block), -int(e)) for block, e in zip(batch.blocks(), exps)]
@@ -737,7 +737,7 @@ def _cluster_anew(source, reader, indices: np.ndarray, params: dict, budget_byte
     # The run's checkpoint names the store and every input (the new one last): a resumed
     # append must grow the same store by the same input; the matrices themselves are checked
     # through their norms, as for any run.
-    identity = {"store": store_path, "inputs": params["inputs"]}
+    identity = {"store": guard.output, "inputs": params["inputs"]}
     sub = cluster_among_themselves(blocks, params, budget_bytes, need, encoding, guard,
                                    identity, **overrides)
     return sub.clusters_, float(sub.report_["max_matrix_error"])
