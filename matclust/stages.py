@@ -768,15 +768,17 @@ class ShardCodes:
         array = self.array
         # The chunks shards share, from the pieces on either side (consecutive: joined).
         pieces.sort(key=lambda p: p[0])
-        run_start, run = None, []
-        for start, codes in pieces + [(None, None)]:
-            if run and (start is None or start != run_start + sum(len(c) for c in run)):
-                array[run_start: run_start + sum(len(c) for c in run)] = np.concatenate(run)
+        run, run_start, run_end = [], 0, 0
+        for start, codes in pieces:
+            if run and start != run_end:
+                array[run_start:run_end] = np.concatenate(run)
                 run = []
-            if start is not None:
-                if not run:
-                    run_start = start
-                run.append(codes)
+            if not run:
+                run_start = run_end = start
+            run.append(codes)
+            run_end += len(codes)
+        if run:
+            array[run_start:run_end] = np.concatenate(run)
 
 
 class ShardedPasses:
