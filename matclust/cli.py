@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
+from operator import itemgetter
 
 # OpenBLAS's idle worker threads busy-wait for 2^28 cycles (~0.1 s) after each threaded product
 # before they sleep. In-memory clustering runs one such product every few milliseconds, so the
@@ -91,8 +93,44 @@ def _json_at(value, pad: str) -> str:
         return "{\n" + ",\n".join(f"{inner}{_json_key(key)}: {_json_at(item, inner)}"
                                    for key, item in value.items()) + f"\n{pad}}}"
     if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-        return "[\n" + ",\n".join(inner + _FLAT.encode(item) for item in value) + f"\n{pad}]"
+        rows = _table_rows(value, inner)
+        if rows is None:
+            rows = [inner + _FLAT.encode(item) for item in value]
+        return "[\n" + ",\n".join(rows) + f"\n{pad}]"
     return json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n" + pad)
+
+
+#: How a value of each type is written by json (floats as float.__repr__, as json does).
+_SCALAR_TEXT = {int: int.__repr__, float: float.__repr__, str: _FLAT.encode}
+
+
+def _table_rows(items: list[dict], pad: str) -> list[str] | None:
+    """The objects ``items`` as :data:`_FLAT` writes them, each after ``pad``, when all have
+    the same keys in the same order and each key's values one type (int, float or str): the
+    case of a report's ``cluster_stats``. Formatted a column at a time: writing each object
+    with its own encoder call took 0.16 s for 27,648 MiniLM cluster statistics, this 0.06 s
+    (most of it the floats' repr, which json uses too). None for any other list. Like json,
+    a value that is not a finite number raises ValueError."""
+    keys = tuple(items[0])
+    if not keys or any(tuple(item) != keys for item in items):
+        return None
+    texts = []
+    for key in keys:
+        column = list(map(itemgetter(key), items))
+        kinds = set(map(type, column))
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if kind not in _SCALAR_TEXT:
+            return None
+        if kind is float and not all(map(math.isfinite, column)):
+            raise ValueError("Out of range float values are not JSON compliant")
+        if kind is str:  # a few words repeated ("factored", "raw"): each encoded once
+            texts.append(list(map({v: _FLAT.encode(v) for v in set(column)}.__getitem__,
+                                  column)))
+        else:
+            texts.append(list(map(_SCALAR_TEXT[kind], column)))
+    template = pad + "{" + ", ".join(_FLAT.encode(key).replace("%", "%%") + ": %s"
+                                     for key in keys) + "}"
+    return [template % row for row in zip(*texts)]
 
 
 def _json_key(key) -> str:

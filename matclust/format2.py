@@ -23,6 +23,7 @@ Every array but ``labels``/``widths``-sized metadata is compressed with byte shu
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, replace
 
@@ -336,16 +337,21 @@ class CompactWriter:
         K0, C0 = len(reader.labels), reader.n_clusters
         self.labels[:K0] = reader.labels
         self.exponents[:K0] = reader.exponents
-        sizes = np.bincount(reader.labels, minlength=C0)
-        columns = np.bincount(reader.labels, weights=reader.widths, minlength=C0)
         summary = reader.summaries()
         errors = summary["cluster_errors"].astype(np.float64)
+        # Plain Python numbers, for the per-cluster loop (13,824 MiniLM clusters: 0.04 s
+        # with a NumPy scalar for each of these).
+        sizes = np.bincount(reader.labels, minlength=C0).tolist()
+        columns = np.bincount(reader.labels, weights=reader.widths,
+                              minlength=C0).astype(np.int64).tolist()
+        factored = (np.asarray(reader.ranks) > 0).tolist()
+        err2s = (errors ** 2).tolist()
         f = 0  # index among the factored clusters
-        for c in range(C0):
+        for c, error in enumerate(errors.tolist()):
             info = {"basis": None, "bound": 0.0, "shift": 0, "norm2": 1.0,
-                    "err2": errors[c] ** 2, "size": int(sizes[c]), "columns": int(columns[c]),
-                    "rows2": None, "error": float(errors[c])}
-            if reader.ranks[c] > 0:
+                    "err2": err2s[c], "size": sizes[c], "columns": columns[c],
+                    "rows2": None, "error": error}
+            if factored[c]:
                 # Norms in units of 2^exponent (docs/format.md): ||M_c|| = fraction there.
                 fraction = float(summary["cluster_norms"][f])
                 b0, b1 = reader.basis_offsets[c], reader.basis_offsets[c + 1]
@@ -398,12 +404,16 @@ class CompactWriter:
         """Per non-empty cluster, in id order: size, columns, rank, bound, error, stored."""
         out = []
         for info in self.clusters:
-            if info["size"] == 0:
+            size = info["size"]
+            if not size:
                 continue
-            error = float(np.sqrt(info["err2"] / info["norm2"])) if info["norm2"] > 0 else 0.0
-            error = info.get("error", error)  # a seeded cluster left as it was stored
-            rank = 0 if info["basis"] is None else int(info["basis"].shape[1])
-            out.append({"id": len(out), "size": info["size"], "columns": info["columns"],
+            error = info.get("error")  # a seeded cluster's, left as it was stored
+            if error is None:
+                norm2 = info["norm2"]
+                error = math.sqrt(info["err2"] / norm2) if norm2 > 0 else 0.0
+            basis = info["basis"]
+            rank = 0 if basis is None else int(basis.shape[1])
+            out.append({"id": len(out), "size": size, "columns": info["columns"],
                         "rank": rank, "bound": max(info["bound"], error), "error": error,
                         "stored": "factored" if rank else "raw"})
         return out
