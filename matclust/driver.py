@@ -192,9 +192,9 @@ class BlockReader(Protocol):
     ``source`` has ``m``, ``dtype``, ``apart`` and ``exponents`` (see ``MatrixSource``);
     ``loss2`` is None for real blocks, else every stand-in's squared rounding distance, which
     the estimators account for; ``discard`` tells the reader which blocks are done with.
-    ``residuals2_many`` is ``residuals2`` for several bases; ``shared_scans`` says whether
-    that costs much less than scanning them one by one (then the driver scans ahead for the
-    next seeds, see ``SEEDS_AHEAD``).
+    ``shared_scans`` says whether scanning several bases in one pass costs much less than
+    scanning them one by one; such a reader has ``residuals2_many`` (``residuals2`` for several
+    bases), and the driver scans ahead with it for the next seeds (see ``SEEDS_AHEAD``).
     """
 
     source: object
@@ -204,8 +204,6 @@ class BlockReader(Protocol):
     def get(self, indices) -> Batch: ...
 
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
-
-    def residuals2_many(self, qs: list[np.ndarray], candidates: np.ndarray) -> list[np.ndarray]: ...
 
     def discard(self, indices) -> None: ...
 
@@ -522,7 +520,8 @@ class GreedyDriver:
         bases; what a further basis adds is its products."""
         self._ahead = {}  # not asked for: their seeds were taken, or the scan was not theirs
         ahead = self._seeds_ahead(seed) if self.reader.shared_scans else []
-        scans = self.reader.residuals2_many([q] + [basis for _, basis in ahead], candidates)
+        scans = self.reader.residuals2_many([q] + [basis for _, basis in ahead], candidates) \
+            if ahead else [self.reader.residuals2(q, candidates)]
         by_index = []
         while scans:  # (each scan's values let go once placed: K numbers per basis at a time)
             full = np.full(len(self.alive), np.inf)

@@ -149,13 +149,11 @@ class CompactSink:
         """The group's steps and norms in the input's magnitude: the source multiplied every
         matrix by 2^exponents[i] when reading it (one power of two for a whole cluster;
         matrices apart from the collection's scale are alone)."""
-        exps = getattr(self.source, "exponents", None)
-        return group if exps is None else unscaled(group, exps[group.members])
+        return unscaled(group, self.source.exponents[group.members])
 
     def cluster_shift(self, members) -> int:
         """The power of two that scales a cluster's norms back to the input's magnitude."""
-        exps = getattr(self.source, "exponents", None)
-        return 0 if exps is None else -int(exps[members[0]])
+        return -int(self.source.exponents[members[0]])
 
     def _add(self, group, cid=None) -> None:
         self.encode_ready()  # what came before it is stored before it (cluster ids in order)
@@ -175,9 +173,7 @@ class CompactSink:
         """A part of cluster ``cid`` as its codes are stored (out of core, where the writer
         holds the results: a :class:`matclust.format2.PartCodes`), in the working scale."""
         self.encode_ready()  # as in _add: what came before it is stored before it
-        exps = getattr(self.source, "exponents", None)
-        if exps is not None:
-            part = part.unscaled(exps[part.members])
+        part = part.unscaled(self.source.exponents[part.members])
         if self.first:
             part = replace(part, members=part.members + self.first)
         self.out.add_codes(cid, part)
@@ -205,9 +201,7 @@ class CompactSink:
         while the pool holds matrices: until the next leftovers, parts are added at once
         while it is empty."""
         totals = shard.totals
-        exps = getattr(self.source, "exponents", None)
-        if exps is not None:
-            totals = totals.unscaled(exps[totals.members])
+        totals = totals.unscaled(self.source.exponents[totals.members])
         cids = np.array([cid[c] for c in totals.clusters.tolist()], dtype=np.int64)
         if len(totals):
             self.worst = max(self.worst, float(totals.worst.max()))
@@ -231,9 +225,7 @@ class CompactSink:
 
     def _add_alone(self, batch) -> None:
         """Matrices each stored alone (a :class:`matclust.compact.AloneBatch`; see :meth:`_add`)."""
-        exps = getattr(self.source, "exponents", None)
-        if exps is not None:
-            batch = unscaled_alone(batch, exps[batch.members])
+        batch = unscaled_alone(batch, self.source.exponents[batch.members])
         worst = relative_errors(batch.err2, batch.norm2).max(initial=0.0)
         self.worst = max(self.worst, float(worst))
         if self.first:

@@ -352,9 +352,6 @@ class StandinReader:
     #: The stand-ins are few (a merge's clusters): nothing to share between bases.
     shared_scans = False
 
-    def residuals2_many(self, qs, candidates) -> list[np.ndarray]:
-        return [self.residuals2(q, candidates) for q in qs]
-
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Every block still scanned in one product; then the candidates' values."""
         proj = q.conj().T.astype(self._scan.dtype) @ self._scan

@@ -86,9 +86,6 @@ class CachedReader:
     #: Several bases cost as much as one by one: the products, not the pass, are the work.
     shared_scans = False
 
-    def residuals2_many(self, qs, candidates) -> list[np.ndarray]:
-        return [self.residuals2(q, candidates) for q in qs]
-
     def residuals2(self, q: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """||(I - Q Q^*) A_i||_F^2 for the candidates (sorted indices), a batch at a time."""
         wanted = np.zeros(self.source.K, dtype=bool)
