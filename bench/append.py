@@ -2,7 +2,7 @@
 by `matclust append` with its second half, beside one store of both halves clustered at once.
 
     python bench/append.py [--only planted rgb minilm] [--planted-K 20000] [--mode in-memory]
-                           [--split order|random]
+                           [--split order|random] [--repeat N]
 
 Collections (as in docs/benchmarks.md): planted 32 x 16 float32 blocks from 500 rank-6
 subspaces plus 1% noise (`collections_builder.py planted`, rank 8, eps 0.1); the 14,158 RGB
@@ -144,6 +144,10 @@ def main() -> None:
     parser.add_argument("--split", default="order", choices=["order", "random"],
                         help="halves in the collection's order, or after a random permutation")
     parser.add_argument("--data", default=os.path.join(HERE, "data", "append"))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each collection this many times (a line each), then print "
+                             "the median, least and largest append/both: sub-second commands "
+                             "vary by 10-30 %% from run to run on a shared machine")
     args = parser.parse_args()
     os.makedirs(args.data, exist_ok=True)
     header = (f"{'collection':>10} {'K':>6} {'rank':>4} {'eps':>5} {'both s':>7} {'first s':>7} "
@@ -151,18 +155,29 @@ def main() -> None:
               f"{'bytes grown':>11} "
               f"{'ratio':>6} {'CR':>6} {'joined':>6} {'clusters':>11} verify")
     print(header)
-    for name in args.only:
-        try:
-            r = run(name, args.data, args.planted_K, args.mode, args.split)
-        except (ImportError, SystemExit) as exc:
-            print(f"{name:>10} skipped: {exc}")
-            continue
-        print(f"{r['name']:>10} {r['K']:>6} {r['rank']:>4} {r['eps']:>5} {r['both_s']:>7.2f} "
-              f"{r['first_s']:>7.2f} {r['append_s']:>8.2f} {r['append_s'] / r['both_s']:>11.2f} "
-              f"{r['cpu']:>5.2f} {r['inside']:>5.2f} "
-              f"{r['both_bytes']:>10} {r['grown_bytes']:>11} {r['ratio']:>6.3f} {r['cr']:>6.3f} "
-              f"{r['joined']:>6.2f} {r['clusters'][0]:>5}->{r['clusters'][1]:<5} "
-              f"{'ok' if r['verify'] else 'FAILED'}", flush=True)
+    ratios: dict[str, list[float]] = {}
+    for _ in range(max(1, args.repeat)):
+        for name in args.only:
+            try:
+                r = run(name, args.data, args.planted_K, args.mode, args.split)
+            except (ImportError, SystemExit) as exc:
+                print(f"{name:>10} skipped: {exc}")
+                continue
+            ratios.setdefault(name, []).append(r["append_s"] / r["both_s"])
+            _print_row(r)
+    if args.repeat > 1:
+        for name, got in ratios.items():
+            print(f"{name:>10} append/both over {len(got)} runs: median {np.median(got):.2f}, "
+                  f"least {min(got):.2f}, largest {max(got):.2f}")
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['name']:>10} {r['K']:>6} {r['rank']:>4} {r['eps']:>5} {r['both_s']:>7.2f} "
+          f"{r['first_s']:>7.2f} {r['append_s']:>8.2f} {r['append_s'] / r['both_s']:>11.2f} "
+          f"{r['cpu']:>5.2f} {r['inside']:>5.2f} "
+          f"{r['both_bytes']:>10} {r['grown_bytes']:>11} {r['ratio']:>6.3f} {r['cr']:>6.3f} "
+          f"{r['joined']:>6.2f} {r['clusters'][0]:>5}->{r['clusters'][1]:<5} "
+          f"{'ok' if r['verify'] else 'FAILED'}", flush=True)
 
 
 if __name__ == "__main__":
