@@ -298,8 +298,9 @@ class MatrixClusterer:
             parameters, else InputError); without a checkpoint, run normally.
         runner : matclust.distributed.DaskRunner or InProcess, optional
             Where the stages of a sharded run execute (:mod:`matclust.stages`); with a runner
-            the run is sharded (``shards`` defaults to a multiple of its workers). Sharded runs
-            are not checkpointed (``resume`` starts them again).
+            the run is sharded (``shards`` defaults to a multiple of its workers). A sharded
+            run checkpoints each shard's plan: ``resume`` plans only the shards missing, with
+            the same ``shards``.
 
         Returns
         -------
@@ -342,7 +343,8 @@ class MatrixClusterer:
                        "transpose": source.transpose, "stored_dtype": str(source.storage_dtype),
                        **(extra_params or {})})
         if runner is not None or params.get("shards") is not None:
-            return self._fit_sharded(source, params, output, overwrite, progress, runner, started)
+            return self._fit_sharded(source, params, output, overwrite, progress, runner, started,
+                                     guard)
         # Every matrix may end up a cluster of its own: the plan reserves room for that.
         in_memory_plan = limits.plan(params["memory_limit"], source.K,
                                      limits.cluster_reserve(source.K))
@@ -399,8 +401,9 @@ class MatrixClusterer:
                 self._cluster_in_memory(source, driver, reader, guard, sink, params, progress)
             return self._finish(source, params, sink, writer, started)
 
-    def _fit_sharded(self, source, params, output, overwrite, progress, runner, started):
-        """Plan per shard, merge, store (:mod:`matclust.stages`), on ``runner``."""
+    def _fit_sharded(self, source, params, output, overwrite, progress, runner, started, guard):
+        """Plan per shard, merge, store (:mod:`matclust.stages`), on ``runner``; each shard's
+        plan is checkpointed (``guard``), so that ``resume`` plans only the missing ones."""
         from matclust.distributed import InProcess
         from matclust.stages import StageTimes, default_shards, plan_and_merge
 
@@ -420,8 +423,10 @@ class MatrixClusterer:
         logger.info("sharded run on %s: %d shards", runner.describe(), params["shards"])
         times = StageTimes()
         writer, sink = _writer_and_sink(source, params, estimator, output, overwrite)
+        # The client has not read the matrices yet: the input is known by its file and shape.
+        log = guard.checkpoint(params, source, None) if guard is not None else None
         with writer:
-            planned, passes = plan_and_merge(source, params, runner, progress, times)
+            planned, passes = plan_and_merge(source, params, runner, progress, times, log)
             sink.store_planned(planned, form_eps, budget, progress, passes)
             return self._finish(source, params, sink, writer, started, times, runner)
 

@@ -13,11 +13,18 @@ A run writing OUTPUT holds, from start to end, three hidden siblings (``store.hi
   (``GreedyDriver.restore``) and continues; the driver is deterministic, so the result equals an
   uninterrupted run's. The log is removed when the run succeeds.
 
+A sharded run (``--shards``, ``--workers``, ``--scheduler``) records each shard's plan instead,
+once the shard is planned: after a crash ``--resume`` plans only the shards missing from the
+log, then merges and stores as an uninterrupted run does (planning is most of such a run;
+the merge and the store stage are run again).
+
 Log format: ``MAGIC``, then records ``u32 length | u32 crc32(payload) | payload``. The first
 payload is ``b"H"`` + a JSON header (the parameters that shape the clustering and the input's
 identity); each further one is ``b"C"`` + ``<qBd`` (cluster id, grew, bound or NaN for a
-patience singleton) + the members as little-endian int64. Records are written unbuffered (a
-``kill -9`` loses none) and fsync'd about once a second (a power cut loses at most that). A
+patience singleton) + the members as little-endian int64, or, in a sharded run's log,
+``b"S"`` + ``<I`` (the shard's number) + its plan (``matclust.stages.plan_bytes``: NumPy's npz,
+read back without pickle). Records are written unbuffered (a ``kill -9`` loses none) and
+fsync'd about once a second (a shard's plan at once; a power cut loses at most that). A
 short record or a bad checksum (a torn write) ends the log; it is cut off before appending.
 """
 
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"MATCLUST-CKPT-1\n"
 _FRAME = struct.Struct("<II")
 _CLUSTER = struct.Struct("<qBd")
+_SHARD = struct.Struct("<I")
 #: Seconds between fsyncs of the log.
 FSYNC_SECONDS = 1.0
 #: Parameters that do not shape the clustering; every other one must be the same to resume
@@ -108,9 +116,9 @@ class OutputGuard:
         """The disk filled up: keep a checkpoint that holds clusters, and say so (the user
         frees space and resumes); remove one that holds nothing worth resuming."""
         path = hidden_sibling(self.path, "ckpt")
-        recorded = self.log._count if self.log is not None else 0
-        if recorded > 0:
-            raise WriteFailure(f"{exc}; the {recorded} clusters formed so far are kept in "
+        kept = self.log.kept if self.log is not None else ""
+        if kept:
+            raise WriteFailure(f"{exc}; the {kept} made so far are kept in "
                                f"{path}: free some space and run again with --resume to "
                                "continue from them") from None
         if self._checkpoint_started:
@@ -204,15 +212,17 @@ def _stamp(path: str) -> dict:
     return {"size": size, "mtime_ns": mtime}
 
 
-def input_identity(source, norms2: np.ndarray) -> dict:
+def input_identity(source, norms2: np.ndarray | None) -> dict:
     """What must not change between a run and its resumption: where the collection is, its
-    shape and dtype, the file's size and mtime, and a digest of every matrix's norm."""
+    shape and dtype, the file's size and mtime, and a digest of every matrix's norm (none for
+    a sharded run, whose client does not read the matrices before its shards are planned)."""
     path = source.path
     ident = {"path": os.path.realpath(path) if os.path.exists(path) else path,
              "dataset": source.dataset, "transpose": bool(source.transpose),
              "K": int(source.K), "m": int(source.m), "dtype": str(source.input_dtype),
-             "widths": _digest(np.asarray(source.widths, dtype="<i8")),
-             "norms": _digest(np.asarray(norms2, dtype="<f8"))}
+             "widths": _digest(np.asarray(source.widths, dtype="<i8"))}
+    if norms2 is not None:
+        ident["norms"] = _digest(np.asarray(norms2, dtype="<f8"))
     if os.path.exists(path):
         ident.update(_stamp(path))
     return ident
@@ -258,10 +268,11 @@ def _records(data: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 def read_log(path: str, K: int):
-    """(header, entries, valid length) of a checkpoint, or None when there is no usable one.
+    """(header, entries, valid length, shard plans) of a checkpoint, or None when there is no
+    usable one.
 
     ``entries``: [(members, grew, bound or None)], in formation order, up to the first torn or
-    inconsistent record."""
+    inconsistent record; ``shard plans``: {shard number: its plan's bytes} (a sharded run's)."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -269,7 +280,7 @@ def read_log(path: str, K: int):
         return None
     if not data.startswith(MAGIC):
         return None
-    header, entries, valid = None, [], len(MAGIC)
+    header, entries, valid, shards = None, [], len(MAGIC), {}
     taken = np.zeros(K, dtype=bool)
     for end, payload in _records(data):
         if header is None:
@@ -279,8 +290,10 @@ def read_log(path: str, K: int):
                 header = json.loads(payload[1:].decode())
             except ValueError:
                 return None
+        elif payload[:1] == b"S" and len(payload) > 1 + _SHARD.size and not entries:
+            shards[_SHARD.unpack_from(payload, 1)[0]] = payload[1 + _SHARD.size:]
         else:
-            if payload[:1] != b"C" or (len(payload) - 1 - _CLUSTER.size) % 8:
+            if payload[:1] != b"C" or (len(payload) - 1 - _CLUSTER.size) % 8 or shards:
                 break
             cid, grew, bound = _CLUSTER.unpack_from(payload, 1)
             members = np.frombuffer(payload, dtype="<i8", offset=1 + _CLUSTER.size).astype(np.int64)
@@ -293,25 +306,35 @@ def read_log(path: str, K: int):
         valid = end
     if header is None:
         return None
-    return header, entries, valid
+    return header, entries, valid, shards
 
 
 class CheckpointLog:
     """The append-only log of formed clusters of one run (see the module docstring)."""
 
-    def __init__(self, path: str, fd: int, restored: list):
+    def __init__(self, path: str, fd: int, restored: list, shard_plans: dict | None = None):
         self.path = path
         self._fd = fd
         #: [(members, grew, bound)] read back from an interrupted run's log (resume only).
         self.restored = restored
+        #: {shard number: plan bytes} read back from an interrupted sharded run's log.
+        self.shard_plans = dict(shard_plans or {})
         self._count = len(restored)
+        self._shards = len(self.shard_plans)
         self._synced = time.monotonic()
+
+    @property
+    def kept(self) -> str:
+        """What the log holds, in words ("12 clusters", "3 shard plans"); empty when nothing."""
+        if self._shards:
+            return f"{self._shards} shard plan{'s' if self._shards > 1 else ''}"
+        return f"{self._count} clusters" if self._count else ""
 
     @classmethod
     def open(cls, path: str, header: dict, resume: bool, K: int, output: str) -> "CheckpointLog":
         found = read_log(path, K) if resume else None
         if found is not None:
-            old_header, entries, valid = found
+            old_header, entries, valid, shard_plans = found
             why = _mismatch(old_header, header)
             if why is not None:
                 raise InputError(f"{output}: cannot resume from the checkpoint {path}: {why}; "
@@ -319,8 +342,12 @@ class CheckpointLog:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             os.ftruncate(fd, valid)  # drop a torn last record before appending
             os.lseek(fd, 0, os.SEEK_END)
-            logger.info("resuming from %s: %d clusters formed before", path, len(entries))
-            return cls(path, fd, entries)
+            if shard_plans:
+                logger.info("resuming from %s: %d shard plans made before", path,
+                            len(shard_plans))
+            else:
+                logger.info("resuming from %s: %d clusters formed before", path, len(entries))
+            return cls(path, fd, entries, shard_plans)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         log = cls(path, fd, [])
         log._write(MAGIC + _frame(b"H" + json.dumps(header, sort_keys=True).encode()))
@@ -351,6 +378,14 @@ class CheckpointLog:
         if now - self._synced >= FSYNC_SECONDS:
             os.fsync(self._fd)
             self._synced = now
+
+    def record_shard(self, index: int, plan: bytes) -> None:
+        """Append shard ``index``'s plan (a sharded run; see the module docstring), durable at
+        once: it stands for minutes of a worker's planning."""
+        self._write(_frame(b"S" + _SHARD.pack(index) + plan))
+        self._shards += 1
+        os.fsync(self._fd)
+        self._synced = time.monotonic()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

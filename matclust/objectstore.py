@@ -561,9 +561,9 @@ class RemoteOutputGuard(OutputGuard):
 
     def _after_write_failure(self, exc: WriteFailure) -> None:
         """The store failed: keep a checkpoint that holds clusters, and say so."""
-        recorded = self.log._count if self.log is not None else 0
-        if recorded > 0:
-            raise WriteFailure(f"{exc}; the {recorded} clusters formed so far are kept in "
+        kept = self.log.kept if self.log is not None else ""
+        if kept:
+            raise WriteFailure(f"{exc}; the {kept} made so far are kept in "
                                f"{self.log.path}: run again with --resume once the store can "
                                "be reached to continue from them") from None
         super()._after_write_failure(exc)

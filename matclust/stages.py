@@ -26,6 +26,7 @@ change.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -268,6 +269,64 @@ def plan_shard(spec: ShardSpec, params: dict) -> ShardPlan:
         parent.close()
 
 
+#: A ClusterSummary's scalars as a shard plan's bytes keep them: integers, then floats.
+_PLAN_INTS = ("columns", "exponent", "lead", "apart", "grew")
+_PLAN_FLOATS = ("energy", "loss2", "bound", "lead_norm2")
+
+
+def plan_bytes(plan: ShardPlan) -> bytes:
+    """A shard's plan as a checkpoint keeps it (:mod:`matclust.checkpoint`): NumPy's npz of
+    its arrays, every cluster's members, stand-in and scalars side by side; read back by
+    :func:`plan_from_bytes` without pickle, exactly."""
+    clusters = plan.clusters
+    m = clusters[0].standin.shape[0] if clusters else 0
+    arrays = {
+        "first": np.array([plan.first], dtype=np.int64),
+        "seconds": np.array([plan.seconds], dtype=np.float64),
+        "peaks": plan.peaks, "exponents": plan.exponents, "apart": plan.apart,
+        "members": np.concatenate([c.members for c in clusters]).astype(np.int64)
+        if clusters else np.zeros(0, dtype=np.int64),
+        "sizes": np.array([len(c.members) for c in clusters], dtype=np.int64),
+        "standins": np.concatenate([c.standin for c in clusters], axis=1)
+        if clusters else np.zeros((m, 0)),
+        "widths": np.array([c.standin.shape[1] for c in clusters], dtype=np.int64),
+        "ints": np.array([[int(getattr(c, k)) for k in _PLAN_INTS] for c in clusters],
+                         dtype=np.int64).reshape(len(clusters), len(_PLAN_INTS)),
+        # a bound not evaluated (None) as NaN: a bound is never NaN otherwise
+        "floats": np.array([[np.nan if getattr(c, k) is None else getattr(c, k)
+                             for k in _PLAN_FLOATS] for c in clusters],
+                           dtype=np.float64).reshape(len(clusters), len(_PLAN_FLOATS)),
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def plan_from_bytes(data: bytes) -> ShardPlan:
+    """The plan :func:`plan_bytes` wrote."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        a = {key: f[key] for key in f.files}
+    members = np.split(a["members"], np.cumsum(a["sizes"])[:-1]) if len(a["sizes"]) else []
+    standins = np.split(a["standins"], np.cumsum(a["widths"])[:-1], axis=1) \
+        if len(a["widths"]) else []
+    clusters = []
+    for j, (mem, standin) in enumerate(zip(members, standins)):
+        ints = dict(zip(_PLAN_INTS, a["ints"][j].tolist()))
+        floats = dict(zip(_PLAN_FLOATS, a["floats"][j].tolist()))
+        clusters.append(ClusterSummary(
+            mem, ints["columns"], floats["energy"], np.ascontiguousarray(standin),
+            floats["loss2"], None if np.isnan(floats["bound"]) else floats["bound"],
+            bool(ints["apart"]), ints["exponent"], bool(ints["grew"]), ints["lead"],
+            floats["lead_norm2"]))
+    return ShardPlan(int(a["first"][0]), clusters, a["peaks"], a["exponents"], a["apart"],
+                     float(a["seconds"][0]))
+
+
+def _given(value):
+    """A task that hands on what the client gives it (a shard's plan read from a checkpoint)."""
+    return value
+
+
 def in_collection_scale(plan: ShardPlan, exponents: np.ndarray) -> list[ClusterSummary]:
     """A shard's clusters in the collection's working scale (``exponents``: the collection's
     for this shard's matrices). Exact: the scales differ by a power of two. New summaries:
@@ -425,17 +484,41 @@ class StageTimes:
                 "plan_task_seconds": round(self.plan_task_seconds, 3)}
 
 
-def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: StageTimes
-                   ) -> tuple[list[FormedCluster], ShardedPasses]:
+def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: StageTimes,
+                   log=None) -> tuple[list[FormedCluster], ShardedPasses]:
     """Plan every shard and merge their clusters (through ``runner``: in this process or on a
     Dask cluster); ``source`` ends up calibrated as the whole collection. The merged plan, as
-    the store stage takes it, and the storing passes over the same shards."""
+    the store stage takes it, and the storing passes over the same shards.
+
+    With a checkpoint ``log`` (:class:`matclust.checkpoint.CheckpointLog`), every shard's plan
+    is recorded in it as it is gathered, and the plans it already holds (``--resume``) are
+    taken from it instead of being made again."""
     started = time.perf_counter()
     specs = shard_specs(source, params["shards"])
     times.shards = len(specs)
     progress.start("planning", len(specs))
-    futures = [runner.submit(plan_shard, spec, params) for spec in specs]
-    calibrations = runner.gather([runner.submit(_calibration_of, f) for f in futures], progress)
+    restored = {i: plan_from_bytes(data) for i, data in (log.shard_plans if log else {}).items()
+                if i < len(specs)}
+    futures = [runner.submit(_given, restored[i]) if i in restored
+               else runner.submit(plan_shard, spec, params) for i, spec in enumerate(specs)]
+    if log is None:
+        calibrations = runner.gather([runner.submit(_calibration_of, f) for f in futures],
+                                     progress)
+    else:
+        # Each plan to the client as it is done (in shard order), recorded before the next:
+        # the plans stay with the workers too, which merge them.
+        calibrations = []
+        for i, future in enumerate(futures):
+            plan = restored.get(i)
+            if plan is None:
+                plan = runner.gather([future])[0]
+                log.record_shard(i, plan_bytes(plan))
+            calibrations.append(_calibration_of(plan))
+            progress.advance(1)
+            del plan
+        if restored:
+            logger.info("%d of %d shard plans taken from the checkpoint", len(restored),
+                        len(specs))
     peaks = np.concatenate([c[0] for c in calibrations])
     times.plan_task_seconds = float(sum(c[3] for c in calibrations))
     source.calibrate(peaks)

@@ -74,6 +74,79 @@ def _arrays(store) -> dict:
     return {name: np.asarray(root[name][...]) for name in root.array_keys()}
 
 
+@pytest.mark.parametrize("cplx", [False, True])
+def test_a_shard_plan_reads_back_from_its_checkpoint_bytes_exactly(cplx):
+    """What a checkpoint keeps of a shard's plan (matclust.stages.plan_bytes) reads back with
+    every field equal, of the same type (arrays: same dtype), a bound not evaluated still None,
+    and a plan without clusters too."""
+    from dataclasses import fields, replace
+
+    from matclust.stages import ClusterSummary, ShardPlan, plan_bytes, plan_from_bytes
+
+    rng = np.random.default_rng(5)
+
+    def summary(width):
+        standin = rng.standard_normal((7, width))
+        if cplx:
+            standin = standin + 1j * rng.standard_normal((7, width))
+        return ClusterSummary(rng.integers(0, 1000, 4), 12, float(rng.random()), standin,
+                              1e-9, None, False, -3, True, 17, 0.25)
+
+    clusters = [summary(3), replace(summary(1), bound=0.07, apart=True, grew=False)]
+    plan = ShardPlan(100, clusters, rng.random(50), rng.integers(-4, 4, 50),
+                     rng.random(50) < 0.2, 1.5)
+    empty = ShardPlan(0, [], np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+    for original in (plan, empty):
+        back = plan_from_bytes(plan_bytes(original))
+        pairs = [(f.name, getattr(original, f.name), getattr(back, f.name))
+                 for f in fields(ShardPlan) if f.name != "clusters"]
+        assert len(back.clusters) == len(original.clusters)
+        for a, b in zip(original.clusters, back.clusters):
+            pairs += [(f.name, getattr(a, f.name), getattr(b, f.name))
+                      for f in fields(ClusterSummary)]
+        for name, a, b in pairs:
+            if isinstance(a, np.ndarray):
+                assert b.dtype == a.dtype and np.array_equal(a, b), name
+            else:
+                assert type(b) is type(a) and b == a, name
+
+
+def test_a_sharded_run_resumes_on_workers_from_the_plans_it_checkpointed(collection, tmp_path,
+                                                                        monkeypatch):
+    """A sharded run that fails once its shards are planned keeps every shard's plan in its
+    checkpoint (matclust.checkpoint); `--resume` on two Dask workers makes none of them again
+    (the workers get them from the client) and writes the store of an uninterrupted run,
+    array for array."""
+    import matclust.stages
+    from matclust.checkpoint import read_log
+    from matclust.store import hidden_sibling
+
+    path, mats, _ = collection
+    args = ("--rank", RANK, "--eps", EPS, "--shards", 4, "--quiet")
+    run_inprocess("cluster", path, "-o", tmp_path / "whole.zarr", *args, check=0)
+
+    def merge_fails(*_):
+        raise RuntimeError("merge failed")
+
+    monkeypatch.setattr(matclust.stages, "merge_summaries", merge_fails)
+    out = tmp_path / "out.zarr"
+    failed = run_inprocess("cluster", path, "-o", out, *args)
+    assert failed.returncode == 1 and "merge failed" in failed.stderr
+    monkeypatch.undo()
+    assert not os.path.lexists(out)
+    header, entries, _, plans = read_log(hidden_sibling(str(out), "ckpt"), len(mats))
+    assert sorted(plans) == [0, 1, 2, 3] and entries == []
+    assert header["params"]["shards"] == 4
+
+    resumed = _run("-v", "cluster", path, "-o", out, *args, "--workers", 2, "--resume")
+    assert "4 of 4 shard plans taken from the checkpoint" in resumed.stderr
+    whole, grown = _arrays(tmp_path / "whole.zarr"), _arrays(out)
+    assert sorted(grown) == sorted(whole)
+    for name, values in whole.items():
+        assert np.array_equal(grown[name], values), f"{name} differs"
+    assert not os.path.lexists(hidden_sibling(str(out), "ckpt"))
+
+
 def test_same_shards_same_store_in_process_and_on_workers(collection, tmp_path, monkeypatch):
     """The store's content does not depend on where the shards' codes were made or how they
     were written: in this process, on two workers, and in code chunks so small that the
@@ -155,10 +228,11 @@ def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
     check_compact(tmp_path / "workers.zarr", mats, EPS, "matrix")
 
 
-def test_a_full_disk_while_the_tasks_write_codes_leaves_nothing(collection, tmp_path,
-                                                               monkeypatch):
+def test_a_full_disk_while_the_tasks_write_codes_leaves_only_the_plans(collection, tmp_path,
+                                                                      monkeypatch):
     """A code-writing task that finds no room fails the run with one error line (exit 1),
-    and no store, finished or not, is left behind."""
+    and no store, finished or not, is left behind: only the checkpoint of the shards' plans,
+    which the message names for --resume."""
     import errno
 
     import matclust.distributed
@@ -181,7 +255,9 @@ def test_a_full_disk_while_the_tasks_write_codes_leaves_nothing(collection, tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
     assert "no space" in lines[0].lower(), lines[0]
-    assert sorted(os.listdir(tmp_path)) == []
+    # The shards' plans are kept for --resume, and the message says so.
+    assert "4 shard plans" in lines[0] and "--resume" in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == [".out.zarr.matclust-ckpt"]
 
 
 class _ThreadRunner(InProcess):
@@ -219,12 +295,13 @@ class _ThreadRunner(InProcess):
         return "threads"
 
 
-def test_a_full_disk_while_the_client_writes_beside_the_tasks_leaves_nothing(
+def test_a_full_disk_while_the_client_writes_beside_the_tasks_leaves_only_the_plans(
         collection, tmp_path, monkeypatch):
     """The client writes the store's other arrays while the tasks write the codes: when that
     finds no room, the run fails with one error line (exit 1), and no store, finished or
-    not, is left behind: the client waits for the tasks before removing the unfinished store
-    (a chunk written after that would bring its directory back)."""
+    not, is left behind (only the checkpoint of the shards' plans): the client waits for the
+    tasks before removing the unfinished store (a chunk written after that would bring its
+    directory back)."""
     import errno
 
     import matclust.distributed
@@ -262,7 +339,9 @@ def test_a_full_disk_while_the_client_writes_beside_the_tasks_leaves_nothing(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
     assert "no space" in lines[0].lower(), lines[0]
-    assert sorted(os.listdir(tmp_path)) == []
+    # The shards' plans are kept for --resume, and the message says so.
+    assert "4 shard plans" in lines[0] and "--resume" in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == [".out.zarr.matclust-ckpt"]
 
 
 def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():

@@ -393,6 +393,57 @@ def test_resume_refuses_other_parameters_or_a_changed_input(big, tmp_path):
     assert hidden(tmp_path) == []
 
 
+#: Shards of a sharded run in the tests below (a few tenths of a second of planning each).
+SHARDS = 8
+
+
+def shard_plans_in(out) -> dict:
+    from matclust.checkpoint import read_log
+    from matclust.store import hidden_sibling
+
+    found = read_log(hidden_sibling(out, "ckpt"), BIG["K"])
+    return {} if found is None else found[3]
+
+
+@pytest.fixture(scope="module")
+def sharded(big):
+    """An uninterrupted sharded run of the big collection (the reference)."""
+    ref = str(big["folder"] / "sharded.h5")
+    run_matclust(*cluster_args(big["input"], ref, "--shards", SHARDS), cwd=big["folder"],
+                 check=0)
+    return {"labels": labels_of(ref), "stats": stats_of(ref)}
+
+
+def test_a_killed_sharded_run_resumes_from_the_shards_it_planned(big, sharded, tmp_path):
+    """kill -9 once some shards' plans are in the checkpoint: `--resume` plans only the others
+    (-v says how many it took) and writes the uninterrupted run's store; a resume with another
+    shard count is refused, keeping the checkpoint."""
+    out = str(tmp_path / "out.h5")
+    proc = spawn(*cluster_args(big["input"], out, "--shards", SHARDS), cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and len(shard_plans_in(out)) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    planned = len(shard_plans_in(out))
+    assert planned >= 2 and not os.path.lexists(out)
+
+    res = run_matclust(*cluster_args(big["input"], out, "--shards", SHARDS // 2, "--resume"),
+                       cwd=tmp_path, check=2)
+    assert "shards" in res.stderr
+    assert len(shard_plans_in(out)) == planned
+
+    res = run_matclust("-v", *cluster_args(big["input"], out, "--shards", SHARDS, "--resume"),
+                       cwd=tmp_path, check=0)
+    assert f"{planned} of {SHARDS} shard plans taken from the checkpoint" in res.stderr
+    np.testing.assert_array_equal(labels_of(out), sharded["labels"])
+    assert stats_of(out) == sharded["stats"]
+    assert verified(out)
+    assert hidden(tmp_path) == [], "checkpoint, lock or temporaries left after resuming"
+
+
 #: An append whose new matrices come from subspaces the store has not seen, so that they are
 #: clustered among themselves for a couple of seconds: long enough to be killed midway.
 APPEND_FIRST = dict(K=600, m=24, n=6, subspaces=60, rank=3, noise=0.01, dtype="float32", seed=11)
