@@ -2,9 +2,10 @@
 task after another, or on a Dask cluster (``dask.distributed``), a local one of single-threaded
 worker processes (``--workers N``) or an existing one (``--scheduler ADDRESS``).
 
-Both runners offer the same four calls, so the stages are written once: ``submit(fn, *args)``
-(arguments may be handles of earlier submissions), ``wait(handles)``, ``gather(handles,
-progress)`` and ``close()``. Dask is imported only here, and only for a distributed run.
+Both runners offer the same five calls, so the stages are written once: ``submit(fn, *args)``
+(arguments may be handles of earlier submissions), ``scatter(value)`` (a handle of a value the
+client holds, as if a task had made it), ``wait(handles)``, ``gather(handles, progress)`` and
+``close()``. Dask is imported only here, and only for a distributed run.
 
 A worker that dies mid-run costs time only: Dask runs its tasks again elsewhere from their
 inputs (every task is a pure function of them), and the client keeps every handle it still
@@ -73,6 +74,11 @@ class InProcess:
     def submit(self, fn, *args):
         return _Deferred(fn, args)
 
+    def scatter(self, value):
+        handle = _Deferred(None, ())
+        handle.done, handle.value = True, value
+        return handle
+
     def wait(self, handles) -> None:
         for handle in handles:
             handle.result()
@@ -130,6 +136,11 @@ class DaskRunner:
     def submit(self, fn, *args):
         # pure=False: every submission is its own task (the arguments need not be hashed).
         return self.client.submit(fn, *args, pure=False)
+
+    def scatter(self, value):
+        # To a worker once, as a task's result would be: in a task's arguments instead, a
+        # shard's plan (megabytes at 10^6 matrices) would travel inside the task graph.
+        return self.client.scatter(value)
 
     def wait(self, handles) -> None:
         from dask.distributed import wait

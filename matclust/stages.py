@@ -322,11 +322,6 @@ def plan_from_bytes(data: bytes) -> ShardPlan:
                      float(a["seconds"][0]))
 
 
-def _given(value):
-    """A task that hands on what the client gives it (a shard's plan read from a checkpoint)."""
-    return value
-
-
 def in_collection_scale(plan: ShardPlan, exponents: np.ndarray) -> list[ClusterSummary]:
     """A shard's clusters in the collection's working scale (``exponents``: the collection's
     for this shard's matrices). Exact: the scales differ by a power of two. New summaries:
@@ -499,7 +494,7 @@ def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: 
     progress.start("planning", len(specs))
     restored = {i: plan_from_bytes(data) for i, data in (log.shard_plans if log else {}).items()
                 if i < len(specs)}
-    futures = [runner.submit(_given, restored[i]) if i in restored
+    futures = [runner.scatter(restored[i]) if i in restored
                else runner.submit(plan_shard, spec, params) for i, spec in enumerate(specs)]
     if log is None:
         calibrations = runner.gather([runner.submit(_calibration_of, f) for f in futures],

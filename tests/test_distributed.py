@@ -283,6 +283,13 @@ class _ThreadRunner(InProcess):
     def submit(self, fn, *args):
         return self.pool.submit(lambda: fn(*(self._resolved(a) for a in args)))
 
+    def scatter(self, value):
+        from concurrent.futures import Future
+
+        handle = Future()
+        handle.set_result(value)
+        return handle
+
     def wait(self, handles) -> None:
         from concurrent.futures import wait
 
