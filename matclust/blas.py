@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from threadpoolctl import ThreadpoolController
 
@@ -66,12 +67,37 @@ def release_cores() -> None:
 def on_all_cores(fn: Callable, items: Iterable) -> list:
     """``[fn(x) for x in items]``, the items spread over the cores, BLAS single-threaded.
     Not re-entrant: ``fn`` must not call it again (the pool's workers would wait on themselves)."""
-    global _POOL
     items = list(items)
     cores = getattr(_LOCAL, "cores", None) or CORES
     with single_threaded():
         if cores == 1 or len(items) < 2:
             return [fn(x) for x in items]
-        if _POOL is None:  # kept for the run: scans call this once per cluster
-            _POOL = ThreadPoolExecutor(CORES, thread_name_prefix="matclust")
-        return list(_POOL.map(fn, items))
+        return list(_pool().map(fn, items))
+
+
+def ahead_on_all_cores(fn: Callable, items: Iterable, ahead: int = 2 * CORES) -> Iterator:
+    """``fn(x)`` for each of ``items``, yielded in order, computed on the cores up to ``ahead``
+    items beyond the one the caller has: what the caller does with each result (in its own
+    thread) overlaps the computing of the next ones, where :func:`on_all_cores` computes a
+    round of items and then waits for the caller. BLAS single-threaded; not re-entrant."""
+    cores = getattr(_LOCAL, "cores", None) or CORES
+    with single_threaded():
+        if cores == 1:
+            for x in items:
+                yield fn(x)
+            return
+        pool, pending = _pool(), deque()
+        for x in items:
+            pending.append(pool.submit(fn, x))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's pool (kept for the run: scans use it once per cluster)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(CORES, thread_name_prefix="matclust")
+    return _POOL

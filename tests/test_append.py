@@ -496,11 +496,15 @@ def test_leftovers_without_structure_are_stored_alone_as_their_run_would(tmp_pat
                                                                           dtype):
     """Newcomers of random noise (no seed's basis fits others) skip clustering among
     themselves: each is stored alone, within eps of its input on decoded values, and decodes
-    exactly as in the store the skipped run gives (forced here), which stores each alone too."""
+    exactly as in the store the skipped run gives (forced here), which stores each alone too.
+    The append encodes them in batches of 7 here, several ahead of the one it stores
+    (matclust.blas.ahead_on_all_cores), and keeps their order."""
     import shutil
 
     import matclust.append
     from matclust.collections_io import write_collection
+
+    monkeypatch.setattr(matclust.append, "ALONE_BATCH", 7)
 
     rng = np.random.default_rng(7)
     noise = rng.standard_normal((140, 16, 3)) * np.exp(rng.uniform(-3, 3, (140, 1, 1)))
@@ -528,6 +532,7 @@ def test_leftovers_without_structure_are_stored_alone_as_their_run_would(tmp_pat
     _, labels, decoded = decode_compact(store)
     _, forced_labels, forced_decoded = decode_compact(forced)
     assert len(np.unique(labels)) == len(np.unique(forced_labels)) == len(noise)
+    np.testing.assert_array_equal(labels, forced_labels)  # new cluster ids in index order
     for a, b in zip(decoded, forced_decoded):
         np.testing.assert_array_equal(a, b)
 
