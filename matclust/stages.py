@@ -496,24 +496,20 @@ def plan_and_merge(source: MatrixSource, params: dict, runner, progress, times: 
                 if i < len(specs)}
     futures = [runner.scatter(restored[i]) if i in restored
                else runner.submit(plan_shard, spec, params) for i, spec in enumerate(specs)]
-    if log is None:
-        calibrations = runner.gather([runner.submit(_calibration_of, f) for f in futures],
-                                     progress)
-    else:
-        # Each plan to the client as it is done (in shard order), recorded before the next:
-        # the plans stay with the workers too, which merge them.
-        calibrations = []
-        for i, future in enumerate(futures):
-            plan = restored.get(i)
-            if plan is None:
-                plan = runner.gather([future])[0]
+    # Each plan to the client as it is done (in shard order), recorded before the next: the
+    # plans stay with the workers too, which merge them.
+    calibrations = []
+    for i, future in enumerate(futures):
+        plan = restored.get(i)
+        if plan is None:
+            plan = runner.gather([future])[0]
+            if log is not None:
                 log.record_shard(i, plan_bytes(plan))
-            calibrations.append(_calibration_of(plan))
-            progress.advance(1)
-            del plan
-        if restored:
-            logger.info("%d of %d shard plans taken from the checkpoint", len(restored),
-                        len(specs))
+        calibrations.append(_calibration_of(plan))
+        progress.advance(1)
+        del plan
+    if restored:
+        logger.info("%d of %d shard plans taken from the checkpoint", len(restored), len(specs))
     peaks = np.concatenate([c[0] for c in calibrations])
     times.plan_task_seconds = float(sum(c[3] for c in calibrations))
     source.calibrate(peaks)
