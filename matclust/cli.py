@@ -107,8 +107,8 @@ _SCALAR_TEXT = {int: int.__repr__, float: float.__repr__, str: _FLAT.encode}
 def _table_rows(items: list[dict], pad: str) -> list[str] | None:
     """The objects ``items`` as :data:`_FLAT` writes them, each after ``pad``, when all have
     the same keys in the same order and each key's values one type (int, float or str): the
-    case of a report's ``cluster_stats``. Formatted a column at a time: writing each object
-    with its own encoder call took 0.16 s for 27,648 MiniLM cluster statistics, this 0.06 s
+    case of a report's ``cluster_stats``. Formatted a column at a time: with an encoder call
+    for each object, the report of 27,648 MiniLM clusters took 0.17 s to write, so 0.13 s
     (most of it the floats' repr, which json uses too). None for any other list. Like json,
     a value that is not a finite number raises ValueError."""
     keys = tuple(items[0])
