@@ -234,7 +234,11 @@ def _mismatch(old: dict, new: dict) -> str | None:
     for key in sorted(set(old_params) | set(new["params"])):
         a, b = old_params.get(key), new["params"].get(key)
         if a != b:
-            return f"it was written with {key} = {a!r}, this run has {b!r}"
+            why = f"it was written with {key} = {a!r}, this run has {b!r}"
+            if key == "shards" and a is not None and b is not None:
+                # The default count follows the workers: other workers, another count.
+                why += f" (pass --shards {a} to resume it on these workers)"
+            return why
     oi, ni = old.get("input", {}), new["input"]
     if oi.get("path") != ni.get("path"):
         return f"it was written for the input {oi.get('path')}, this run reads {ni.get('path')}"

@@ -432,7 +432,7 @@ def test_a_killed_sharded_run_resumes_from_the_shards_it_planned(big, sharded, t
 
     res = run_matclust(*cluster_args(big["input"], out, "--shards", SHARDS // 2, "--resume"),
                        cwd=tmp_path, check=2)
-    assert "shards" in res.stderr
+    assert f"--shards {SHARDS}" in res.stderr  # the count to resume with
     assert len(shard_plans_in(out)) == planned
 
     res = run_matclust("-v", *cluster_args(big["input"], out, "--shards", SHARDS, "--resume"),
