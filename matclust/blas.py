@@ -68,9 +68,8 @@ def on_all_cores(fn: Callable, items: Iterable) -> list:
     """``[fn(x) for x in items]``, the items spread over the cores, BLAS single-threaded.
     Not re-entrant: ``fn`` must not call it again (the pool's workers would wait on themselves)."""
     items = list(items)
-    cores = getattr(_LOCAL, "cores", None) or CORES
     with single_threaded():
-        if cores == 1 or len(items) < 2:
+        if _cores() == 1 or len(items) < 2:
             return [fn(x) for x in items]
         return list(_pool().map(fn, items))
 
@@ -80,9 +79,8 @@ def ahead_on_all_cores(fn: Callable, items: Iterable, ahead: int = 2 * CORES) ->
     items beyond the one the caller has: what the caller does with each result (in its own
     thread) overlaps the computing of the next ones, where :func:`on_all_cores` computes a
     round of items and then waits for the caller. BLAS single-threaded; not re-entrant."""
-    cores = getattr(_LOCAL, "cores", None) or CORES
     with single_threaded():
-        if cores == 1:
+        if _cores() == 1:
             for x in items:
                 yield fn(x)
             return
@@ -93,6 +91,11 @@ def ahead_on_all_cores(fn: Callable, items: Iterable, ahead: int = 2 * CORES) ->
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _cores() -> int:
+    """The cores the calling thread may use (one in a distributed task, see :func:`one_core`)."""
+    return getattr(_LOCAL, "cores", None) or CORES
 
 
 def _pool() -> ThreadPoolExecutor:

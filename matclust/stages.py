@@ -279,7 +279,6 @@ def plan_bytes(plan: ShardPlan) -> bytes:
     its arrays, every cluster's members, stand-in and scalars side by side; read back by
     :func:`plan_from_bytes` without pickle, exactly."""
     clusters = plan.clusters
-    m = clusters[0].standin.shape[0] if clusters else 0
     arrays = {
         "first": np.array([plan.first], dtype=np.int64),
         "seconds": np.array([plan.seconds], dtype=np.float64),
@@ -288,7 +287,7 @@ def plan_bytes(plan: ShardPlan) -> bytes:
         if clusters else np.zeros(0, dtype=np.int64),
         "sizes": np.array([len(c.members) for c in clusters], dtype=np.int64),
         "standins": np.concatenate([c.standin for c in clusters], axis=1)
-        if clusters else np.zeros((m, 0)),
+        if clusters else np.zeros((0, 0)),
         "widths": np.array([c.standin.shape[1] for c in clusters], dtype=np.int64),
         "ints": np.array([[int(getattr(c, k)) for k in _PLAN_INTS] for c in clusters],
                          dtype=np.int64).reshape(len(clusters), len(_PLAN_INTS)),
