@@ -228,6 +228,18 @@ def test_codes_written_by_the_tasks_make_the_same_store(tmp_path, monkeypatch):
     check_compact(tmp_path / "workers.zarr", mats, EPS, "matrix")
 
 
+def assert_failed_for_room_keeping_the_plans(result, folder) -> None:
+    """A sharded run of 4 shards writing ``folder``/out.zarr failed for lack of room: exit 1,
+    one error line naming the store and the full disk, and nothing left but the checkpoint of
+    the shards' plans, which that line names for --resume."""
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
+    assert "no space" in lines[0].lower(), lines[0]
+    assert "4 shard plans" in lines[0] and "--resume" in lines[0], lines[0]
+    assert sorted(os.listdir(folder)) == [".out.zarr.matclust-ckpt"]
+
+
 def test_a_full_disk_while_the_tasks_write_codes_leaves_only_the_plans(collection, tmp_path,
                                                                       monkeypatch):
     """A code-writing task that finds no room fails the run with one error line (exit 1),
@@ -251,13 +263,7 @@ def test_a_full_disk_while_the_tasks_write_codes_leaves_only_the_plans(collectio
     out = tmp_path / "out.zarr"
     result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
                            "--shards", 4, "--quiet")
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
-    assert "no space" in lines[0].lower(), lines[0]
-    # The shards' plans are kept for --resume, and the message says so.
-    assert "4 shard plans" in lines[0] and "--resume" in lines[0], lines[0]
-    assert sorted(os.listdir(tmp_path)) == [".out.zarr.matclust-ckpt"]
+    assert_failed_for_room_keeping_the_plans(result, tmp_path)
 
 
 class _ThreadRunner(InProcess):
@@ -342,13 +348,7 @@ def test_a_full_disk_while_the_client_writes_beside_the_tasks_leaves_only_the_pl
     result = run_inprocess("cluster", path, "-o", out, "--rank", RANK, "--eps", EPS,
                            "--shards", 4, "--workers", 2, "--quiet")
     assert started == [True]  # the tasks were writing codes
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "out.zarr" in lines[0]
-    assert "no space" in lines[0].lower(), lines[0]
-    # The shards' plans are kept for --resume, and the message says so.
-    assert "4 shard plans" in lines[0] and "--resume" in lines[0], lines[0]
-    assert sorted(os.listdir(tmp_path)) == [".out.zarr.matclust-ckpt"]
+    assert_failed_for_room_keeping_the_plans(result, tmp_path)
 
 
 def test_a_writer_placing_codes_elsewhere_keeps_the_order_of_one_holding_them():

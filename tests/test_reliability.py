@@ -167,11 +167,16 @@ def assert_intact_or_absent(out, old_digest, reference_labels, folder):
             assert_not_a_result(os.path.join(folder, name), reference_labels, old_digest)
 
 
-def ckpt_entries(out, K):
+def read_ckpt(out, K):
+    """What matclust.checkpoint.read_log finds in OUTPUT's checkpoint (None: no usable one)."""
     from matclust.checkpoint import read_log
     from matclust.store import hidden_sibling
 
-    found = read_log(hidden_sibling(out, "ckpt"), K)
+    return read_log(hidden_sibling(out, "ckpt"), K)
+
+
+def ckpt_entries(out, K):
+    found = read_ckpt(out, K)
     return [] if found is None else found[1]
 
 
@@ -398,10 +403,7 @@ SHARDS = 8
 
 
 def shard_plans_in(out) -> dict:
-    from matclust.checkpoint import read_log
-    from matclust.store import hidden_sibling
-
-    found = read_log(hidden_sibling(out, "ckpt"), BIG["K"])
+    found = read_ckpt(out, BIG["K"])
     return {} if found is None else found[3]
 
 
